@@ -1,0 +1,134 @@
+"""The DSPy side of the pool: a ``dspy.LM`` whose calls go to the replicas.
+
+Uses dspy 3.4.1's custom-engine path (``dspy.LM(model, engine=..., async_engine=...)``), so
+DSPy keeps owning its cache, retries, ``n`` and history; each engine call is one attempt that
+turns a ``dspy.lm15.Request`` into a ``GenerateRequest`` for the router and the ``Completion``
+back into a ``dspy.lm15.Response``. Model ids address the base model or an adapter
+(``smollm2-135m-instruct`` / ``smollm2-135m-instruct:ft-01``); DSPy's cache key includes the
+model id, so a new adapter version never gets the old answers. Errors the request causes map
+to lm15's ``InvalidRequestError`` family (not retried); a pool that lost its replicas maps to
+``ServerError`` (retried by DSPy). The engines pickle as the pool's name, so a program using
+them can be shipped to Ray workers; they save as JSON through ``dump_state``/``load_state``.
+Does not start or stop replicas.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")  # no model-metadata fetch at import
+
+import dspy  # noqa: E402
+from dspy import lm15  # noqa: E402
+
+from actors import errors  # noqa: E402
+from actors.router import Router  # noqa: E402
+from actors.types import Completion, GenerateRequest  # noqa: E402
+
+DEFAULT_MAX_TOKENS = 512
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def to_generate_request(request: lm15.Request) -> GenerateRequest:
+    """A dspy.lm15 chat request as the pool's request type."""
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+    cfg = request.config
+    return GenerateRequest(
+        model=request.model, messages=tuple(messages),
+        temperature=0.0 if cfg.temperature is None else cfg.temperature,
+        top_p=1.0 if cfg.top_p is None else cfg.top_p,
+        max_tokens=cfg.max_tokens or DEFAULT_MAX_TOKENS, stop=tuple(cfg.stop), seed=cfg.seed,
+    )
+
+
+def to_response(completion: Completion) -> lm15.Response:
+    """The pool's completion as a dspy.lm15 response."""
+    return lm15.Response(
+        id=None, model=completion.model, message=lm15.Message.assistant(completion.text),
+        finish_reason=_FINISH.get(completion.finish_reasons[0], "error"),
+        usage=lm15.Usage(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens),
+    )
+
+
+def _as_lm15_error(exc: Exception) -> Exception:
+    if isinstance(exc, errors.ContextLengthError):
+        return lm15.ContextLengthError(str(exc), provider="tandem")
+    if isinstance(exc, errors.UnknownModelError):
+        return lm15.UnsupportedModelError(str(exc), provider="tandem")
+    if isinstance(exc, errors.LMRequestError):
+        return lm15.InvalidRequestError(str(exc), provider="tandem")
+    if isinstance(exc, errors.PoolUnavailableError):
+        return lm15.ServerError(str(exc), provider="tandem")
+    return exc
+
+
+class PoolEngine:
+    """Sync DSPy engine: ``complete(Request) -> Response`` through the pool's router."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def complete(self, request: lm15.Request) -> lm15.Response:
+        try:
+            return to_response(self.router.submit(to_generate_request(request)))
+        except (errors.LMRequestError, errors.PoolUnavailableError) as exc:
+            raise _as_lm15_error(exc) from exc
+
+    def close(self) -> None:
+        """Nothing to close: the pool owns the replicas."""
+
+    def dump_state(self) -> dict:
+        return {"pool": self.router.pool_name, "namespace": self.router.namespace}
+
+    @classmethod
+    def load_state(cls, state: dict) -> "PoolEngine":
+        return cls(Router(state["pool"], state.get("namespace")))
+
+    def __deepcopy__(self, memo) -> "PoolEngine":
+        return self
+
+
+class AsyncPoolEngine(PoolEngine):
+    """Async DSPy engine: ``await complete(Request)`` without blocking the event loop."""
+
+    async def complete(self, request: lm15.Request) -> lm15.Response:  # type: ignore[override]
+        try:
+            return to_response(await self.router.asubmit(to_generate_request(request)))
+        except (errors.LMRequestError, errors.PoolUnavailableError) as exc:
+            raise _as_lm15_error(exc) from exc
+
+    async def aclose(self) -> None:
+        """Nothing to close: the pool owns the replicas."""
+
+
+def pool_lm(pool, model: str | None = None, **kwargs) -> dspy.LM:
+    """A ``dspy.LM`` served by a pool.
+
+    Args:
+        pool: a launched ``ReplicaPool``, or a pool name (for a pool launched elsewhere in the
+            same Ray namespace).
+        model: the base model id or an adapter name; default the pool's base model.
+        **kwargs: more ``dspy.LM`` arguments (``temperature``, ``max_tokens``, ``cache``,
+            ``num_retries``, ``provider`` …).
+
+    Returns:
+        A ``dspy.LM`` whose calls run on the pool's replicas.
+
+    Example:
+        >>> lm = pool_lm(pool)  # doctest: +SKIP
+        >>> dspy.Predict("question -> answer", lm=lm)(question="2 + 2?")  # doctest: +SKIP
+    """
+    if isinstance(pool, str):
+        router, base = Router(pool), model
+    else:
+        router, base = pool.router, pool.model_id
+    model = model or base
+    if not model:
+        raise ValueError("give model= when the pool is given by name")
+    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    kwargs.setdefault("temperature", 0.0)
+    return dspy.LM(model, engine=PoolEngine(router), async_engine=AsyncPoolEngine(router), **kwargs)

@@ -1,0 +1,26 @@
+"""Errors a replica or the pool raises for bad requests, with the problem named.
+
+These are raised inside Ray actors; Ray re-raises them in the caller as a subclass of the same
+type, so ``except UnknownModelError`` works across the actor boundary. The DSPy client maps them
+onto dspy.lm15's error types (not retried) and replica loss onto ``ServerError`` (retried).
+"""
+
+
+class LMRequestError(ValueError):
+    """The request itself is wrong; sending it again will not help."""
+
+
+class UnknownModelError(LMRequestError):
+    """The request names a model id that is neither the base model nor a loaded adapter."""
+
+
+class ContextLengthError(LMRequestError):
+    """The prompt does not fit the replica's context length."""
+
+
+class AdapterError(LMRequestError):
+    """A LoRA adapter cannot be loaded: missing files, rank too large, name reused."""
+
+
+class PoolUnavailableError(RuntimeError):
+    """No live replica could answer (all dead, or the pool was killed)."""

@@ -1,0 +1,270 @@
+"""``ReplicaPool``: launch, scale, relaunch and kill a set of ``LMReplica`` actors; load adapters.
+
+Knows the lifecycle: each replica gets its own placement group (one bundle per tensor-parallel
+worker), is a named, restartable Ray actor (Ray restarts it after a crash; it then rebuilds its
+engine and reloads the pool's adapters from the pool's state actor), and is shut down engine
+first, then killed, then its placement group removed, so ``kill()`` leaves nothing behind.
+Every operation is idempotent. Requests go through ``self.router`` (``actors.router``).
+Does not know DSPy (``actors.client``) or what the requests are for (``engine/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Sequence
+
+import ray
+from ray.exceptions import ActorUnavailableError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors import device, models
+from actors.config import PoolConfig
+from actors.errors import AdapterError
+from actors.replica import EngineFactory, LMReplica
+from actors.router import Router, state_actor_name, wait_healthy
+from actors.types import Adapter
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class PoolState:
+    """The pool's shared truth: the current replicas and the adapters every replica must serve."""
+
+    def __init__(self):
+        self._version = 0
+        self._replicas: list = []
+        self._adapters: dict[str, Adapter] = {}
+
+    def set_replicas(self, replicas: list) -> None:
+        self._version += 1
+        self._replicas = list(replicas)
+
+    def replicas(self) -> tuple[int, list]:
+        return self._version, self._replicas
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        self._adapters[adapter.name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        self._adapters.pop(name, None)
+
+    def adapters(self) -> list[Adapter]:
+        return list(self._adapters.values())
+
+
+class ReplicaPool:
+    """N vLLM replicas behind one router.
+
+    Args:
+        cfg: the pool config.
+        engine_factory: engine builder passed to every replica (default vLLM); tests inject a
+            scripted engine here.
+
+    Example:
+        >>> pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama")))  # doctest: +SKIP
+        >>> with pool.launch():
+        ...     pool.router.submit(GenerateRequest("tiny-llama", prompt="Hi")).text
+    """
+
+    def __init__(self, cfg: PoolConfig, engine_factory: EngineFactory | None = None):
+        self.cfg = cfg
+        self._factory = engine_factory
+        self._replicas: dict[int, tuple] = {}  # rank -> (handle, placement group)
+        self._state = None
+        self._router: Router | None = None
+        self._generation = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def launched(self) -> bool:
+        return bool(self._replicas)
+
+    @property
+    def model_id(self) -> str:
+        """The id that addresses the base model."""
+        return self.cfg.replica.base_id
+
+    @property
+    def router(self) -> Router:
+        if self._router is None:
+            raise RuntimeError("the pool is not launched; call launch() first")
+        return self._router
+
+    def launch(self, model: str | None = None, adapters: Sequence[Adapter] = ()) -> "ReplicaPool":
+        """Start the replicas (no-op if running the same model) and load ``adapters`` on all.
+
+        Args:
+            model: model to serve; default the config's. A different model relaunches the pool.
+            adapters: adapters to serve besides the base model.
+
+        Returns:
+            self, usable as a context manager that kills the pool on exit.
+
+        Raises:
+            models.ModelError: the model cannot be resolved.
+            TimeoutError: replicas did not become ready within ``start_timeout_s``.
+        """
+        if model is not None and model != self.cfg.replica.model:
+            if self.launched:
+                self.kill()
+            self.cfg = replace(self.cfg, replica=replace(self.cfg.replica, model=model, model_id=None))
+        if not self.launched:
+            models.resolve(self.cfg.replica.model)  # materialize once here, not in every replica
+            self._state = PoolState.options(
+                name=state_actor_name(self.cfg.name), get_if_exists=True, lifetime=None).remote()
+            self._router = Router(self.cfg.name, retries=self.cfg.request_retries)
+            self._start(range(self.cfg.num_replicas))
+        for adapter in adapters:
+            self.load_adapter(adapter.name, adapter.path)
+        return self
+
+    def _start(self, ranks) -> None:
+        self._generation += 1
+        started = {rank: self._start_one(rank) for rank in ranks}
+        try:
+            ray.get([h.health.remote() for h, _ in started.values()], timeout=self.cfg.start_timeout_s)
+        except BaseException:
+            for rank, (handle, pg) in started.items():
+                _stop(handle, pg)
+            raise
+        self._replicas.update(started)
+        self._publish()
+        logger.info("pool %s: %d replica(s) of %s ready", self.cfg.name, len(self._replicas),
+                    self.cfg.replica.model)
+
+    def _start_one(self, rank: int) -> tuple:
+        rcfg = self.cfg.replica
+        pg = placement_group(device.bundles(rcfg), strategy=self.cfg.placement_strategy)
+        ray.get(pg.ready(), timeout=self.cfg.start_timeout_s)
+        actor = ray.remote(LMReplica).options(
+            name=f"tandem:{self.cfg.name}:{self._generation}:{rank}",
+            max_restarts=rcfg.max_restarts,
+            max_task_retries=0,  # the router re-sends to another replica; Ray restarts this one
+            max_concurrency=1000,
+            runtime_env={"env_vars": device.engine_env(rcfg, rank)},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+            **device.actor_resources(rcfg),
+        )
+        state = (state_actor_name(self.cfg.name), ray.get_runtime_context().namespace)
+        return actor.remote(rcfg, rank, state, self._factory), pg
+
+    def _publish(self) -> None:
+        ray.get(self._state.set_replicas.remote(sorted((r, h) for r, (h, _) in self._replicas.items())))
+        self._router.refresh(force=True)
+
+    def scale(self, num_replicas: int) -> None:
+        """Grow or shrink to ``num_replicas``; new replicas load the pool's adapters as they start."""
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        self.cfg = replace(self.cfg, num_replicas=num_replicas)
+        if not self.launched:
+            return
+        current = sorted(self._replicas)
+        if num_replicas > len(current):
+            free = (r for r in range(10**6) if r not in self._replicas)
+            self._start([next(free) for _ in range(num_replicas - len(current))])
+        for rank in current[num_replicas:]:
+            handle, pg = self._replicas.pop(rank)
+            self._publish()
+            _stop(handle, pg)
+
+    def kill(self) -> None:
+        """Stop every replica and its engine, remove the placement groups and the state actor."""
+        replicas, self._replicas = self._replicas, {}
+        for handle, pg in replicas.values():
+            _stop(handle, pg)
+        if self._state is not None:
+            ray.kill(self._state)
+            self._state = None
+        self._router = None
+
+    def relaunch(self, adapter: Adapter | None = None) -> None:
+        """Kill and start the replicas again (freeing accelerators meanwhile), serving ``adapter`` too."""
+        adapters = ray.get(self._state.adapters.remote()) if self._state is not None else []
+        self.kill()
+        self.launch(adapters=[*adapters, *([adapter] if adapter else [])])
+
+    def __enter__(self) -> "ReplicaPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        """Hot-load a peft adapter into every live replica under ``name`` (unique per version).
+
+        Raises:
+            AdapterError: see ``LMReplica.load_adapter``; no replica keeps a half-loaded adapter.
+        """
+        handles = [h for h, _ in self._replicas.values()]
+        if not handles:
+            raise AdapterError("the pool is not launched; launch it before loading adapters")
+        known = {a.name for a in ray.get(self._state.adapters.remote())}
+        results, errors = [], []
+        for handle in handles:
+            try:
+                results.append(_call(handle, "load_adapter", name, path))
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            if name not in known:  # roll back a partial load; never touch an adapter already served
+                for handle in handles:
+                    _call(handle, "unload_adapter", name)
+            raise errors[0]
+        ray.get(self._state.add_adapter.remote(results[0]))
+        return results[0]
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter on every replica."""
+        ray.get(self._state.remove_adapter.remote(name))
+        for handle, _ in self._replicas.values():
+            _call(handle, "unload_adapter", name)
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters the pool serves."""
+        return sorted(a.name for a in ray.get(self._state.adapters.remote())) if self._state else []
+
+    # -- observability -----------------------------------------------------------------------
+
+    def health(self) -> list[dict]:
+        """Each replica's health record (waits for restarting replicas)."""
+        return [wait_healthy(h) for h, _ in self._replicas.values()]
+
+    def stats(self) -> list[dict]:
+        """Each replica's request and token counters and latency percentiles."""
+        return [_call(h, "stats") for h, _ in self._replicas.values()]
+
+    def lm(self, model: str | None = None, **kwargs):
+        """A ``dspy.LM`` whose calls go to this pool (see ``actors.client.pool_lm``)."""
+        from actors.client import pool_lm
+
+        return pool_lm(self, model, **kwargs)
+
+
+def _call(handle, method: str, *args, timeout_s: float = 900.0):
+    """Call a replica method, waiting out a restart in progress (Ray answers ActorUnavailable)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(getattr(handle, method).remote(*args))
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _stop(handle, pg) -> None:
+    try:
+        ray.get(handle.shutdown.remote(), timeout=60)
+    except Exception as exc:  # already dead: nothing to shut down, still kill and free below
+        logger.debug("replica shutdown skipped: %s", exc)
+    ray.kill(handle, no_restart=True)
+    remove_placement_group(pg)

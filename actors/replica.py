@@ -1,0 +1,218 @@
+"""``LMReplica``: one Ray actor holding one inference engine (vLLM's async engine by default).
+
+Knows: building its engine lazily on the first call (so a Ray restart of the actor rebuilds it
+and reloads the pool's adapters), validating requests and adapters with errors that name the
+problem, the model-id → adapter map (one name and int id per adapter version, never reused),
+and per-replica statistics. Many calls run at once on the actor's event loop; the engine batches
+them. Does not know routing, other replicas, or DSPy.
+
+The class is plain Python; ``actors.pool`` wraps it with ``ray.remote``. Tests inject a scripted
+engine with ``engine_factory`` instead of patching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from actors.config import ReplicaConfig
+from actors.errors import AdapterError, ContextLengthError, LMRequestError, UnknownModelError
+from actors.types import Adapter, Completion, Engine, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ReplicaConfig, str], Engine]
+
+
+def vllm_factory(cfg: ReplicaConfig, model_path: str) -> Engine:
+    """The default engine: vLLM's AsyncLLM."""
+    from actors.vllm_engine import VLLMEngine
+
+    return VLLMEngine(cfg, model_path)
+
+
+class LMReplica:
+    """One engine behind an async Ray actor.
+
+    Args:
+        cfg: the replica config.
+        rank: the replica's index in its pool (picks its CPU cores on the CPU path).
+        state_name: name of the pool's state actor, whose adapters are reloaded after a restart.
+        engine_factory: builds the engine from (cfg, local model path); default vLLM.
+
+    Example:
+        >>> replica = ray.remote(LMReplica).remote(ReplicaConfig(model="tiny-llama"), 0)  # doctest: +SKIP
+        >>> ray.get(replica.generate.remote(GenerateRequest("tiny-llama", prompt="Hi")))  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: ReplicaConfig, rank: int, state_name: tuple[str, str] | None = None,
+                 engine_factory: EngineFactory | None = None):
+        self.cfg, self.rank = cfg, rank
+        self._state_name = state_name
+        self._factory = engine_factory or vllm_factory
+        self._engine: Engine | None = None
+        self._start_lock = asyncio.Lock()
+        self._adapters: dict[str, Adapter] = {}
+        self._next_adapter_id = 1
+        self._started = time.time()
+        self._inflight = 0
+        self._counts = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._latencies: deque[float] = deque(maxlen=10_000)
+
+    async def _ensure_engine(self) -> Engine:
+        if self._engine is not None:
+            return self._engine
+        async with self._start_lock:
+            if self._engine is None:
+                from actors import models
+
+                started = time.perf_counter()
+                self._engine = self._factory(self.cfg, models.resolve(self.cfg.model))
+                logger.info("replica %d: engine for %s up in %.1fs", self.rank, self.cfg.model,
+                            time.perf_counter() - started)
+                for adapter in await self._pool_adapters():
+                    await self._add(adapter.name, adapter.path)
+        return self._engine
+
+    async def _pool_adapters(self) -> list[Adapter]:
+        if self._state_name is None:
+            return []
+        import ray
+
+        name, namespace = self._state_name
+        try:
+            state = ray.get_actor(name, namespace=namespace)
+        except ValueError:  # the pool is gone (killed while this replica restarted)
+            return []
+        return await state.adapters.remote()
+
+    async def health(self) -> dict:
+        """Build the engine if needed; return who and where this replica is."""
+        engine = await self._ensure_engine()
+        return {"rank": self.rank, "pid": os.getpid(), "model": self.cfg.base_id,
+                "adapters": sorted(self._adapters), "max_model_len": engine.max_model_len,
+                "inflight": self._inflight}
+
+    def stats(self) -> dict:
+        """Requests, errors, tokens in/out, in-flight count and latency percentiles (seconds)."""
+        lat = sorted(self._latencies)
+
+        def pct(q: float) -> float | None:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+        return {"rank": self.rank, **self._counts, "inflight": self._inflight,
+                "uptime_s": time.time() - self._started,
+                "latency_p50_s": pct(0.50), "latency_p90_s": pct(0.90), "latency_p99_s": pct(0.99)}
+
+    async def generate(self, request: GenerateRequest) -> Completion:
+        """Run one request; the engine batches it with every other request in flight.
+
+        Raises:
+            UnknownModelError: ``request.model`` is neither the base id nor a loaded adapter.
+            ContextLengthError: the prompt alone fills the context.
+        """
+        engine = await self._ensure_engine()
+        self._counts["requests"] += 1
+        self._inflight += 1
+        started = time.perf_counter()
+        try:
+            adapter = self._adapter_for(request.model)
+            ids = engine.encode(request)
+            room = engine.max_model_len - len(ids)
+            if room < 1:
+                raise ContextLengthError(
+                    f"prompt is {len(ids)} tokens; the context length of {self.cfg.base_id} "
+                    f"is {engine.max_model_len} (prompt + completion). Shorten the prompt or raise max_model_len.")
+            if request.max_tokens > room:  # answer as far as the context allows; finish_reason says 'length'
+                from dataclasses import replace
+
+                request = replace(request, max_tokens=room)
+            texts, finishes, out_tokens = await engine.generate(ids, request, adapter, uuid.uuid4().hex)
+        except BaseException:
+            self._counts["errors"] += 1
+            raise
+        finally:
+            self._inflight -= 1
+        self._latencies.append(time.perf_counter() - started)
+        self._counts["prompt_tokens"] += len(ids)
+        self._counts["completion_tokens"] += out_tokens
+        return Completion(request.model, tuple(texts), tuple(finishes), len(ids), out_tokens, self.rank)
+
+    def _adapter_for(self, model: str) -> Adapter | None:
+        if model == self.cfg.base_id:
+            return None
+        if model in self._adapters:
+            return self._adapters[model]
+        served = [self.cfg.base_id, *sorted(self._adapters)]
+        raise UnknownModelError(f"model {model!r} is not served by this pool; served ids: {served}")
+
+    async def load_adapter(self, name: str, path: str) -> Adapter:
+        """Load a peft LoRA adapter under ``name``; loading the same name and path again is a no-op.
+
+        Raises:
+            AdapterError: LoRA disabled, path missing or not a peft adapter, rank above
+                ``max_lora_rank``, or the name already serves another path.
+        """
+        await self._ensure_engine()
+        return await self._add(name, path)
+
+    async def _add(self, name: str, path: str) -> Adapter:
+        path = str(Path(path).resolve())
+        known = self._adapters.get(name)
+        if known is not None:
+            if known.path != path:
+                raise AdapterError(f"adapter name {name!r} already serves {known.path}; "
+                                   "give every adapter version its own name")
+            return known
+        _check_adapter(self.cfg, name, path)
+        adapter = Adapter(name, path, self._next_adapter_id)
+        self._next_adapter_id += 1
+        try:
+            await self._engine.add_adapter(adapter)
+        except Exception as exc:
+            raise AdapterError(f"engine refused adapter {name!r} at {path}: {exc}") from exc
+        self._adapters[name] = adapter
+        return adapter
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Unload an adapter; returns False if it was not loaded."""
+        adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            return False
+        await (await self._ensure_engine()).remove_adapter(adapter)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the engine (and its processes); the actor can then be killed."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _check_adapter(cfg: ReplicaConfig, name: str, path: str) -> None:
+    if not cfg.enable_lora:
+        raise AdapterError(f"cannot load adapter {name!r}: this pool was launched with enable_lora=False")
+    if not name or name == cfg.base_id:
+        raise AdapterError(f"adapter name {name!r} is empty or equals the base model id")
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise AdapterError(f"adapter {name!r}: {path} is not a peft adapter dir (no adapter_config.json)")
+    if not any((Path(path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors")
+    try:
+        rank = int(json.loads(config.read_text())["r"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"adapter {name!r}: unreadable rank in {config}: {exc}") from exc
+    if rank > cfg.max_lora_rank:
+        raise AdapterError(f"adapter {name!r} has rank {rank}, above this pool's max_lora_rank="
+                           f"{cfg.max_lora_rank}; relaunch with a larger max_lora_rank")
+
+
+__all__ = ["LMReplica", "LMRequestError", "vllm_factory"]

@@ -1,0 +1,105 @@
+"""Typed requests and results that travel between the DSPy client, the router and replicas.
+
+Knows the shape and validity rules of one generation request (chat or completion) and of its
+result; a bad value is refused here, in the caller's process, before anything is sent.
+Does not know vLLM, Ray or DSPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from actors.errors import LMRequestError
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request: chat ``messages`` or a raw ``prompt``, for the model id ``model``.
+
+    ``model`` is the pool's base model id or a loaded adapter's name
+    (``smollm2-135m-instruct`` / ``smollm2-135m-instruct:ft-01``).
+    """
+
+    model: str
+    messages: tuple[dict, ...] | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 256
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise LMRequestError("give exactly one of messages= (chat) or prompt= (completion)")
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+            if not self.messages:
+                raise LMRequestError("messages is empty")
+            for m in self.messages:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise LMRequestError(f"each message needs string 'role' and 'content', got {m!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise LMRequestError(f"n must be an integer >= 1, got {self.n!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise LMRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.n > 1 and self.temperature == 0:
+            raise LMRequestError(f"n={self.n} needs temperature > 0 (greedy decoding gives one answer)")
+        if not 0 <= self.temperature <= 2:
+            raise LMRequestError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LMRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The answer to one request: ``n`` texts with their finish reasons and token counts."""
+
+    model: str
+    texts: tuple[str, ...]
+    finish_reasons: tuple[str, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    replica: int = -1
+
+    @property
+    def text(self) -> str:
+        """The first (for n = 1, the only) text."""
+        return self.texts[0]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter version served under ``name`` (unique per version) from ``path``."""
+
+    name: str
+    path: str
+    int_id: int = field(default=0, compare=False)
+
+
+class Engine(Protocol):
+    """What a replica needs from an inference engine (vLLM's AsyncLLM, or a scripted one)."""
+
+    max_model_len: int
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """Prompt token ids: the chat template applied to messages, or the raw prompt tokenized."""
+
+    async def generate(
+        self, prompt_ids: list[int], request: GenerateRequest, adapter: Adapter | None, request_id: str
+    ) -> tuple[list[str], list[str], int]:
+        """Texts, finish reasons and the total number of completion tokens."""
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        """Load an adapter; later requests may name it."""
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        """Unload an adapter."""
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its memory and processes."""

@@ -1,0 +1,85 @@
+"""The vLLM implementation of the replica's ``Engine`` protocol, on vLLM's async engine.
+
+Knows how to build ``AsyncLLM`` from a ``ReplicaConfig`` (dtype, LoRA limits, executor and the
+opaque ``engine_kwargs``), turn a ``GenerateRequest`` into prompt token ids with the model's chat
+template and into ``SamplingParams``, and load/unload LoRA adapters with a prefix-cache reset so
+no block computed under other weights is reused. Concurrent ``generate`` calls are batched
+continuously by vLLM. Does not know Ray, routing, or request statistics (``actors.replica`` does).
+vLLM is imported lazily, inside the replica process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from actors import device
+from actors.config import ReplicaConfig
+from actors.types import Adapter, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+class VLLMEngine:
+    """An ``AsyncLLM`` with the few calls a replica needs."""
+
+    def __init__(self, cfg: ReplicaConfig, model_path: str):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(
+            model=model_path,
+            served_model_name=cfg.base_id,
+            dtype=device.dtype(cfg),
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            distributed_executor_backend=device.executor_backend(cfg),
+            enable_lora=cfg.enable_lora,
+            disable_log_stats=True,
+            # torch.compile warm-up costs minutes on CPU; LoRA engines skip it anyway.
+            enforce_eager=not device.is_gpu(cfg),
+        )
+        if cfg.enable_lora:
+            kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+        kwargs.update(cfg.engine_kwargs)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = self._llm.model_config.max_model_len
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            return list(self._tokenizer.apply_chat_template(
+                list(request.messages), tokenize=True, add_generation_prompt=True, return_dict=False))
+        return list(self._tokenizer.encode(request.prompt))
+
+    async def generate(self, prompt_ids, request, adapter, request_id):
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=request.n, temperature=request.temperature, top_p=request.top_p,
+            max_tokens=request.max_tokens, stop=list(request.stop) or None, seed=request.seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        lora = LoRARequest(adapter.name, adapter.int_id, adapter.path) if adapter else None
+        final = None
+        async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora):
+            final = out
+        outputs = sorted(final.outputs, key=lambda o: o.index)
+        return ([o.text for o in outputs], [o.finish_reason or "stop" for o in outputs],
+                sum(len(o.token_ids) for o in outputs))
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, adapter.path))
+        await self._llm.reset_prefix_cache()
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        await self._llm.remove_lora(adapter.int_id)
+        await self._llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Sequence
 
 import ray
-from ray.exceptions import ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -70,6 +70,19 @@ class ReplicaPool:
         ...     pool.router.submit(GenerateRequest("tiny-llama", prompt="Hi")).text
     """
 
+    _live: dict[str, "ReplicaPool"] = {}
+
+    @classmethod
+    def named(cls, name: str) -> "ReplicaPool":
+        """The launched pool called ``name`` in this process.
+
+        Raises:
+            LookupError: no pool of that name is launched here.
+        """
+        if name not in cls._live:
+            raise LookupError(f"no launched pool named {name!r} in this process (launched: {sorted(cls._live)})")
+        return cls._live[name]
+
     def __init__(self, cfg: PoolConfig, engine_factory: EngineFactory | None = None):
         self.cfg = cfg
         self._factory = engine_factory
@@ -119,6 +132,7 @@ class ReplicaPool:
                 name=state_actor_name(self.cfg.name), get_if_exists=True, lifetime=None).remote()
             self._router = Router(self.cfg.name, retries=self.cfg.request_retries)
             self._start(range(self.cfg.num_replicas))
+            ReplicaPool._live[self.cfg.name] = self
         for adapter in adapters:
             self.load_adapter(adapter.name, adapter.path)
         return self
@@ -139,8 +153,16 @@ class ReplicaPool:
 
     def _start_one(self, rank: int) -> tuple:
         rcfg = self.cfg.replica
-        pg = placement_group(device.bundles(rcfg), strategy=self.cfg.placement_strategy)
-        ray.get(pg.ready(), timeout=self.cfg.start_timeout_s)
+        bundles = device.bundles(rcfg)
+        _check_fits(bundles, self.cfg.num_replicas)
+        pg = placement_group(bundles, strategy=self.cfg.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=self.cfg.start_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise TimeoutError(
+                f"replica {rank} of pool {self.cfg.name!r} needs {bundles} but the cluster could not place it "
+                f"within {self.cfg.start_timeout_s:.0f}s; free now: {ray.available_resources()}") from None
         actor = ray.remote(LMReplica).options(
             name=f"tandem:{self.cfg.name}:{self._generation}:{rank}",
             max_restarts=rcfg.max_restarts,
@@ -183,6 +205,8 @@ class ReplicaPool:
             ray.kill(self._state)
             self._state = None
         self._router = None
+        if ReplicaPool._live.get(self.cfg.name) is self:
+            del ReplicaPool._live[self.cfg.name]
 
     def relaunch(self, adapter: Adapter | None = None) -> None:
         """Kill and start the replicas again (freeing accelerators meanwhile), serving ``adapter`` too."""
@@ -230,7 +254,11 @@ class ReplicaPool:
 
     def adapters(self) -> list[str]:
         """Names of the adapters the pool serves."""
-        return sorted(a.name for a in ray.get(self._state.adapters.remote())) if self._state else []
+        return sorted(a.name for a in self.adapter_records())
+
+    def adapter_records(self) -> list[Adapter]:
+        """The adapters the pool serves, with their paths."""
+        return ray.get(self._state.adapters.remote()) if self._state else []
 
     # -- observability -----------------------------------------------------------------------
 
@@ -247,6 +275,17 @@ class ReplicaPool:
         from actors.client import pool_lm
 
         return pool_lm(self, model, **kwargs)
+
+
+def _check_fits(bundles: list[dict], replicas: int) -> None:
+    """Fail at once when the whole cluster is too small for even one replica (no waiting)."""
+    total = ray.cluster_resources()
+    for key in {k for b in bundles for k in b}:
+        need = sum(b.get(key, 0) for b in bundles)
+        if need > total.get(key, 0):
+            raise ValueError(f"one replica needs {need:g} {key} but the whole cluster has "
+                             f"{total.get(key, 0):g}; {replicas} replica(s) asked for. Lower num_cpus/num_gpus "
+                             f"or tensor_parallel_size, or add nodes.")
 
 
 def _call(handle, method: str, *args, timeout_s: float = 900.0):

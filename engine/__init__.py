@@ -1,0 +1,1 @@
+"""The driver: strategy, steps, evaluation fan-out, run store, CLI. Issues calls to actors only."""

@@ -1,0 +1,111 @@
+"""The ``tandem`` command line: ``models`` (list / pull / verify) and ``run``.
+
+Knows argument parsing, logging setup and turning failures into one clear last line and a
+non-zero exit. ``run`` is BetterTogether end to end (``engine.run``); with no arguments it is the
+embedded default: Iris, SmolLM2-135M on vLLM-CPU, local Ray, ``p -> w -> p``. Does not know vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("tandem")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from actors import models
+
+    if args.action == "list":
+        rows = [(m.name, "yes" if m.materialized else "no", m.description) for m in models.list_models(args.cache)]
+        print(_table(("model", "materialized", "source"), rows))
+        print(f"cache: {models.cache_dir(args.cache)}")
+        return 0
+    names = args.names or [models.EMBEDDED]
+    for name in names:
+        if args.action == "pull":
+            path = models.materialize(name, args.cache, force=args.force)
+        else:
+            path = models.verify(name, args.cache)
+        print(f"{name}: {path} ({'verified' if args.action == 'verify' else 'ready'})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from engine.config import RunConfig, load_yaml
+    from engine.run import run
+
+    cfg = load_yaml(args.config) if args.config else RunConfig()
+    cfg = cfg.with_overrides(program=args.program, model=args.model, strategy=args.strategy, run_dir=args.run_dir,
+                             seed=args.seed, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                             gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
+                             val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
+                             threads=args.threads, address=args.address)
+    logger.info("run: %s on %s, strategy '%s', run dir %s", cfg.program, cfg.model, cfg.strategy, cfg.run_dir)
+    outcome = run(cfg)
+    rows = [(s or "(baseline)", "-" if v is None else f"{v:.1f}", "best" if s == outcome.best_strategy else "")
+            for s, v in sorted(outcome.scores.items(), key=lambda kv: len(kv[0]))]
+    print(_table(("strategy", "valset score %", ""), rows))
+    print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
+    if outcome.failed:
+        logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
+        return 2
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list, pull (materialize) or verify built-in models")
+    m.add_argument("action", choices=("list", "pull", "verify"))
+    m.add_argument("names", nargs="*", help="built-in model names (default: the embedded default)")
+    m.add_argument("--cache", help="model cache dir (default $TANDEM_MODEL_CACHE or ~/.cache/tandem/models)")
+    m.add_argument("--force", action="store_true", help="rebuild even if materialized")
+    m.set_defaults(func=_models)
+
+    r = sub.add_parser("run", help="optimize a program with BetterTogether (default: Iris on SmolLM2-135M)")
+    r.add_argument("--config", help="YAML RunConfig; flags below override it")
+    r.add_argument("--program", help="program under programs/ (default iris)")
+    r.add_argument("--model", help="built-in name, HF dir or hub id (default smollm2-135m-instruct)")
+    r.add_argument("--strategy", help="e.g. 'p -> w -> p' (default)")
+    r.add_argument("--run-dir", help="run dir; a rerun with the same dir resumes (default runs/iris-smollm2)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--replicas", type=int, help="vLLM replicas (default 2)")
+    r.add_argument("--cpus-per-replica", type=float)
+    r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
+    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 50)")
+    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 25)")
+    r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
+    r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
+    r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
+    r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    r.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except Exception as exc:
+        logger.debug("failure", exc_info=True)
+        logger.error("tandem %s failed: %s: %s", args.command, type(exc).__name__, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``RunConfig``: everything one ``tandem run`` needs, from flags and/or a YAML file.
+
+Knows the fields and their defaults (the embedded default: Iris on SmolLM2-135M, 2 vLLM-CPU
+replicas, ``p -> w -> p`` on a budget that fits 2 cores), YAML loading with unknown keys refused
+by name, and the fingerprint a resumed run must match. Does not run anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from actors.lora_train import LoraTrainConfig
+from actors.models import EMBEDDED
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt-step budget (paper: 6 candidates, <= 3 demos per module)."""
+
+    num_candidate_programs: int = field(default=6, metadata={"help": "random candidates besides the 3 fixed seeds"})
+    max_bootstrapped_demos: int = field(default=3, metadata={"help": "bootstrapped demos per predictor"})
+    max_labeled_demos: int = field(default=3, metadata={"help": "demos per predictor in all"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One optimization run."""
+
+    program: str = field(default="iris", metadata={"help": "a module of programs/ (iris, ...)"})
+    model: str = field(default=EMBEDDED, metadata={"help": "built-in name, HF checkpoint dir or hub id"})
+    strategy: str = field(default="p -> w -> p", metadata={"help": "steps joined by ' -> '"})
+    run_dir: str = field(default="runs/iris-smollm2", metadata={"help": "where steps, adapters and report go"})
+    seed: int = field(default=0, metadata={"help": "data split, shuffles and candidates"})
+    train_size: int = field(default=50, metadata={"help": "training examples used (0 = all)"})
+    val_size: int = field(default=25, metadata={"help": "validation examples used (0 = all)"})
+    replicas: int = field(default=2, metadata={"help": "vLLM replicas"})
+    cpus_per_replica: float = field(default=1, metadata={"help": "CPUs per replica"})
+    gpus_per_replica: float = field(default=0, metadata={"help": "GPUs per replica (0 = CPU path)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
+    max_model_len: int = field(default=2048, metadata={"help": "context length"})
+    max_tokens: int = field(default=200, metadata={"help": "completion tokens per LM call"})
+    threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
+    lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
+    address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "prompt-step budget"})
+    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(epochs=3, lr=1e-4, cpus_per_worker=2),
+                                  metadata={"help": "LoRA training (paper defaults but epochs 3, lr 1e-4 on CPU)"})
+    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
+
+    def __post_init__(self) -> None:
+        if self.lifecycle not in ("relaunch", "hotswap"):
+            raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
+        if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:
+            raise ValueError("train_size/val_size must be >= 0, replicas and threads >= 1")
+
+    def fingerprint(self) -> dict:
+        """Settings a resumed run must share (not the address, thread count or run dir)."""
+        data = asdict(self)
+        for key in ("address", "threads", "run_dir"):
+            data.pop(key)
+        return data
+
+    def with_overrides(self, **changes: Any) -> "RunConfig":
+        """A copy with the non-None ``changes`` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    """A ``RunConfig`` from YAML; nested ``prompt:`` and ``lora:`` sections.
+
+    Raises:
+        ValueError: unknown keys (named, with the valid ones) or a malformed file.
+    """
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    nested = {"prompt": PromptConfig, "lora": LoraTrainConfig}
+    for key, cls in nested.items():
+        if key in data:
+            _check_keys(data[key], cls, f"{path}: {key}")
+            data[key] = cls(**data[key])
+    _check_keys(data, RunConfig, str(path))
+    return RunConfig(**data)
+
+
+def _check_keys(data: Any, cls: type, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")

@@ -1,0 +1,69 @@
+"""The run report: ``report.md`` with the score of every strategy prefix and ``scores.png``.
+
+Knows how to read a run dir's step records and draw them; matplotlib (Agg) is imported lazily.
+Does not run anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def step_rows(run_dir: str | Path) -> list[dict]:
+    """One row per completed step, in order: name, strategy prefix, score, wall time, model ids."""
+    rows = []
+    for step in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
+        record = step / "step.json"
+        if step.suffix == ".tmp" or not record.is_file():
+            continue
+        data = json.loads(record.read_text())
+        rows.append({"step": step.name, "strategy": data["strategy"] or "(baseline)", "score": data["score"],
+                     "wall_s": data.get("extra", {}).get("wall_s"), "models": sorted(set(data["models"].values())),
+                     "extra": data.get("extra", {})})
+    return rows
+
+
+def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bool) -> Path:
+    """Write ``report.md`` and ``scores.png`` into the run dir; return the report path."""
+    run_dir = Path(run_dir)
+    rows = step_rows(run_dir)
+    lines = [f"# {title}", "", f"Best strategy: `{best_strategy or '(baseline)'}`"
+             + (" — a step failed; the best program before it was kept." if failed else ""), "",
+             "| step | strategy | valset score % | wall s | model |", "|---|---|---|---|---|"]
+    for r in rows:
+        score = "–" if r["score"] is None else f"{r['score']:.1f}"
+        lines.append(f"| {r['step']} | `{r['strategy']}` | {score} | {r['wall_s'] or ''} | {', '.join(r['models'])} |")
+    for r in rows:
+        extra = r["extra"]
+        if "train_metrics" in extra:
+            m = extra["train_metrics"]
+            lines += ["", f"Fine-tuning in `{r['step']}`: {extra['rows']} chat rows from {extra['passing_traces']} "
+                      f"passing traces of {extra['attempted']} examples; loss per epoch "
+                      f"{[round(x, 3) for x in m.get('loss_history', [])]}, {m.get('tokens_per_s', 0):.0f} tokens/s, "
+                      f"adapter `{extra['adapter']}` ({extra['lifecycle']})."]
+    lines += ["", "![scores](scores.png)", ""]
+    _chart(rows, run_dir / "scores.png")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _chart(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["strategy"] for r in rows]
+    scores = [r["score"] or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(rows)), 3.2))
+    bars = ax.bar(range(len(rows)), scores, color="#4C72B0")
+    ax.bar_label(bars, labels=[f"{s:.1f}" for s in scores], padding=2)
+    ax.set_xticks(range(len(rows)), labels, rotation=15)
+    ax.set_ylabel("valset score (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Score after each strategy prefix")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

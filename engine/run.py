@@ -1,0 +1,92 @@
+"""``run(cfg)``: the driver of one optimization run, from launching the pool to the report.
+
+Knows the order of things: connect to Ray, launch the pool, build the program with the pool's
+LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), save the
+winner (``program.json`` + ``best.json``), write the report, and kill the pool whatever happens
+(try/finally, so Ctrl-C leaves no replica behind). Does not know vLLM or training internals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+
+from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from engine.better_together import BetterTogether
+from engine.config import RunConfig
+from engine.program_io import save_program
+from engine.prompt_step import PromptStep
+from engine.report import write_report
+from engine.weight_step import WeightStep
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run produced."""
+
+    run_dir: Path
+    best_strategy: str
+    best_score: float | None
+    scores: dict[str, float | None]
+    failed: bool
+    wall_s: float
+
+
+def program_module(name: str):
+    """The program module: a name under ``programs/`` or a dotted module path."""
+    try:
+        return importlib.import_module(name if "." in name else f"programs.{name}")
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"unknown program {name!r}: no module programs.{name} or {name}") from exc
+
+
+def run(cfg: RunConfig) -> RunOutcome:
+    """Run the strategy on the configured program and model; see the module docstring."""
+    started = time.perf_counter()
+    module = program_module(cfg.program)
+    splits = module.load_splits(cfg.seed)
+    trainset = splits.train[: cfg.train_size or None]
+    valset = splits.dev[: cfg.val_size or None]
+    connect(cfg.address)
+    pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(
+        model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
+        num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
+        max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs), num_replicas=cfg.replicas,
+        name="run"))
+    try:
+        pool.launch()
+        program = module.Program()
+        program.set_lm(pool.lm(max_tokens=cfg.max_tokens))
+        optimizer = BetterTogether(
+            module.metric,
+            p=PromptStep(module.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
+            w=WeightStep(module.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads))
+        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+            best = optimizer.compile(program, trainset=trainset, valset=valset, strategy=cfg.strategy,
+                                     seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
+                                     fingerprint=cfg.fingerprint())
+    finally:
+        pool.kill()
+    run_dir = Path(cfg.run_dir)
+    top = best.candidate_programs[0]
+    save_program(best, run_dir / "program.json")
+    adapters = {a["name"]: a["path"] for r in sorted(run_dir.glob("[0-9][0-9]_*/step.json"))
+                for a in json.loads(r.read_text()).get("adapters", [])}
+    models = {name: pred.lm.model for name, pred in best.named_predictors()}
+    (run_dir / "best.json").write_text(json.dumps({
+        "program": cfg.program, "base_model": cfg.model, "strategy": best.best_strategy, "score": top.score,
+        "models": models, "adapters": {m: adapters[m] for m in models.values() if m in adapters},
+        "failed_step": best.flag_compilation_error_occurred}, indent=2))
+    write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
+                 best.best_strategy, best.flag_compilation_error_occurred)
+    scores = {c.strategy: c.score for c in best.candidate_programs}
+    return RunOutcome(run_dir, best.best_strategy, top.score, scores, best.flag_compilation_error_occurred,
+                      time.perf_counter() - started)

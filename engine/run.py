@@ -64,7 +64,8 @@ def run(cfg: RunConfig) -> RunOutcome:
     try:
         pool.launch()
         program = module.Program()
-        program.set_lm(pool.lm(max_tokens=cfg.max_tokens))
+        # ChatAdapter answers end with this marker: stop there instead of generating to max_tokens
+        program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
         optimizer = BetterTogether(
             module.metric,
             p=PromptStep(module.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),

@@ -53,6 +53,7 @@ class RunStore:
     def __init__(self, root: str | Path, fingerprint: dict):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # tuples and lists compare as JSON
         marker = self.root / "run.json"
         if marker.exists():
             old = json.loads(marker.read_text())

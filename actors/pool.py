@@ -35,15 +35,18 @@ class PoolState:
     """The pool's shared truth: the current replicas and the adapters every replica must serve."""
 
     def __init__(self):
-        self._version = 0
+        import uuid
+
+        # (incarnation, counter): a relaunched pool's new state actor never repeats a version
+        self._version = (uuid.uuid4().hex, 0)
         self._replicas: list = []
         self._adapters: dict[str, Adapter] = {}
 
     def set_replicas(self, replicas: list) -> None:
-        self._version += 1
+        self._version = (self._version[0], self._version[1] + 1)
         self._replicas = list(replicas)
 
-    def replicas(self) -> tuple[int, list]:
+    def replicas(self) -> tuple[tuple[str, int], list]:
         return self._version, self._replicas
 
     def add_adapter(self, adapter: Adapter) -> None:

@@ -71,7 +71,7 @@ class Router:
 
     def _init_local(self) -> None:
         self._lock = threading.Lock()
-        self._version = -1
+        self._version = None
         self._replicas: list[tuple[int, ray.actor.ActorHandle]] = []
         self._checked = 0.0
         self._inflight: dict[int, int] = {}
@@ -130,6 +130,10 @@ class Router:
             if rank in self._down:
                 return
             self._down.add(rank)
+        try:  # the pool may have been relaunched: pick up its new replicas now
+            self.refresh(force=True)
+        except PoolUnavailableError:
+            pass
         threading.Thread(target=self._watch, args=(rank, handle), daemon=True).start()
 
     def _watch(self, rank: int, handle: ray.actor.ActorHandle) -> None:

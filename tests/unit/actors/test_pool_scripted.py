@@ -136,3 +136,13 @@ def test_router_pickled_elsewhere_finds_the_pool(ray_local, model_dir):
             return r.submit(GenerateRequest("base", prompt="from a worker")).text
 
         assert ray.get(ask.remote(router)) == "ok"
+
+
+def test_routers_made_before_a_relaunch_reach_the_new_replicas(ray_local, model_dir):
+    with _pool(model_dir, "again").launch() as pool:
+        old_router = pool.router  # e.g. held by a dspy.LM made before fine-tuning
+        old_pids = {h["pid"] for h in pool.health()}
+        pool.relaunch()
+        assert {h["pid"] for h in pool.health()}.isdisjoint(old_pids)
+        out = [old_router.submit(GenerateRequest("base", prompt=f"q {i}")) for i in range(6)]
+        assert all(c.text == "ok" for c in out)

@@ -65,7 +65,8 @@ def test_adapter_hot_load_changes_outputs_and_unload_restores(pool, tiny_model, 
     assert tuned != base
     assert _greedy(pool, MODEL_ID, PROMPTS) == base  # the base id still serves the base weights
     via_dspy = pool.lm(model=f"{MODEL_ID}:ft-01", max_tokens=12, cache=False)
-    request = dspy.lm15.Request(model=via_dspy.model, messages=(dspy.lm15.Message.user(PROMPTS[0]),))
+    request = dspy.lm15.Request(model=via_dspy.model, messages=(dspy.lm15.Message.user(PROMPTS[0]),),
+                                config=dspy.lm15.Config(max_tokens=12, temperature=0))  # a Request ignores lm kwargs
     assert via_dspy(request).text == tuned[0]
     pool.unload_adapter(f"{MODEL_ID}:ft-01")
     with pytest.raises(UnknownModelError):

@@ -52,7 +52,7 @@ def test_killed_run_resumes_and_finishes(config):
         time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies between steps, without any cleanup
     first.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, check=True)
     stored = json.loads((run_dir / "01_p" / "step.json").read_text())
 
     second = _tandem(["run", "--config", str(config / "iris.yaml")])

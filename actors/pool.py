@@ -213,7 +213,7 @@ class ReplicaPool:
 
     def relaunch(self, adapter: Adapter | None = None) -> None:
         """Kill and start the replicas again (freeing accelerators meanwhile), serving ``adapter`` too."""
-        adapters = ray.get(self._state.adapters.remote()) if self._state is not None else []
+        adapters = self.adapter_records()
         self.kill()
         self.launch(adapters=[*adapters, *([adapter] if adapter else [])])
 
@@ -234,7 +234,7 @@ class ReplicaPool:
         handles = [h for h, _ in self._replicas.values()]
         if not handles:
             raise AdapterError("the pool is not launched; launch it before loading adapters")
-        known = {a.name for a in ray.get(self._state.adapters.remote())}
+        known = set(self.adapters())
         results, errors = [], []
         for handle in handles:
             try:

@@ -36,12 +36,12 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
         lines.append(f"| {r['step']} | `{r['strategy']}` | {score} | {r['wall_s'] or ''} | {', '.join(r['models'])} |")
     for r in rows:
         extra = r["extra"]
-        if "train_metrics" in extra:
-            m = extra["train_metrics"]
-            lines += ["", f"Fine-tuning in `{r['step']}`: {extra['rows']} chat rows from {extra['passing_traces']} "
-                      f"passing traces of {extra['attempted']} examples; loss per epoch "
-                      f"{[round(x, 3) for x in m.get('loss_history', [])]}, {m.get('tokens_per_s', 0):.0f} tokens/s, "
-                      f"adapter `{extra['adapter']}` ({extra['lifecycle']})."]
+        for t in extra.get("trained", []):
+            m = t["train_metrics"]
+            lines += ["", f"Fine-tuning in `{r['step']}` (predictors: {t['predictors']}): {extra['rows']} chat rows "
+                      f"from {extra['passing_traces']} passing traces of {extra['attempted']} examples; loss per "
+                      f"epoch {[round(x, 3) for x in m.get('loss_history', [])]}, {m.get('tokens_per_s', 0):.0f} "
+                      f"tokens/s, adapter `{t['adapter']}` ({extra['lifecycle']})."]
     lines += ["", "![scores](scores.png)", ""]
     _chart(rows, run_dir / "scores.png")
     path = run_dir / "report.md"

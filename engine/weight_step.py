@@ -2,18 +2,16 @@
 
 Knows the step's data flow: bootstrap traces on the trainset with the current prompts, in
 parallel; keep only runs that pass the metric; turn every predictor call into a chat row with
-the *vanilla* prompt (no demos); write them as Parquet in the step dir; fine-tune one LoRA
-adapter for the pool's LM with Ray Train; then the lifecycle — ``relaunch`` (the paper's: kill
-the replicas to free the accelerators, train, relaunch them serving the adapter) or ``hotswap``
-(train on other resources and load the adapter into the live replicas). The adapter gets a new,
-unique model id (``base:ft-<step>-<hash>``), so DSPy's cache never returns the old answers.
-Zero passing traces is an error that says so and why. Does not know strategies or the run dir
-layout beyond the ``step_dir`` and ``adapter_root`` it is given.
+the *vanilla* prompt (no demos); write them as Parquet in the step dir; then hand them to
+``actors.finetune`` (Ray Train LoRA, the ``relaunch``/``hotswap`` lifecycle, unique adapter ids)
+and point the predictors at the new ids. One adapter for the LM (multitask, the default) or one
+per predictor (``multitask=False``, as dspy's BootstrapFinetune). Zero passing traces is an error
+that says so and why. Does not know strategies or the run dir layout beyond the ``step_dir`` and
+``adapter_root`` it is given.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -22,15 +20,13 @@ from typing import Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from actors import models
 from actors.client import PoolEngine
-from actors.lora_train import LoraTrainConfig, train_lora, write_rows
+from actors.finetune import LIFECYCLES, finetune
+from actors.lora_train import LoraTrainConfig, write_rows
 from actors.pool import ReplicaPool
 from engine.bootstrap import bootstrap, chat_rows
 
 logger = logging.getLogger(__name__)
-
-LIFECYCLES = ("relaunch", "hotswap")
 
 
 class NoTrainingDataError(RuntimeError):
@@ -38,13 +34,14 @@ class NoTrainingDataError(RuntimeError):
 
 
 class WeightStep(Teleprompter):
-    """Bootstrap traces and fine-tune a LoRA adapter of the program's pool LM.
+    """Bootstrap traces and fine-tune LoRA adapters of the program's pool LM.
 
     Args:
         metric: ``metric(example, prediction, trace)``; a trace is kept only when it passes.
         train: LoRA and optimisation settings (paper defaults).
-        lifecycle: 'relaunch' or 'hotswap' (see module docstring).
+        lifecycle: 'relaunch' or 'hotswap' (see ``actors.finetune``).
         num_threads: concurrent LM calls while bootstrapping.
+        multitask: one adapter shared by all predictors (default) or one per predictor.
 
     Example:
         >>> step = WeightStep(metric, LoraTrainConfig(epochs=2), lifecycle="relaunch")  # doctest: +SKIP
@@ -52,13 +49,14 @@ class WeightStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
-                 num_threads: int = 16):
+                 num_threads: int = 16, multitask: bool = True):
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
         self.train = train or LoraTrainConfig()
         self.lifecycle = lifecycle
         self.num_threads = num_threads
+        self.multitask = multitask
         self.step_dir: Path | None = None  # set by BetterTogether for each run of the step
         self.adapter_root: Path | None = None
         self.step_index = 0
@@ -68,7 +66,6 @@ class WeightStep(Teleprompter):
         """Fine-tune on ``trainset`` traces; ``teacher``/``valset`` are accepted and unused (as in dspy)."""
         pool = pool_of(student)
         step_dir = Path(self.step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
-        adapter_root = Path(self.adapter_root or step_dir)
         step_dir.mkdir(parents=True, exist_ok=True)
         result = bootstrap(student, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap traces")
         rows = chat_rows(student, result.traces)
@@ -77,36 +74,26 @@ class WeightStep(Teleprompter):
                 f"no passing traces: the program passed the metric on 0 of {result.attempted} training examples "
                 f"({result.failed_calls} runs failed to run or parse, e.g. {result.errors[:1]}); "
                 "fine-tuning has no data. Run a prompt step first (e.g. 'p -> w') or check the metric.")
-        data_path = step_dir / "traces.parquet"
-        write_rows(rows, data_path)
+        write_rows(rows, step_dir / "traces.parquet")
         logger.info("weight step: %d chat rows from %d passing traces of %d examples", len(rows),
                     len(result.traces), result.attempted)
-        staging = adapter_root / f".staging-{self.step_index:02d}"
-        trained = self._train(pool, data_path, staging, step_dir)
-        name = f"{pool.model_id}:ft-{self.step_index:02d}-{_digest(staging)}"
-        final = adapter_root / name.replace(":", "_")
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        staging.rename(final)
-        pool.load_adapter(name, str(final))  # live replicas (hotswap) or the relaunched ones
-        self.last_run = {"adapter": name, "adapter_path": str(final), "rows": len(rows),
-                         "passing_traces": len(result.traces), "attempted": result.attempted,
-                         "train_metrics": trained.metrics, "lifecycle": self.lifecycle}
-        return with_model(student, pool, name)
-
-    def _train(self, pool: ReplicaPool, data_path: Path, out: Path, step_dir: Path):
-        model_path = models.resolve(pool.cfg.replica.model)
-        storage = str((step_dir / "ray_train").resolve())
-        if self.lifecycle == "hotswap":
-            return train_lora(self.train, model_path, str(data_path), str(out), storage)
-        adapters = pool.adapter_records()
-        pool.kill()  # free the cores / GPUs for training
-        try:
-            return train_lora(self.train, model_path, str(data_path), str(out), storage)
-        finally:
-            pool.launch(adapters=adapters)  # serve again, trained or not
+        datasets = {"": step_dir / "traces.parquet"}
+        if not self.multitask:
+            names = sorted({r["predictor"] for r in rows})
+            datasets = {name: step_dir / f"traces-{i}.parquet" for i, name in enumerate(names)}
+            for name, path in datasets.items():
+                write_rows([r for r in rows if r["predictor"] == name], path)
+        trained = finetune(pool, datasets, self.train, lifecycle=self.lifecycle,
+                           adapter_root=self.adapter_root or step_dir, prefix=f"ft-{self.step_index:02d}",
+                           storage=(step_dir / "ray_train").resolve())
+        self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
+                         "lifecycle": self.lifecycle,
+                         "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
+                                      "train_metrics": r.metrics} for tag, r in trained.items()]}
+        tuned = student.deepcopy()
+        for name, pred in tuned.named_predictors():
+            pred.lm = pred.lm.copy(model=trained[name if not self.multitask else ""].name)
+        return tuned
 
 
 def pool_of(program: dspy.Module) -> ReplicaPool:
@@ -125,18 +112,3 @@ def pool_of(program: dspy.Module) -> ReplicaPool:
     if len(names) != 1:
         raise ValueError(f"the weight step fine-tunes one pool's LM; predictors use pools {sorted(names)}")
     return ReplicaPool.named(names.pop())
-
-
-def with_model(program: dspy.Module, pool: ReplicaPool, model_id: str) -> dspy.Module:
-    """A copy of ``program`` whose predictors call ``model_id`` (base or adapter) on ``pool``."""
-    tuned = program.deepcopy()
-    for pred in tuned.predictors():
-        pred.lm = pred.lm.copy(model=model_id)
-    return tuned
-
-
-def _digest(adapter_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(adapter_dir.glob("adapter_model.*")):
-        digest.update(f.read_bytes())
-    return digest.hexdigest()[:8]

@@ -3,6 +3,7 @@
 Pools are module-scoped so that one pool of vLLM engines runs at a time on small machines.
 """
 
+import dspy
 import pytest
 import ray
 
@@ -39,3 +40,36 @@ def make_adapter(model_dir: str, out_dir, rank: int = 8, seed: int = 0) -> str:
     model = get_peft_model(base, cfg)
     model.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+class Lenient(dspy.ChatAdapter):
+    """Reads every completion of the random tiny model as the answer "forty two", so its runs parse
+    and pass an always-true metric, and the fine-tuning targets differ from what the model says."""
+
+    def parse(self, signature, completion):
+        return {name: "forty two" for name in signature.output_fields}
+
+
+def numbers(n: int) -> list:
+    """``n`` toy question/answer examples."""
+    return [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question") for i in range(n)]
+
+
+def tiny_train_config(**changes):
+    """LoRA settings that train the tiny model in seconds on one CPU and visibly move its weights."""
+    from actors.lora_train import LoraTrainConfig
+
+    base = dict(rank=8, alpha=16, epochs=3, lr=5e-3, batch_size=4, micro_batch_size=2,
+                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), cpus_per_worker=1, max_seq_len=256)
+    return LoraTrainConfig(**{**base, **changes})
+
+
+def lora_b_moved(adapter_dir) -> bool:
+    """Whether every lora_B matrix of a saved adapter is non-zero (peft initialises B at 0)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    return bool(lora_b) and all(float(w.abs().max()) > 0 for w in lora_b)

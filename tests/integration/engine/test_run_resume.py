@@ -65,9 +65,10 @@ def test_killed_run_resumes_and_finishes(config):
     steps = sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit())
     assert steps == ["00_baseline", "01_p", "02_w", "03_p"], (steps, out[-3000:])
     w = json.loads((run_dir / "02_w" / "step.json").read_text())
-    adapter = w["extra"]["adapter"]
+    (trained,) = w["extra"]["trained"]
+    adapter = trained["adapter"]
     assert adapter.startswith("smollm2-135m-instruct:ft-02-") and w["models"] == {"predict": adapter}
-    assert Path(w["extra"]["adapter_path"], "adapter_model.safetensors").is_file()
+    assert Path(trained["adapter_path"], "adapter_model.safetensors").is_file()
     assert w["extra"]["lifecycle"] == "relaunch" and w["extra"]["rows"] > 0
     last = json.loads((run_dir / "03_p" / "step.json").read_text())
     assert last["models"] == {"predict": adapter}  # the next prompt step runs on the fine-tuned LM

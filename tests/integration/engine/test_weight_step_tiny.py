@@ -13,6 +13,7 @@ import pytest
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
 from actors.lora_train import LoraTrainConfig
 from engine.weight_step import NoTrainingDataError, WeightStep
+from tests.integration.conftest import Lenient, lora_b_moved, numbers, tiny_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -27,22 +28,20 @@ def pool(ray_session, tiny_model):
     pool.kill()
 
 
-class Lenient(dspy.ChatAdapter):
-    """Reads every completion of the random model as the answer "forty two", so its runs parse and
-    pass an always-true metric, and the fine-tuning targets differ from what the model says."""
-
-    def parse(self, signature, completion):
-        return {"answer": "forty two"}
-
-
 def _program(pool):
     prog = dspy.Predict("question -> answer")
     prog.set_lm(pool.lm(max_tokens=12, cache=False))
     return prog
 
 
-def _data(n):
-    return [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question") for i in range(n)]
+class TwoHops(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.draft = dspy.Predict("question -> draft")
+        self.answer = dspy.Predict("question, draft -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question, draft=self.draft(question=question).draft)
 
 
 def _greedy(program, chats):
@@ -55,36 +54,49 @@ def _greedy(program, chats):
 
 def test_hotswap_trains_an_adapter_and_serves_it_under_a_new_id(pool, tmp_path):
     program = _program(pool)
-    train = LoraTrainConfig(rank=8, alpha=16, epochs=3, lr=5e-3, batch_size=4, micro_batch_size=2,
-                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                            cpus_per_worker=1, max_seq_len=256)
-    step = WeightStep(lambda ex, pred, trace=None: True, train, lifecycle="hotswap", num_threads=8)
+    step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(), lifecycle="hotswap", num_threads=8)
     step.step_dir, step.adapter_root, step.step_index = tmp_path / "02_w", tmp_path / "adapters", 2
     before_pids = {h["pid"] for h in pool.health()}
     with dspy.context(adapter=Lenient()):
-        tuned = step.compile(program, trainset=_data(8))
+        tuned = step.compile(program, trainset=numbers(8))
     name = tuned.lm.model
     assert name.startswith("tiny-llama:ft-02-") and name in pool.adapters()
     assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
     rows = pq.read_table(tmp_path / "02_w" / "traces.parquet").to_pylist()
     assert len(rows) == 8 and all(json.loads(r["messages"])[0]["role"] == "system" for r in rows)
-    metrics = step.last_run["train_metrics"]
+    (trained,) = step.last_run["trained"]
+    metrics = trained["train_metrics"]
+    assert trained["adapter"] == name and trained["predictors"] == "*"
     assert metrics["epoch"] == 3 and metrics["tokens"] > 0 and len(metrics["loss_history"]) == 3
     assert metrics["loss_history"][-1] < metrics["loss_history"][0]
-    adapter_dir = tmp_path / "adapters" / name.replace(":", "_")
-    assert (adapter_dir / "adapter_model.safetensors").is_file()
-    from safetensors.torch import load_file
-
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    lora_b = [w for k, w in weights.items() if "lora_B" in k]
-    assert lora_b and all(float(w.abs().max()) > 0 for w in lora_b)  # peft inits B at 0: training moved it
+    assert lora_b_moved(tmp_path / "adapters" / name.replace(":", "_"))
     chats = [json.loads(r["messages"]) for r in rows[:2]]
     assert all(isinstance(t, str) for t in _greedy(tuned, chats))  # the new id is served by the replicas
+
+
+def test_per_predictor_adapters_train_one_adapter_per_module(pool, tmp_path):
+    program = TwoHops()
+    program.set_lm(pool.lm(max_tokens=12, cache=False))
+    step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(epochs=1), lifecycle="hotswap",
+                      num_threads=8, multitask=False)
+    step.step_dir, step.step_index = tmp_path / "04_w", 4
+    with dspy.context(adapter=Lenient()):
+        tuned = step.compile(program, trainset=numbers(4))
+    models = {name: pred.lm.model for name, pred in tuned.named_predictors()}
+    assert models["draft"].startswith("tiny-llama:ft-04-draft-")
+    assert models["answer"].startswith("tiny-llama:ft-04-answer-")
+    assert set(models.values()) <= set(pool.adapters())
+    tables = [pq.read_table(f) for f in (tmp_path / "04_w").glob("traces-*.parquet")]
+    per = {name: t.num_rows for t in tables for name in set(t.column("predictor").to_pylist())}
+    assert per == {"draft": 4, "answer": 4}  # each adapter learns only its own module's calls
+    assert [t["predictors"] for t in step.last_run["trained"]] == ["answer", "draft"]
+    with dspy.context(adapter=Lenient()):
+        assert tuned(question="What is 1 + 1?").answer == "forty two"  # both adapters answer
 
 
 def test_no_passing_traces_is_a_clear_error(pool, tmp_path):
     step = WeightStep(lambda ex, pred, trace=None: False, LoraTrainConfig(cpus_per_worker=1), lifecycle="hotswap")
     step.step_dir = tmp_path
     with pytest.raises(NoTrainingDataError, match="passed the metric on 0 of 4 training examples"):
-        step.compile(_program(pool), trainset=_data(4))
+        step.compile(_program(pool), trainset=numbers(4))
     assert not list(tmp_path.glob("*.parquet"))

@@ -14,6 +14,7 @@ Does not start or stop replicas.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "true")  # no model-metadata fetch at import
@@ -54,7 +55,7 @@ def to_response(completion: Completion) -> lm15.Response:
     )
 
 
-def _as_lm15_error(exc: Exception) -> Exception:
+def as_lm15_error(exc: Exception) -> Exception:
     if isinstance(exc, errors.ContextLengthError):
         return lm15.ContextLengthError(str(exc), provider="tandem")
     if isinstance(exc, errors.UnknownModelError):
@@ -66,6 +67,15 @@ def _as_lm15_error(exc: Exception) -> Exception:
     return exc
 
 
+@contextlib.contextmanager
+def lm15_errors():
+    """Re-raise the pool's request and availability errors as lm15's (what DSPy retries or not)."""
+    try:
+        yield
+    except (errors.LMRequestError, errors.PoolUnavailableError) as exc:
+        raise as_lm15_error(exc) from exc
+
+
 class PoolEngine:
     """Sync DSPy engine: ``complete(Request) -> Response`` through the pool's router."""
 
@@ -73,10 +83,8 @@ class PoolEngine:
         self.router = router
 
     def complete(self, request: lm15.Request) -> lm15.Response:
-        try:
+        with lm15_errors():
             return to_response(self.router.submit(to_generate_request(request)))
-        except (errors.LMRequestError, errors.PoolUnavailableError) as exc:
-            raise _as_lm15_error(exc) from exc
 
     def close(self) -> None:
         """Nothing to close: the pool owns the replicas."""
@@ -96,10 +104,8 @@ class AsyncPoolEngine(PoolEngine):
     """Async DSPy engine: ``await complete(Request)`` without blocking the event loop."""
 
     async def complete(self, request: lm15.Request) -> lm15.Response:  # type: ignore[override]
-        try:
+        with lm15_errors():
             return to_response(await self.router.asubmit(to_generate_request(request)))
-        except (errors.LMRequestError, errors.PoolUnavailableError) as exc:
-            raise _as_lm15_error(exc) from exc
 
     async def aclose(self) -> None:
         """Nothing to close: the pool owns the replicas."""

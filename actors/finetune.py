@@ -66,13 +66,14 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
     root = Path(adapter_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     model_path = models.resolve(pool.cfg.replica.model)
-    storage = str(storage or root / ".ray_train")
+    storage = str(storage) if "://" in str(storage) else str(Path(storage or root / ".ray_train").resolve())
     staged: dict[str, tuple[Path, dict]] = {}
 
     def train_all() -> None:
         for tag, data in datasets.items():
             version = f"{prefix}-{_slug(tag)}" if tag else prefix
             staging = root / f".staging-{version}"
+            data = data if "://" in str(data) else Path(data).resolve()  # workers run in other dirs
             result = train_lora(train, model_path, str(data), str(staging), storage, name=version)
             staged[tag] = (staging, result.metrics)
 

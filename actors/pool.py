@@ -281,14 +281,14 @@ class ReplicaPool:
 
 
 def _check_fits(bundles: list[dict], replicas: int) -> None:
-    """Fail at once when the whole cluster is too small for even one replica (no waiting)."""
+    """Fail at once when the whole cluster is too small for the pool's replicas (no waiting)."""
     total = ray.cluster_resources()
     for key in {k for b in bundles for k in b}:
         need = sum(b.get(key, 0) for b in bundles)
-        if need > total.get(key, 0):
-            raise ValueError(f"one replica needs {need:g} {key} but the whole cluster has "
-                             f"{total.get(key, 0):g}; {replicas} replica(s) asked for. Lower num_cpus/num_gpus "
-                             f"or tensor_parallel_size, or add nodes.")
+        if need * replicas > total.get(key, 0):
+            raise ValueError(f"{replicas} replica(s) x {need:g} {key} need {need * replicas:g} {key} but the whole "
+                             f"cluster has {total.get(key, 0):g}. Lower num_replicas, num_cpus/num_gpus or "
+                             f"tensor_parallel_size, or add nodes.")
 
 
 def _call(handle, method: str, *args, timeout_s: float = 900.0):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from actors.config import ReplicaConfig
-from actors.errors import AdapterError, ContextLengthError, LMRequestError, UnknownModelError
+from actors.errors import AdapterError, ContextLengthError, UnknownModelError
 from actors.types import Adapter, Completion, Engine, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -215,4 +215,4 @@ def _check_adapter(cfg: ReplicaConfig, name: str, path: str) -> None:
                            f"{cfg.max_lora_rank}; relaunch with a larger max_lora_rank")
 
 
-__all__ = ["LMReplica", "LMRequestError", "vllm_factory"]
+__all__ = ["LMReplica", "vllm_factory"]

@@ -154,9 +154,9 @@ class BetterTogether(Teleprompter):
         for pred in fresh.predictors():
             pred.demos = []
         program = store.load(record, fresh)
+        bases = {name: pred.lm for name, pred in student.named_predictors()}
         for name, pred in program.named_predictors():
-            base = dict(student.named_predictors())[name].lm
-            pred.lm = base.copy(model=record.models.get(name, base.model))
+            pred.lm = bases[name].copy(model=record.models.get(name, bases[name].model))
         if record.adapters:
             pool = pool_of(program)
             served = set(pool.adapters())

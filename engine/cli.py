@@ -1,8 +1,9 @@
-"""The ``tandem`` command line: ``models`` (list / pull / verify) and ``run``.
+"""The ``tandem`` command line: ``models`` (list / pull / verify), ``run`` and ``serve``.
 
 Knows argument parsing, logging setup and turning failures into one clear last line and a
 non-zero exit. ``run`` is BetterTogether end to end (``engine.run``); with no arguments it is the
-embedded default: Iris, SmolLM2-135M on vLLM-CPU, local Ray, ``p -> w -> p``. Does not know vLLM.
+embedded default: Iris, SmolLM2-135M on vLLM-CPU, local Ray, ``p -> w -> p``. ``serve`` publishes
+a finished run dir with Ray Serve until Ctrl-C (``serve.app``). Does not know vLLM.
 """
 
 from __future__ import annotations
@@ -54,6 +55,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from actors import connect
+    from serve.app import ServeConfig, start, stop
+
+    cfg = ServeConfig(run_dir=args.run_dir, host=args.host, port=args.port, token=args.token,
+                      lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
+                      lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus)
+    connect(args.address)
+    start(cfg)
+    print(f"serving {cfg.run_dir} at {cfg.url}  (docs: {cfg.url}/docs; Ctrl-C stops)\n"
+          f"  curl -s {cfg.url}/v1/program\n"
+          f"  curl -s -X POST {cfg.url}/v1/predict -H 'content-type: application/json' -d '{{...inputs...}}'",
+          flush=True)
+    if args.once:
+        stop(cfg)
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        logger.info("stopping the server")
+    finally:
+        stop(cfg)
+    return 0
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -82,13 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replicas", type=int, help="vLLM replicas (default 2)")
     r.add_argument("--cpus-per-replica", type=float)
     r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
-    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 50)")
-    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 25)")
+    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 30)")
+    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 15)")
     r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
     r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
     r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
     r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     r.set_defaults(func=_run)
+
+    v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve")
+    v.add_argument("run_dir", help="a finished run dir (has best.json and program.json)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default $TANDEM_SERVE_TOKEN)")
+    v.add_argument("--lm-replicas", type=int, default=1, help="LM replicas (autoscaling minimum)")
+    v.add_argument("--lm-max-replicas", type=int, help="autoscaling maximum (default: --lm-replicas)")
+    v.add_argument("--lm-cpus", type=float, default=1, help="CPUs per LM replica")
+    v.add_argument("--lm-gpus", type=float, default=0, help="GPUs per LM replica")
+    v.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    v.add_argument("--once", action="store_true", help="deploy, print the URL, and stop (a deploy check)")
+    v.set_defaults(func=_serve)
     return parser
 
 

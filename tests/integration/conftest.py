@@ -11,10 +11,16 @@ from actors import connect, models
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    connect(num_cpus=2)
+def _ray_shutdown():
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_shutdown):
+    """The test session's local Ray; started again if a test (the CLI resume test) stopped it."""
+    if not ray.is_initialized():
+        connect(num_cpus=2)
 
 
 @pytest.fixture(scope="session")

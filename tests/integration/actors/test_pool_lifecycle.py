@@ -42,9 +42,13 @@ def test_kill_leaves_no_actor_placement_group_or_process(ray_session, tiny_model
 
 def test_too_large_replica_fails_fast_with_the_reason(ray_session, tiny_model):
     cfg = PoolConfig(replica=ReplicaConfig(model="tiny-llama", num_cpus=64), num_replicas=1, name="huge")
-    with pytest.raises(ValueError, match="needs 64 CPU but the whole cluster has 2"):
+    with pytest.raises(ValueError, match="1 replica\\(s\\) x 64 CPU need 64 CPU but the whole cluster has 2"):
         ReplicaPool(cfg).launch()
     assert _alive_actors("huge") == []
+    pair = PoolConfig(replica=ReplicaConfig(model="tiny-llama", num_cpus=2), num_replicas=2, name="pair")
+    with pytest.raises(ValueError, match="2 replica\\(s\\) x 2 CPU need 4 CPU"):  # each fits, both do not
+        ReplicaPool(pair).launch()
+    assert _alive_actors("pair") == []
 
 
 def test_relaunch_serves_the_new_adapter_on_fresh_replicas(ray_session, tiny_model, tmp_path):

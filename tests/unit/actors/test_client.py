@@ -40,7 +40,7 @@ def test_completion_becomes_response():
     (errors.PoolUnavailableError("gone"), lm15.ServerError),
 ])
 def test_errors_map_to_lm15_so_dspy_retries_only_server_errors(ours, theirs):
-    mapped = client._as_lm15_error(ours)
+    mapped = client.as_lm15_error(ours)
     assert isinstance(mapped, theirs) and str(ours) in str(mapped)
 
 

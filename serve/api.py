@@ -1,0 +1,264 @@
+"""The HTTP API of a served program, as a plain FastAPI app (no Ray: tests can drive it directly).
+
+Routes: ``POST /v1/predict`` (one input object, or a non-empty list of them), ``GET /v1/program``
+(signatures as JSON Schema, strategy, validation score, versions), ``POST /v1/chat/completions``
+(OpenAI-compatible, non-streaming, on the fine-tuned LM), ``GET /healthz``, and FastAPI's
+``/docs`` + ``/openapi.json`` with request/response models built from the program's signature.
+Knows: the request and response models, the status codes (422 bad fields/types/empty list, 413
+body over the limit, 401 missing/wrong bearer token on every route but ``/healthz``, 400 an input
+the LM cannot take, 502 an answer that does not parse, 503 no LM replica, 500 anything else —
+every error body carries the request id Serve puts in ``x-request-id``). Does not know Ray, Serve or
+vLLM: the caller passes ``run_program`` and ``chat`` coroutines. (No ``from __future__ import
+annotations`` here: FastAPI reads the routes' annotations, which name models built at run time.)
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Awaitable, Callable, Literal, Union
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from actors import errors
+from actors.types import Completion, GenerateRequest
+from serve.winner import Field, Winner
+
+logger = logging.getLogger(__name__)
+
+RunProgram = Callable[[dict], Awaitable[tuple[dict, dict]]]  # inputs -> (outputs, usage)
+Chat = Callable[[GenerateRequest], Awaitable[Completion]]
+
+
+class ChatMessage(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(pydantic.BaseModel):
+    """The OpenAI chat-completions fields Tandem honours (others are refused, not ignored)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1)]
+    max_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, pydantic.Field(ge=1)] | None = None
+    temperature: Annotated[float, pydantic.Field(ge=0, le=2)] = 0.0
+    top_p: Annotated[float, pydantic.Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, pydantic.Field(ge=1, le=16)] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: Literal[False] = False
+    user: str | None = None
+
+
+def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program_info: dict,
+              run_program: RunProgram, chat: Chat, *, token: str | None = None,
+              max_body_bytes: int = 1_000_000, max_batch: int = 64) -> FastAPI:
+    """The FastAPI app for one winning program (see the module docstring).
+
+    Args:
+        winner: the run's winner (ids, versions, score).
+        inputs, outputs: the program's fields (``serve.winner.interface``).
+        program_info: JSON for ``GET /v1/program`` besides the schemas (predictors, instructions…).
+        run_program: runs the program on one input dict; returns (outputs, token usage).
+        chat: sends one request to the LM (base model or adapter id).
+        token: bearer token required on every route but ``/healthz``; None = open.
+        max_body_bytes: larger request bodies get 413.
+        max_batch: most inputs in one ``/v1/predict`` list.
+    """
+    Input = _model("PredictInput", inputs, forbid_extra=True)  # noqa: N806 - a class
+    Output = _model("PredictOutput", outputs, forbid_extra=False)  # noqa: N806
+    Batch = Annotated[list[Input], pydantic.Field(min_length=1, max_length=max_batch)]  # noqa: N806
+
+    class Usage(pydantic.BaseModel):
+        prompt_tokens: int = 0
+        completion_tokens: int = 0
+        total_tokens: int = 0
+
+    class Prediction(pydantic.BaseModel):
+        outputs: Output
+        usage: Usage
+        model: str
+        program_version: str
+
+    class BatchPrediction(pydantic.BaseModel):
+        results: list[Prediction]
+        usage: Usage
+        model: str
+        program_version: str
+
+    app = FastAPI(title=f"Tandem: {winner.program}", version=winner.version,
+                  description=f"The winning program of run `{winner.run_dir.name}` (strategy "
+                              f"`{winner.strategy or 'baseline'}`, validation score {winner.score}).")
+
+    async def one(item) -> Prediction:
+        out, usage = await run_program(item.model_dump())
+        return Prediction(outputs=Output(**out), usage=Usage(**_tokens(usage)), model=winner.model,
+                          program_version=winner.version)
+
+    @app.post("/v1/predict", response_model=Union[Prediction, BatchPrediction])
+    async def predict(body: Union[Input, Batch], request: Request):  # type: ignore[valid-type]
+        """Run the program on one input object, or on each object of a list (answers in order)."""
+        try:
+            if not isinstance(body, list):
+                return await one(body)
+            results = await asyncio.gather(*(one(item) for item in body))
+        except Exception as exc:
+            return error_response(request, exc)
+        total = {k: sum(getattr(r.usage, k) for r in results) for k in Usage.model_fields}
+        return BatchPrediction(results=results, usage=Usage(**total), model=winner.model,
+                               program_version=winner.version)
+
+    @app.get("/v1/program")
+    async def program() -> dict:
+        """The program: input/output JSON Schemas, strategy, validation score, model and versions."""
+        return {**program_info, "input_schema": Input.model_json_schema(),
+                "output_schema": Output.model_json_schema()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        """OpenAI-compatible chat completion on the run's LM (default: the fine-tuned adapter)."""
+        model = body.model or winner.model
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            completion = await chat(GenerateRequest(
+                model=model, messages=tuple(m.model_dump() for m in body.messages),
+                max_tokens=body.max_completion_tokens or body.max_tokens or winner.max_tokens,
+                temperature=body.temperature, top_p=body.top_p, n=body.n, stop=stop, seed=body.seed))
+        except Exception as exc:
+            return error_response(request, exc)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None}
+                        for i, (text, finish) in enumerate(zip(completion.texts, completion.finish_reasons))],
+            "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                      "total_tokens": completion.prompt_tokens + completion.completion_tokens},
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness: answers without a token."""
+        return {"status": "ok", "model": winner.model, "program_version": winner.version}
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if token:
+        app.add_middleware(BearerToken, token=token, open_paths=("/healthz",))
+    return app
+
+
+def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The JSON error for a failure while answering, logged with the request id."""
+    status, message = _status(exc)
+    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+    log = logger.warning if status < 500 else logger.error
+    log("request %s %s -> %d: %s: %s", rid, request.url.path, status, type(exc).__name__, exc)
+    return JSONResponse({"error": message, "type": type(_root(exc)).__name__, "request_id": rid}, status)
+
+
+def _model(name: str, fields: list[Field], *, forbid_extra: bool) -> type[pydantic.BaseModel]:
+    """A pydantic model with one required field per signature field (its type and description)."""
+    spec: dict[str, Any] = {}
+    for f in fields:
+        annotation = f.annotation if isinstance(f.annotation, type) or hasattr(f.annotation, "__origin__") else Any
+        desc = f.desc if f.desc and not f.desc.startswith("${") else None
+        spec[f.name] = (annotation, pydantic.Field(..., description=desc))
+    config = pydantic.ConfigDict(extra="forbid" if forbid_extra else "ignore", strict=False)
+    return pydantic.create_model(name, __config__=config, **spec)
+
+
+def _tokens(usage: dict) -> dict:
+    """dspy's per-LM usage (``{model: {prompt_tokens, completion_tokens, ...}}``) summed over LMs."""
+    prompt = sum(int(u.get("prompt_tokens") or 0) for u in usage.values())
+    completion = sum(int(u.get("completion_tokens") or 0) for u in usage.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _root(exc: BaseException) -> BaseException:
+    return list(_chain(exc))[-1]
+
+
+def _status(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and message for a failure while answering."""
+    from dspy.utils.exceptions import AdapterParseError
+
+    chain = list(_chain(exc))
+    for e in chain:
+        if isinstance(e, errors.UnknownModelError):
+            return 404, str(e)
+        if isinstance(e, errors.LMRequestError):
+            return 400, str(e)
+        if isinstance(e, errors.PoolUnavailableError):
+            return 503, f"no LM replica could answer: {e}"
+        if isinstance(e, AdapterParseError):
+            return 502, f"the model's answer did not parse into the program's output fields: {e}"
+    return 500, f"internal error while answering: {type(exc).__name__}: {exc}"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed in chunks)."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyLimit._TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyLimit._TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send):
+        rid = dict(scope["headers"]).get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+        await JSONResponse({"error": f"request body is larger than {self.max_bytes} bytes",
+                            "type": "PayloadTooLarge", "request_id": rid}, 413)(scope, receive, send)
+
+
+class BearerToken:
+    """ASGI middleware: ``Authorization: Bearer <token>`` on every path but ``open_paths`` (401 otherwise)."""
+
+    def __init__(self, app, token: str, open_paths: tuple[str, ...] = ()):
+        self.app, self.token, self.open_paths = app, token.encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token):
+            return await self.app(scope, receive, send)
+        rid = dict(scope["headers"]).get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+        await JSONResponse({"error": "missing or wrong bearer token", "type": "Unauthorized", "request_id": rid},
+                           401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)

@@ -1,0 +1,121 @@
+"""Building and running the Serve application of a run dir: ``tandem serve``, ``serve run``, Serve YAML.
+
+Knows: ``ServeConfig`` (where to bind — 127.0.0.1 unless told otherwise —, the optional bearer
+token, body and batch limits, the LM deployment's autoscaling and resources), turning it into a
+Serve ``Application`` (``build_app``: the LM deployment bound into the program deployment), the
+builder ``app`` for ``serve run serve.app:app run_dir=RUN_DIR`` and Serve config YAML
+(``import_path: serve.app:app`` + ``args``), and starting/stopping Serve for the CLI. The token
+comes from the config or ``$TANDEM_SERVE_TOKEN``. Does not know the HTTP routes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+TOKEN_ENV = "TANDEM_SERVE_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How to serve one run dir."""
+
+    run_dir: str = field(metadata={"help": "a finished run dir (best.json, program.json)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (0.0.0.0 to expose)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    token: str | None = field(default=None, metadata={"help": f"bearer token (default ${TOKEN_ENV})"})
+    app_name: str = field(default="tandem", metadata={"help": "Serve application name"})
+    route_prefix: str = field(default="/", metadata={"help": "URL prefix of the routes"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "larger request bodies get 413"})
+    max_batch: int = field(default=64, metadata={"help": "most inputs in one /v1/predict list"})
+    lm_replicas: int = field(default=1, metadata={"help": "LM replicas at start (autoscaling minimum)"})
+    lm_max_replicas: int = field(default=1, metadata={"help": "autoscaling maximum"})
+    lm_target_ongoing_requests: float = field(default=32, metadata={"help": "autoscaling target per LM replica"})
+    lm_cpus: float = field(default=1, metadata={"help": "CPUs per LM replica"})
+    lm_gpus: float = field(default=0, metadata={"help": "GPUs per LM replica (0 = CPU path)"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.lm_replicas < 1 or self.lm_max_replicas < 1 or self.max_batch < 1 or self.max_body_bytes < 1:
+            raise ValueError("lm_replicas, lm_max_replicas, max_batch and max_body_bytes must be >= 1")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
+        """From builder args (strings from ``serve run k=v`` or typed values from YAML), by field type.
+
+        Raises:
+            ValueError: unknown keys (named with the valid ones) or values of the wrong type.
+        """
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(types))
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; valid: {sorted(types)}")
+        typed = {}
+        for key, value in args.items():
+            kind = {"int": int, "float": float}.get(str(types[key]))
+            try:
+                typed[key] = kind(value) if kind and value is not None else value
+            except (TypeError, ValueError):
+                raise ValueError(f"serve arg {key}={value!r} must be of type {types[key]}") from None
+        return cls(**typed)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application: the program deployment (ingress) bound to the LM deployment.
+
+    Raises:
+        serve.winner.RunDirError: the run dir is not a finished run.
+    """
+    from actors.config import ReplicaConfig
+    from serve.deployments import LMServer, ProgramServer
+    from serve.winner import load_winner
+
+    winner = load_winner(cfg.run_dir)
+    replica = ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len, num_cpus=cfg.lm_cpus,
+                            num_gpus=cfg.lm_gpus, max_lora_rank=winner.max_lora_rank)
+    lm = LMServer.options(
+        autoscaling_config={"min_replicas": cfg.lm_replicas, "initial_replicas": cfg.lm_replicas,
+                            "max_replicas": max(cfg.lm_replicas, cfg.lm_max_replicas),
+                            "target_ongoing_requests": cfg.lm_target_ongoing_requests},
+        ray_actor_options={"num_cpus": cfg.lm_cpus, "num_gpus": cfg.lm_gpus},
+    ).bind(replica, winner.adapters)
+    token = cfg.token or os.environ.get(TOKEN_ENV) or None
+    return ProgramServer.bind(lm, str(winner.run_dir), token, cfg.max_body_bytes, cfg.max_batch)
+
+
+def app(args: dict):
+    """Builder for ``serve run serve.app:app run_dir=RUN_DIR [key=value ...]`` and Serve config YAML.
+
+    ``host``/``port`` here do not bind anything: Serve's own ``http_options`` do (write
+    ``host: 127.0.0.1`` there — Serve's YAML default is 0.0.0.0).
+    """
+    return build_app(ServeConfig.from_args(dict(args)))
+
+
+def start(cfg: ServeConfig):
+    """Start Serve bound to ``cfg.host:cfg.port`` and deploy the run; returns the ingress handle.
+
+    Waits until every deployment is running (the LM replica has loaded the model and adapters).
+    """
+    from ray import serve
+
+    application = build_app(cfg)
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def stop(cfg: ServeConfig) -> None:
+    """Delete the application and shut Serve down."""
+    from ray import serve
+
+    serve.delete(cfg.app_name)
+    serve.shutdown()

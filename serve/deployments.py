@@ -1,0 +1,125 @@
+"""The two Serve deployments of a served run: the LM (vLLM + adapters) and the program (FastAPI ingress).
+
+``LMServer`` wraps the pool's own ``actors.replica.LMReplica`` (one vLLM engine, adapter map,
+request validation, stats) so serving and optimizing share one engine wrapper; it loads the run's
+adapters at start and answers ``generate(GenerateRequest)``. ``ProgramServer`` rebuilds the
+winning program from the run dir (JSON, never a pickle), points each predictor at an LM whose
+engine calls ``LMServer`` through a DeploymentHandle, and builds the FastAPI app of
+``serve.api`` inside the replica (``__serve_build_asgi_app__``: the routes' models come from the
+program's signature, known only once the run dir is read). Does not know HTTP details.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import dspy
+from dspy import lm15
+from ray import serve
+
+from actors import device
+from actors.client import lm15_errors, to_generate_request, to_response
+from actors.config import ReplicaConfig
+from actors.replica import LMReplica
+from actors.types import Completion, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+STOP = ("[[ ## completed ## ]]",)  # ChatAdapter answers end here; the run used the same stop
+
+
+@serve.deployment(name="lm", max_ongoing_requests=256, health_check_period_s=10)
+class LMServer:
+    """One vLLM engine serving the base model and the run's adapters."""
+
+    async def __init__(self, cfg: ReplicaConfig, adapters: dict[str, str]):
+        rank = serve.get_replica_context().rank.local_rank  # picks this replica's cores on the CPU path
+        os.environ.update(device.engine_env(cfg, rank))  # read by vLLM when the engine starts
+        self.replica = LMReplica(cfg, rank)
+        for name, path in adapters.items():
+            await self.replica.load_adapter(name, path)
+
+    async def generate(self, request: GenerateRequest) -> Completion:
+        return await self.replica.generate(request)
+
+    async def check_health(self) -> None:
+        await self.replica.health()
+
+    def stats(self) -> dict:
+        return self.replica.stats()
+
+    def __del__(self):
+        self.replica.shutdown()
+
+
+class HandleEngine:
+    """DSPy custom engine (async) sending each call to the LM deployment."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def complete(self, request: lm15.Request) -> lm15.Response:
+        with lm15_errors():
+            return to_response(await self.handle.generate.remote(to_generate_request(request)))
+
+    async def aclose(self) -> None:
+        """Nothing to close: Serve owns the LM replicas."""
+
+
+class SyncHandleEngine(HandleEngine):
+    """The same, for DSPy's sync path (worker threads only: ``.result()`` refuses an event loop)."""
+
+    def complete(self, request: lm15.Request) -> lm15.Response:  # type: ignore[override]
+        with lm15_errors():
+            return to_response(self.handle.generate.remote(to_generate_request(request)).result())
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+@serve.deployment(name="program", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class ProgramServer:
+    """The winning program behind the HTTP API of ``serve.api``."""
+
+    def __init__(self, lm, run_dir: str, token: str | None, max_body_bytes: int, max_batch: int):
+        from serve.winner import build_program, interface, load_winner
+
+        self.lm = lm
+        self.winner = load_winner(run_dir)
+        self.program = build_program(self.winner)
+        for name, pred in self.program.named_predictors():
+            pred.lm = dspy.LM(self.winner.models.get(name, self.winner.base_model), engine=SyncHandleEngine(lm),
+                              async_engine=HandleEngine(lm), max_tokens=self.winner.max_tokens, temperature=0.0,
+                              stop=STOP, cache=False)
+        self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        self.inputs, self.outputs = interface(self.program)
+        self.settings = (token, max_body_bytes, max_batch)
+
+    async def run_program(self, inputs: dict) -> tuple[dict, dict]:
+        with dspy.context(adapter=self.adapter, track_usage=True):
+            prediction = await self.program.acall(**inputs)
+        outputs = {f.name: prediction.get(f.name) for f in self.outputs}
+        return outputs, prediction.get_lm_usage() or {}
+
+    async def chat(self, request: GenerateRequest) -> Completion:
+        return await self.lm.generate.remote(request)
+
+    def program_info(self) -> dict:
+        w = self.winner
+        return {
+            "program": w.program, "strategy": w.strategy, "validation_score": w.score, "base_model": w.base_model,
+            "model": w.model, "models": w.models, "adapters": sorted(w.adapters), "program_version": w.version,
+            "predictors": {name: {"instructions": pred.signature.instructions,
+                                  "inputs": list(pred.signature.input_fields),
+                                  "outputs": list(pred.signature.output_fields), "demos": len(pred.demos)}
+                           for name, pred in self.program.named_predictors()},
+        }
+
+    def __serve_build_asgi_app__(self):
+        from serve.api import build_api
+
+        token, max_body_bytes, max_batch = self.settings
+        return build_api(self.winner, self.inputs, self.outputs, self.program_info(), self.run_program, self.chat,
+                         token=token, max_body_bytes=max_body_bytes, max_batch=max_batch)

@@ -1,0 +1,110 @@
+"""The winning program of a run dir, as the server needs it: program, model ids, adapters, settings.
+
+Knows the run dir's finished-run files (``best.json``, ``program.json``, ``run.json``) and how to
+rebuild the program from them: the program's factory (``programs/<name>.py`` or a dotted module)
+plus the saved JSON state through ``engine.program_io``'s validating loader — never a pickle.
+Adapter paths are taken from ``best.json`` and, when the run dir was moved or copied, found again
+under ``RUN_DIR/adapters/``. Also derives the program's HTTP interface (input fields of its first
+predictor, output fields of its last) from the signatures. Does not know Ray or HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+
+
+class RunDirError(ValueError):
+    """The run dir is missing, unfinished, or its files do not fit together."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input or output field of the served program."""
+
+    name: str
+    annotation: object
+    desc: str
+
+
+@dataclass(frozen=True)
+class Winner:
+    """What a finished run dir says about its best program."""
+
+    run_dir: Path
+    program: str
+    base_model: str
+    strategy: str
+    score: float | None
+    models: dict[str, str]  # predictor -> model id (base or adapter)
+    adapters: dict[str, str]  # adapter id -> local path
+    max_tokens: int
+    max_model_len: int
+    version: str  # sha256 prefix of program.json: changes whenever the served program does
+
+    @property
+    def max_lora_rank(self) -> int:
+        """The largest LoRA rank among the adapters (at least 8): what the LM engine must allow."""
+        ranks = [json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 8) for p in self.adapters.values()]
+        return max([8, *ranks])
+
+    @property
+    def model(self) -> str:
+        """The model id the program's predictors use (the adapter when fine-tuned)."""
+        return next(iter(self.models.values()), self.base_model)
+
+
+def load_winner(run_dir: str | Path) -> Winner:
+    """Read a finished run dir.
+
+    Raises:
+        RunDirError: no such dir, no ``best.json``/``program.json`` (the run did not finish), or an
+            adapter the program uses is missing.
+    """
+    root = Path(run_dir).resolve()
+    if not root.is_dir():
+        raise RunDirError(f"run dir {root} does not exist")
+    for name in ("best.json", "program.json", "run.json"):
+        if not (root / name).is_file():
+            raise RunDirError(f"{root} has no {name}: not a finished run (run `tandem run --run-dir {run_dir}`)")
+    best = json.loads((root / "best.json").read_text())
+    settings = json.loads((root / "run.json").read_text())
+    adapters = {}
+    for model in set(best["models"].values()):
+        if model == best["base_model"]:
+            continue
+        recorded = Path(best.get("adapters", {}).get(model, ""))
+        local = root / "adapters" / model.replace(":", "_")
+        path = recorded if recorded.name and (recorded / "adapter_config.json").is_file() else local
+        if not (path / "adapter_config.json").is_file():
+            raise RunDirError(f"the program uses adapter {model!r} but neither {recorded} nor {local} holds it")
+        adapters[model] = str(path)
+    return Winner(root, best["program"], best["base_model"], best.get("strategy", ""), best.get("score"),
+                  dict(best["models"]), adapters, int(settings.get("max_tokens", 512)),
+                  int(settings.get("max_model_len", 2048)),
+                  hashlib.sha256((root / "program.json").read_bytes()).hexdigest()[:12])
+
+
+def build_program(winner: Winner) -> dspy.Module:
+    """A fresh instance of the run's program with the winning state loaded (predictors without LMs)."""
+    from engine.program_io import load_program
+    from engine.run import program_module
+
+    program = program_module(winner.program).Program()
+    return load_program(program, winner.run_dir / "program.json")
+
+
+def interface(program: dspy.Module) -> tuple[list[Field], list[Field]]:
+    """The program's inputs (its first predictor's input fields) and outputs (its last's output fields)."""
+    preds = [pred for _, pred in program.named_predictors()]
+    if not preds:
+        raise RunDirError("the program has no predictors")
+
+    def fields(sig_fields: dict) -> list[Field]:
+        return [Field(name, f.annotation, (f.json_schema_extra or {}).get("desc", "")) for name, f in sig_fields.items()]
+
+    return fields(preds[0].signature.input_fields), fields(preds[-1].signature.output_fields)

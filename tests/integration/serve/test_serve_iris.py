@@ -1,0 +1,143 @@
+"""Serve a real run dir over real HTTP: Ray Serve on CPU, vLLM-CPU, the run's LoRA adapter.
+
+The run dir comes from a small ``p -> w`` Iris run on SmolLM2-135M made here. Every route is
+called with an HTTP client (and the OpenAI SDK); answers are checked against the same program
+and LM called in process on a separate pool (greedy decoding: identical outputs).
+"""
+
+import socket
+from dataclasses import replace
+
+import dspy
+import httpx
+import pytest
+
+from actors import PoolConfig, ReplicaConfig, ReplicaPool
+from actors.lora_train import LoraTrainConfig
+from engine.config import PromptConfig, RunConfig
+from engine.run import run
+from programs import iris
+from serve.app import ServeConfig, start, stop
+from serve.deployments import STOP
+from serve.winner import build_program, load_winner
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token"
+RUN = RunConfig(strategy="p -> w", train_size=12, val_size=6, replicas=2, max_tokens=160, threads=16,
+                prompt=PromptConfig(num_candidate_programs=1, max_bootstrapped_demos=2, max_labeled_demos=3),
+                lora=LoraTrainConfig(rank=8, alpha=16, epochs=1, lr=1e-4, cpus_per_worker=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_session, smollm2_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve") / "run"
+    outcome = run(replace(RUN, run_dir=str(d)))
+    assert not outcome.failed, outcome
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    cfg = ServeConfig(run_dir=str(run_dir), port=_free_port(), token=TOKEN)
+    start(cfg)
+    yield cfg
+    stop(cfg)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local(server, run_dir):
+    """The winning program and LM in process, on a pool of its own (the server holds the other core)."""
+    winner = load_winner(run_dir)
+    pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len,
+                                                        num_cpus=1, max_lora_rank=winner.max_lora_rank),
+                                  num_replicas=1, name="serve-check"))
+    pool.launch()
+    for name, path in winner.adapters.items():
+        pool.load_adapter(name, path)
+    program = build_program(winner)
+    program.set_lm(pool.lm(winner.model, max_tokens=winner.max_tokens, stop=STOP, cache=False))
+    yield winner, program, pool
+    pool.kill()
+
+
+def _in_process(program, inputs):
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        try:
+            prediction = program(**inputs)
+        except Exception as exc:  # a parse failure in process must be a 502 over HTTP
+            return type(exc).__name__
+    return {"reasoning": prediction.reasoning, "answer": prediction.answer}
+
+
+def test_the_run_is_served_with_its_adapter(http, run_dir):
+    winner = load_winner(run_dir)
+    assert winner.strategy in ("", "p", "p -> w")
+    assert winner.model.startswith("smollm2-135m-instruct:ft-02-") or not winner.adapters
+    info = http.get("/v1/program").json()
+    assert info["model"] == winner.model and info["program_version"] == winner.version
+    assert info["validation_score"] == winner.score and info["strategy"] == winner.strategy
+    assert set(info["input_schema"]["required"]) == {"petal_length", "petal_width", "sepal_length", "sepal_width"}
+    assert "answer" in info["output_schema"]["properties"]
+
+
+def test_predict_matches_the_program_in_process(http, local):
+    winner, program, _ = local
+    examples = iris.load_splits(0).test[:4]
+    batch = http.post("/v1/predict", json=[ex.inputs().toDict() for ex in examples])
+    for i, ex in enumerate(examples):
+        inputs = ex.inputs().toDict()
+        expected = _in_process(program, inputs)
+        r = http.post("/v1/predict", json=inputs)
+        if isinstance(expected, str):  # the model's answer did not parse, in process too
+            assert r.status_code == 502 and r.json()["request_id"], r.text
+            continue
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["outputs"] == expected
+        assert body["model"] == winner.model and body["program_version"] == winner.version
+        assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0
+        if batch.status_code == 200:
+            assert batch.json()["results"][i]["outputs"] == expected
+
+
+def test_chat_completions_work_with_the_openai_sdk(server, local):
+    import openai
+
+    winner, _, pool = local
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN)
+    messages = [{"role": "user", "content": "Name a flower."}]
+    answer = client.chat.completions.create(model=winner.model, messages=messages, max_tokens=16, temperature=0)
+    expected = pool.lm(winner.model, max_tokens=16, cache=False)(messages=messages)[0]
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens > 0 and answer.model == winner.model
+
+
+def test_token_bad_inputs_and_health(server, http):
+    anon = httpx.Client(base_url=server.url, timeout=60)
+    assert anon.get("/healthz").status_code == 200
+    assert anon.get("/v1/program").status_code == 401
+    assert anon.get("/v1/program", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    good = iris.load_splits(0).test[0].inputs().toDict()
+    cases = [({k: v for k, v in good.items() if k != "petal_width"}, 422), ({**good, "extra": 1}, 422),
+             ({**good, "petal_width": "wide"}, 422), ([], 422)]
+    for body, status in cases:
+        assert http.post("/v1/predict", json=body).status_code == status, body
+    assert http.post("/v1/predict", content=b"x" * 2_000_000,
+                     headers={"content-type": "application/json"}).status_code == 413
+    r = http.post("/v1/chat/completions", json={"model": "not-served", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["request_id"]
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.get("/docs").status_code == 200

@@ -1,0 +1,121 @@
+"""The HTTP API's contract with scripted program/LM coroutines (no Ray): routes, schemas, status codes."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from actors import errors
+from actors.types import Completion
+from programs import iris
+from serve.api import build_api
+from serve.winner import Winner, interface
+
+GOOD = {"petal_length": 1.4, "petal_width": 0.2, "sepal_length": 5.1, "sepal_width": 3.5}
+
+
+def _winner():
+    return Winner(Path("/tmp/run"), "iris", "smollm2-135m-instruct", "p -> w", 80.0,
+                  {"predict": "smollm2-135m-instruct:ft-02-abc"}, {}, 200, 2048, "v1")
+
+
+async def _run(inputs):
+    if inputs["petal_length"] == 99:
+        raise errors.ContextLengthError("prompt is 3000 tokens; the context length is 2048")
+    if inputs["petal_length"] == 98:
+        from dspy.utils.exceptions import AdapterParseError
+
+        raise AdapterParseError("ChatAdapter", iris.IrisSignature, "garbage")
+    if inputs["petal_length"] == 97:
+        raise RuntimeError("replica crashed")
+    await asyncio.sleep(0)
+    return ({"reasoning": "small petals", "answer": "setosa" if inputs["petal_length"] < 2 else "virginica"},
+            {"m": {"prompt_tokens": 10, "completion_tokens": 3}})
+
+
+async def _chat(request):
+    if request.model == "nope":
+        raise errors.UnknownModelError("model 'nope' is not served by this pool")
+    return Completion(request.model, ("hello",) * request.n, ("stop",) * request.n, 7, 2 * request.n, 0)
+
+
+@pytest.fixture
+def client():
+    inputs, outputs = interface(iris.Program())
+    app = build_api(_winner(), inputs, outputs, {"strategy": "p -> w"}, _run, _chat, token="s3cret",
+                    max_body_bytes=2000, max_batch=3)
+    return TestClient(app, headers={"Authorization": "Bearer s3cret"})
+
+
+def test_predict_one_and_batch(client):
+    r = client.post("/v1/predict", json=GOOD)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["outputs"] == {"reasoning": "small petals", "answer": "setosa"}
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    assert body["model"] == "smollm2-135m-instruct:ft-02-abc" and body["program_version"] == "v1"
+    r = client.post("/v1/predict", json=[GOOD, {**GOOD, "petal_length": 5.0}])
+    assert r.status_code == 200
+    assert [x["outputs"]["answer"] for x in r.json()["results"]] == ["setosa", "virginica"]
+    assert r.json()["usage"]["total_tokens"] == 26
+
+
+@pytest.mark.parametrize("body, where", [
+    ({k: v for k, v in GOOD.items() if k != "sepal_width"}, "sepal_width"),  # missing field
+    ({**GOOD, "colour": "blue"}, "colour"),  # extra field
+    ({**GOOD, "petal_width": "wide"}, "petal_width"),  # wrong type
+    ([], "at least 1"),  # empty list
+    ([GOOD] * 4, "at most 3"),  # batch over the limit
+])
+def test_bad_inputs_are_422_naming_the_problem(client, body, where):
+    r = client.post("/v1/predict", json=body)
+    assert r.status_code == 422 and where in r.text
+
+
+def test_failures_map_to_status_codes_with_a_request_id(client):
+    cases = {99: 400, 98: 502, 97: 500}
+    for length, status in cases.items():
+        r = client.post("/v1/predict", json={**GOOD, "petal_length": length}, headers={"x-request-id": f"rid-{length}"})
+        assert r.status_code == status, r.text
+        assert r.json()["request_id"] == f"rid-{length}" and r.json()["error"]
+    assert client.get("/healthz").status_code == 200  # still serving
+
+
+def test_oversize_body_is_413(client):
+    r = client.post("/v1/predict", content=b'{"x": "' + b"a" * 3000 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than 2000 bytes" in r.json()["error"]
+
+
+def test_token_is_required_everywhere_but_healthz():
+    inputs, outputs = interface(iris.Program())
+    app = build_api(_winner(), inputs, outputs, {}, _run, _chat, token="s3cret")
+    anon = TestClient(app)
+    assert anon.get("/healthz").status_code == 200
+    for method, path in [("get", "/v1/program"), ("post", "/v1/predict"), ("get", "/docs"), ("get", "/openapi.json")]:
+        assert getattr(anon, method)(path).status_code == 401, path
+    wrong = TestClient(app, headers={"Authorization": "Bearer nope"})
+    assert wrong.get("/v1/program").status_code == 401
+
+
+def test_program_route_and_openapi_carry_the_signature(client):
+    info = client.get("/v1/program").json()
+    assert info["strategy"] == "p -> w"
+    assert set(info["input_schema"]["required"]) == set(GOOD)
+    assert info["input_schema"]["properties"]["petal_length"]["type"] == "number"
+    assert "answer" in info["output_schema"]["properties"]
+    spec = client.get("/openapi.json").json()
+    assert "PredictInput" in spec["components"]["schemas"]
+
+
+def test_chat_completions_is_openai_shaped(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "smollm2-135m-instruct:ft-02-abc"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert client.post("/v1/chat/completions", json={"model": "nope", "messages": [
+        {"role": "user", "content": "hi"}]}).status_code == 404
+    assert client.post("/v1/chat/completions", json={"messages": [], "stream": True}).status_code == 422

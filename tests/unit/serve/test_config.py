@@ -1,0 +1,42 @@
+"""ServeConfig from builder args (strings or YAML values) and the shipped Serve config file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.app import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_builder_args_are_typed_by_field():
+    cfg = ServeConfig.from_args({"run_dir": "r", "port": "9000", "lm_cpus": "0.5", "token": "t"})
+    assert (cfg.port, cfg.lm_cpus, cfg.token, cfg.host) == (9000, 0.5, "t", "127.0.0.1")
+    assert cfg.url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"run_dir": "r", "colour": "x"}, r"unknown serve args \['colour'\]"),
+    ({"run_dir": "r", "port": "eighty"}, "port='eighty' must be of type int"),
+    ({"run_dir": "r", "port": 0}, "port must be in"),
+    ({"run_dir": "r", "lm_replicas": 0}, ">= 1"),
+    ({"run_dir": "r", "route_prefix": "api"}, "must start with '/'"),
+])
+def test_bad_args_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        ServeConfig.from_args(args)
+
+
+def test_shipped_serve_config_is_valid_for_serve_and_for_the_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(data)  # Serve's own validation of the file
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:app"
+    ServeConfig.from_args(app.args)
+    from serve.deployments import LMServer, ProgramServer
+
+    assert {d.name for d in app.deployments} == {LMServer.name, ProgramServer.name}

@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     from actors import connect
     from serve.app import ServeConfig, start, stop
 
-    cfg = ServeConfig(run_dir=args.run_dir, host=args.host, port=args.port, token=args.token,
+    cfg = ServeConfig(run_dir=args.run_dir, step=args.step, host=args.host, port=args.port, token=args.token,
                       lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
                       lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus)
     connect(args.address)
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve")
     v.add_argument("run_dir", help="a finished run dir (has best.json and program.json)")
+    v.add_argument("--step", help="serve this completed step's program (e.g. 02_w) instead of the winner")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default $TANDEM_SERVE_TOKEN)")

@@ -23,6 +23,7 @@ class ServeConfig:
     """How to serve one run dir."""
 
     run_dir: str = field(metadata={"help": "a finished run dir (best.json, program.json)"})
+    step: str | None = field(default=None, metadata={"help": "serve this step's program (e.g. 02_w), not the winner"})
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (0.0.0.0 to expose)"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
     token: str | None = field(default=None, metadata={"help": f"bearer token (default ${TOKEN_ENV})"})
@@ -79,7 +80,7 @@ def build_app(cfg: ServeConfig):
     from serve.deployments import LMServer, ProgramServer
     from serve.winner import load_winner
 
-    winner = load_winner(cfg.run_dir)
+    winner = load_winner(cfg.run_dir, cfg.step)
     replica = ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len, num_cpus=cfg.lm_cpus,
                             num_gpus=cfg.lm_gpus, max_lora_rank=winner.max_lora_rank)
     lm = LMServer.options(
@@ -89,7 +90,7 @@ def build_app(cfg: ServeConfig):
         ray_actor_options={"num_cpus": cfg.lm_cpus, "num_gpus": cfg.lm_gpus},
     ).bind(replica, winner.adapters)
     token = cfg.token or os.environ.get(TOKEN_ENV) or None
-    return ProgramServer.bind(lm, str(winner.run_dir), token, cfg.max_body_bytes, cfg.max_batch)
+    return ProgramServer.bind(lm, str(winner.run_dir), cfg.step, token, cfg.max_body_bytes, cfg.max_batch)
 
 
 def app(args: dict):

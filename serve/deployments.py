@@ -83,11 +83,12 @@ class SyncHandleEngine(HandleEngine):
 class ProgramServer:
     """The winning program behind the HTTP API of ``serve.api``."""
 
-    def __init__(self, lm, run_dir: str, token: str | None, max_body_bytes: int, max_batch: int):
+    def __init__(self, lm, run_dir: str, step: str | None, token: str | None, max_body_bytes: int,
+                 max_batch: int):
         from serve.winner import build_program, interface, load_winner
 
         self.lm = lm
-        self.winner = load_winner(run_dir)
+        self.winner = load_winner(run_dir, step)
         self.program = build_program(self.winner)
         for name, pred in self.program.named_predictors():
             pred.lm = dspy.LM(self.winner.models.get(name, self.winner.base_model), engine=SyncHandleEngine(lm),

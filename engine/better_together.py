@@ -116,8 +116,10 @@ class BetterTogether(Teleprompter):
             offered = {"trainset": list(trainset), "valset": valset, "teacher": teacher, **args}
             accepted = inspect.signature(optimizer.compile).parameters
             takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-            new = optimizer.compile(program.deepcopy(), **{k: v for k, v in offered.items()
-                                                           if takes_all or k in accepted})
+            student_copy = program.deepcopy()
+            student_copy.__dict__.pop("candidate_programs", None)  # the last prompt step's, not this step's
+            new = optimizer.compile(student_copy, **{k: v for k, v in offered.items()
+                                                     if takes_all or k in accepted})
             for pred, lm in zip(new.predictors(), lms):  # optimizers that reset LMs get them back
                 pred.lm = pred.lm or lm
             return new

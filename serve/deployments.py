@@ -49,8 +49,10 @@ class LMServer:
     def stats(self) -> dict:
         return self.replica.stats()
 
-    def __del__(self):
-        self.replica.shutdown()
+    def __del__(self):  # Serve calls it when the replica stops: take vLLM's engine process down too
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.shutdown()
 
 
 class HandleEngine:

@@ -163,6 +163,9 @@ def test_resume_skips_completed_steps_and_returns_the_same_program(program, tmp_
     first = bt.compile(program, **kwargs)
     assert swap.calls == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00_baseline", "01_p", "02_w", "run.json"]
+    records = {s: json.loads((tmp_path / s / "step.json").read_text()) for s in ("01_p", "02_w")}
+    assert len(records["01_p"]["extra"]["candidates"]) == 5
+    assert "candidates" not in records["02_w"]["extra"]  # the weight step has none of its own
     saved = json.loads((tmp_path / "01_p" / "program.json").read_text())
     assert saved["lm"] is None and saved["demos"]  # dspy JSON, no LM endpoint in it
     (tmp_path / "03_p.tmp").mkdir()  # a half-written step is never taken as done

@@ -136,7 +136,7 @@ def train_loop(config: dict) -> None:
                 optim.step()
                 optim.zero_grad(set_to_none=True)
             n = int(mask.sum())
-            epoch_loss += float(loss) * n
+            epoch_loss += float(loss.detach()) * n
             epoch_tokens += n
         tokens_total += epoch_tokens
         history.append(epoch_loss / max(1, epoch_tokens))

@@ -81,7 +81,7 @@ class BetterTogether(Teleprompter):
         threads = num_threads or 16
         rng = random.Random(seed)
         candidates: list[Candidate] = []
-        failed = False
+        failed, error = False, None
         program = self._step(store, 0, "", "", student, lambda: student, valset, threads, candidates)
         for index, key in enumerate(steps, start=1):
             if shuffle_trainset_between_steps:
@@ -91,7 +91,7 @@ class BetterTogether(Teleprompter):
             try:
                 program = self._step(store, index, key, prefix, student, run, valset, threads, candidates)
             except Exception as exc:
-                failed = True
+                failed, error = True, f"step '{prefix}' failed: {type(exc).__name__}: {exc}"
                 logger.error("step %d/%d (%s) failed: %s: %s; returning the best program so far", index,
                              len(steps), prefix, type(exc).__name__, exc)
                 break
@@ -101,6 +101,7 @@ class BetterTogether(Teleprompter):
         result = best.program.deepcopy()
         result.candidate_programs = [candidates[i] for i in ranked]
         result.flag_compilation_error_occurred = failed
+        result.compilation_error = error  # what stopped the strategy early (None when every step ran)
         result.best_strategy = best.strategy
         return result
 

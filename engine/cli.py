@@ -12,6 +12,8 @@ import argparse
 import logging
 import sys
 
+from engine import strategy as strategies
+
 logger = logging.getLogger("tandem")
 
 
@@ -20,7 +22,7 @@ def _models(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         rows = [(m.name, "yes" if m.materialized else "no", m.description) for m in models.list_models(args.cache)]
-        print(_table(("model", "materialized", "source"), rows))
+        print(_text_table(("model", "materialized", "source"), rows))
         print(f"cache: {models.cache_dir(args.cache)}")
         return 0
     names = args.names or [models.EMBEDDED]
@@ -33,25 +35,67 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace):
+    """The RunConfig of ``run``/``table``: the YAML file (or the defaults), then the flags."""
     from engine.config import RunConfig, load_yaml
-    from engine.run import run
 
     cfg = load_yaml(args.config) if args.config else RunConfig()
-    cfg = cfg.with_overrides(program=args.program, model=args.model, strategy=args.strategy, run_dir=args.run_dir,
-                             seed=args.seed, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-                             gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
-                             val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
-                             threads=args.threads, address=args.address)
+    one_run = {k: getattr(args, k, None) for k in ("strategy", "run_dir", "seed")}
+    return cfg.with_overrides(
+        **one_run, program=args.program, model=args.model, replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
+        val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle, threads=args.threads,
+        address=args.address,
+        program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
+        data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
+
+
+def _pairs(items: list[str]) -> dict:
+    """``KEY=VALUE`` flags as a dict; values read as YAML scalars (``3`` is an int, ``a,b`` a string)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from engine.run import run
+
+    cfg = _run_config(args)
     logger.info("run: %s on %s, strategy '%s', run dir %s", cfg.program, cfg.model, cfg.strategy, cfg.run_dir)
     outcome = run(cfg)
     rows = [(s or "(baseline)", "-" if v is None else f"{v:.1f}", "best" if s == outcome.best_strategy else "")
             for s, v in sorted(outcome.scores.items(), key=lambda kv: len(kv[0]))]
-    print(_table(("strategy", "valset score %", ""), rows))
+    print(_text_table(("strategy", "valset score %", ""), rows))
     print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
     if outcome.failed:
         logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
         return 2
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from engine.table import TableConfig, run_table
+    from engine.table_report import write_table
+
+    run_cfg = _run_config(args)
+    strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER
+    out = args.out or f"runs/table-{run_cfg.program.replace(':', '-').replace('.', '-')}"
+    cfg = TableConfig(run=run_cfg, strategies=strategies, seeds=tuple(range(args.seeds)), out_dir=out,
+                      test_size=args.test_size)
+    logger.info("table: %s on %s, %d strategies x %d seeds into %s", run_cfg.program, run_cfg.model,
+                len(strategies), args.seeds, out)
+    cells = run_table(cfg)
+    title = f"{run_cfg.program} on {run_cfg.model} ({len(cfg.seeds)} seeds)"
+    paths = write_table(cells, out, title, {"run": vars(run_cfg), "strategies": list(strategies),
+                                            "seeds": list(cfg.seeds)})
+    print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -83,10 +127,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """The RunConfig flags of ``run``; ``table`` takes them but strategy, run dir and seed."""
+    r.add_argument("--config", help="YAML RunConfig; flags below override it")
+    r.add_argument("--program", help="iris (default), gsm8k, hotpotqa, or package.module[:Factory]")
+    r.add_argument("--model", help="built-in name, HF dir or hub id (default smollm2-135m-instruct)")
+    if one_run:
+        r.add_argument("--strategy", help="e.g. 'p -> w -> p' (default)")
+        r.add_argument("--run-dir", help="run dir; a rerun with the same dir resumes (default runs/iris-smollm2)")
+        r.add_argument("--seed", type=int)
+    r.add_argument("--replicas", type=int, help="vLLM replicas (default 2)")
+    r.add_argument("--cpus-per-replica", type=float)
+    r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
+    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 30)")
+    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 15)")
+    r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
+    r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
+    r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
+    r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--program-arg", action="append", metavar="KEY=VALUE",
+                   help="argument of the program's Program() (repeatable; e.g. retriever=bm25:corpus.jsonl)")
+    r.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
+                   help="argument of its load_splits() (repeatable; e.g. path=/data/gsm8k)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,22 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     r = sub.add_parser("run", help="optimize a program with BetterTogether (default: Iris on SmolLM2-135M)")
-    r.add_argument("--config", help="YAML RunConfig; flags below override it")
-    r.add_argument("--program", help="program under programs/ (default iris)")
-    r.add_argument("--model", help="built-in name, HF dir or hub id (default smollm2-135m-instruct)")
-    r.add_argument("--strategy", help="e.g. 'p -> w -> p' (default)")
-    r.add_argument("--run-dir", help="run dir; a rerun with the same dir resumes (default runs/iris-smollm2)")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--replicas", type=int, help="vLLM replicas (default 2)")
-    r.add_argument("--cpus-per-replica", type=float)
-    r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
-    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 30)")
-    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 15)")
-    r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
-    r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
-    r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
-    r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    _add_run_flags(r)
     r.set_defaults(func=_run)
+
+    t = sub.add_parser("table", help="the paper's table: every strategy x seeds, scored on the test split")
+    _add_run_flags(t, one_run=False)
+    t.add_argument("--strategies", help="comma-separated, 'vanilla' = no optimization "
+                   f"(default: {', '.join(strategies.PAPER)})")
+    t.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    t.add_argument("--test-size", type=int, default=0, help="test examples (0 = the whole test split)")
+    t.add_argument("--out", help="output dir (default runs/table-PROGRAM); a rerun resumes")
+    t.set_defaults(func=_table)
 
     v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve")
     v.add_argument("run_dir", help="a finished run dir (has best.json and program.json)")

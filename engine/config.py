@@ -28,7 +28,9 @@ class PromptConfig:
 class RunConfig:
     """One optimization run."""
 
-    program: str = field(default="iris", metadata={"help": "a module of programs/ (iris, ...)"})
+    program: str = field(default="iris", metadata={"help": "iris, gsm8k, hotpotqa, or 'package.module[:Factory]'"})
+    program_args: dict = field(default_factory=dict, metadata={"help": "keyword arguments of the program's Program()"})
+    data_args: dict = field(default_factory=dict, metadata={"help": "keyword arguments of its load_splits() (paths, sizes)"})
     model: str = field(default=EMBEDDED, metadata={"help": "built-in name, HF checkpoint dir or hub id"})
     strategy: str = field(default="p -> w -> p", metadata={"help": "steps joined by ' -> '"})
     run_dir: str = field(default="runs/iris-smollm2", metadata={"help": "where steps, adapters and report go"})

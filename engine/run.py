@@ -8,7 +8,6 @@ winner (``program.json`` + ``best.json``), write the report, and kill the pool w
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from engine.program_io import save_program
 from engine.prompt_step import PromptStep
 from engine.report import write_report
 from engine.weight_step import WeightStep
+from programs.base import ProgramSpec, Splits, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -40,40 +40,45 @@ class RunOutcome:
     wall_s: float
 
 
-def program_module(name: str):
-    """The program module: a name under ``programs/`` or a dotted module path."""
-    try:
-        return importlib.import_module(name if "." in name else f"programs.{name}")
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"unknown program {name!r}: no module programs.{name} or {name}") from exc
+def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
+    """Connect to Ray and describe the run's vLLM replicas (the caller launches and kills them)."""
+    connect(cfg.address)
+    return ReplicaPool(PoolConfig(replica=ReplicaConfig(
+        model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
+        num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
+        max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs), num_replicas=cfg.replicas,
+        name=name))
+
+
+def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, splits: Splits) -> dspy.Module:
+    """BetterTogether on a fresh program with the pool's LM: ``cfg.strategy`` into ``cfg.run_dir``.
+
+    Returns dspy's result: the best program with ``candidate_programs`` (every strategy prefix),
+    ``best_strategy``, ``flag_compilation_error_occurred`` and ``compilation_error``.
+    """
+    program = spec.program(**cfg.program_args)
+    # ChatAdapter answers end with this marker: stop there instead of generating to max_tokens
+    program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
+    optimizer = BetterTogether(
+        spec.metric,
+        p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
+        w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
+                                 valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
+                                 seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
+                                 fingerprint=cfg.fingerprint())
 
 
 def run(cfg: RunConfig) -> RunOutcome:
     """Run the strategy on the configured program and model; see the module docstring."""
     started = time.perf_counter()
-    module = program_module(cfg.program)
-    splits = module.load_splits(cfg.seed)
-    trainset = splits.train[: cfg.train_size or None]
-    valset = splits.dev[: cfg.val_size or None]
-    connect(cfg.address)
-    pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(
-        model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
-        num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
-        max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs), num_replicas=cfg.replicas,
-        name="run"))
+    spec = resolve(cfg.program)
+    splits = spec.splits(cfg.seed, **cfg.data_args)
+    pool = make_pool(cfg)
     try:
         pool.launch()
-        program = module.Program()
-        # ChatAdapter answers end with this marker: stop there instead of generating to max_tokens
-        program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
-        optimizer = BetterTogether(
-            module.metric,
-            p=PromptStep(module.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
-            w=WeightStep(module.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads))
-        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-            best = optimizer.compile(program, trainset=trainset, valset=valset, strategy=cfg.strategy,
-                                     seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
-                                     fingerprint=cfg.fingerprint())
+        best = compile_strategy(cfg, spec, pool, splits)
     finally:
         pool.kill()
     run_dir = Path(cfg.run_dir)
@@ -83,7 +88,8 @@ def run(cfg: RunConfig) -> RunOutcome:
                 for a in json.loads(r.read_text()).get("adapters", [])}
     models = {name: pred.lm.model for name, pred in best.named_predictors()}
     (run_dir / "best.json").write_text(json.dumps({
-        "program": cfg.program, "base_model": cfg.model, "strategy": best.best_strategy, "score": top.score,
+        "program": cfg.program, "program_args": cfg.program_args, "base_model": cfg.model,
+        "strategy": best.best_strategy, "score": top.score,
         "models": models, "adapters": {m: adapters[m] for m in models.values() if m in adapters},
         "failed_step": best.flag_compilation_error_occurred}, indent=2))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Iterable
 
 SEP = " -> "
+VANILLA = "vanilla"  # the unoptimized program, a row of the paper's tables
+PAPER = (VANILLA, "p", "w", "p -> p", "w -> w", "p -> w", "w -> p", "p -> w -> p")  # the paper's strategies
 
 
 def parse(strategy: str, keys: Iterable[str]) -> list[str]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-
 import dspy
+
+from programs.base import Splits
 
 LABELS = ("setosa", "versicolor", "virginica")
 
@@ -29,15 +29,6 @@ class IrisSignature(dspy.Signature):
     sepal_length: float = dspy.InputField()
     sepal_width: float = dspy.InputField()
     answer: str = dspy.OutputField(desc="one of: setosa, versicolor, virginica")
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Train, dev and test examples."""
-
-    train: list[dspy.Example]
-    dev: list[dspy.Example]
-    test: list[dspy.Example]
 
 
 def Program() -> dspy.Module:  # noqa: N802 - a factory named like the module it builds

@@ -12,6 +12,7 @@ predictor, output fields of its last) from the signatures. Does not know Ray or 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Winner:
     strategy: str
     score: float | None
     models: dict[str, str]  # predictor -> model id (base or adapter)
+    program_args: dict  # keyword arguments of the program's factory (e.g. its retriever)
     adapters: dict[str, str]  # adapter id -> local path
     max_tokens: int
     max_model_len: int
@@ -96,7 +98,7 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
             raise RunDirError(f"the program uses adapter {model!r} but neither {recorded} nor {local} holds it")
         adapters[model] = str(path)
     return Winner(root, best["program"], best["base_model"], best.get("strategy", ""), best.get("score"),
-                  dict(best["models"]), adapters, int(settings.get("max_tokens", 512)),
+                  dict(best["models"]), dict(best.get("program_args", {})), adapters, int(settings.get("max_tokens", 512)),
                   int(settings.get("max_model_len", 2048)),
                   hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file)
 
@@ -104,14 +106,20 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
 def build_program(winner: Winner) -> dspy.Module:
     """A fresh instance of the run's program with the winning state loaded (predictors without LMs)."""
     from engine.program_io import load_program
-    from engine.run import program_module
+    from programs.base import resolve
 
-    program = program_module(winner.program).Program()
+    program = resolve(winner.program).program(**winner.program_args)
     return load_program(program, winner.program_file)
 
 
 def interface(program: dspy.Module) -> tuple[list[Field], list[Field]]:
-    """The program's inputs (its first predictor's input fields) and outputs (its last's output fields)."""
+    """The program's inputs and outputs.
+
+    Inputs: the named parameters of the program's own ``forward`` (a multi-hop program takes a
+    ``question`` while its first predictor also takes the ``context`` it builds), or the first
+    predictor's input fields when ``forward`` takes only ``**kwargs`` (``dspy.Predict``,
+    ``dspy.ChainOfThought``). Outputs: the last predictor's output fields.
+    """
     preds = [pred for _, pred in program.named_predictors()]
     if not preds:
         raise RunDirError("the program has no predictors")
@@ -119,4 +127,11 @@ def interface(program: dspy.Module) -> tuple[list[Field], list[Field]]:
     def fields(sig_fields: dict) -> list[Field]:
         return [Field(name, f.annotation, (f.json_schema_extra or {}).get("desc", "")) for name, f in sig_fields.items()]
 
-    return fields(preds[0].signature.input_fields), fields(preds[-1].signature.output_fields)
+    first = fields(preds[0].signature.input_fields)
+    params = [p for p in inspect.signature(program.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if params:
+        known = {f.name: f for f in first}
+        first = [known.get(p.name, Field(p.name, p.annotation if p.annotation is not p.empty else str, ""))
+                 for p in params]
+    return first, fields(preds[-1].signature.output_fields)

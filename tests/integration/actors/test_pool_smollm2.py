@@ -40,3 +40,40 @@ def test_dspy_program_runs_on_both_replicas_with_identical_greedy_answers(pool):
     req = GenerateRequest("smollm2-135m-instruct", prompt="The iris flower has", max_tokens=16)
     answers = {(c.replica, c.text) for c in pool.router.map([req] * 8)}
     assert len({text for _, text in answers}) == 1 and len({rank for rank, _ in answers}) == 2
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parents[2] / "fixtures"
+PROGRAMS = {  # name -> (program args, data args, LM calls when every call parses)
+    "iris": ({}, {}, 1),
+    "gsm8k": ({}, {"path": str(FIXTURES / "gsm8k"), "train_size": 4, "dev_size": 2}, 1),
+    "hotpotqa": ({"retriever": f"bm25:{FIXTURES / 'hotpotqa' / 'corpus.jsonl'}"},
+                 {"path": str(FIXTURES / "hotpotqa" / "questions.json"), "train_size": 4, "dev_size": 2}, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_each_paper_program_runs_one_example_through_the_pool(pool, name):
+    """The plumbing and the metric, not the model's wit: SmolLM2 may miss DSPy's format, which
+    must then be a parse error after the program's LM calls reached the replicas."""
+    from dspy.utils.exceptions import AdapterParseError
+
+    from engine.evaluate import run_all
+    from programs.base import resolve
+
+    program_args, data_args, calls = PROGRAMS[name]
+    spec = resolve(name)
+    example = spec.splits(0, **data_args).test[0]
+    program = spec.program(**program_args)
+    program.set_lm(pool.lm(max_tokens=200, cache=False, stop=("[[ ## completed ## ]]",)))
+    before = sum(s["requests"] for s in pool.stats())
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        (run,) = run_all([(program, example)], spec.metric)
+    made = sum(s["requests"] for s in pool.stats()) - before
+    if run.error is None:
+        assert made == calls and run.score == float(spec.metric(example, run.prediction))
+        assert isinstance(run.prediction.answer, str)
+        if name == "hotpotqa":  # both hops retrieved from the corpus and the answer module saw it
+            assert 1 <= len(run.prediction.context) <= 6 and all(" | " in p for p in run.prediction.context)
+    else:
+        assert run.error.startswith(AdapterParseError.__name__) and 1 <= made <= calls, (run.error, made)
+        assert run.score == 0.0

@@ -17,7 +17,7 @@ GOOD = {"petal_length": 1.4, "petal_width": 0.2, "sepal_length": 5.1, "sepal_wid
 
 def _winner():
     return Winner(Path("/tmp/run"), "iris", "smollm2-135m-instruct", "p -> w", 80.0,
-                  {"predict": "smollm2-135m-instruct:ft-02-abc"}, {}, 200, 2048, "v1", Path("/tmp/run/program.json"))
+                  {"predict": "smollm2-135m-instruct:ft-02-abc"}, {}, {}, 200, 2048, "v1", Path("/tmp/run/program.json"))
 
 
 async def _run(inputs):

@@ -54,3 +54,24 @@ def test_missing_adapter_is_named(run_dir):
     shutil.rmtree(run_dir / "adapters")
     with pytest.raises(RunDirError, match=f"uses adapter '{ADAPTER}'"):
         load_winner(run_dir, "02_w")
+
+
+def test_interface_takes_the_programs_own_inputs():
+    import dspy
+
+    from serve.winner import interface
+
+    class TwoHop(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.generate_query = dspy.ChainOfThought("context, question -> search_query")
+            self.generate_answer = dspy.ChainOfThought("context, question -> answer: int")
+
+        def forward(self, question: str):
+            return self.generate_answer(context="", question=question)
+
+    inputs, outputs = interface(TwoHop())
+    assert [f.name for f in inputs] == ["question"]
+    assert [(f.name, f.annotation) for f in outputs] == [("reasoning", str), ("answer", int)]
+    inputs, _ = interface(dspy.ChainOfThought("a: int, b -> c"))  # forward(**kwargs): the predictor's fields
+    assert [(f.name, f.annotation) for f in inputs] == [("a", int), ("b", str)]

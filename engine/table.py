@@ -1,0 +1,182 @@
+"""``tandem table``: the paper's table — every strategy x seed, scored on the held-out test split.
+
+Knows how to order the strategies so that shared prefixes run once (a strategy's run dir starts
+with a copy of the completed steps of the longest strategy already run that is its prefix; the
+run store then skips them), which program a strategy ends with (the program after its *last*
+step, as in the paper, not the best prefix), the test-set evaluation, and that a strategy whose
+prefix failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a
+score. Each strategy's test score is stored beside its run (``test.json``), so a rerun with the
+same output dir resumes. The table files are written by ``engine.table_report``. Does not know
+vLLM or training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import dspy
+
+from engine import strategy as strategies
+from engine.config import RunConfig
+from engine.evaluate import evaluate_many
+from engine.run import compile_strategy, make_pool
+from programs.base import ProgramSpec, Splits, resolve
+
+logger = logging.getLogger(__name__)
+
+VANILLA = strategies.VANILLA
+KEYS = ("p", "w")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One table: a run config (program, model, budget) applied to every strategy and seed."""
+
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "program, model and budget"})
+    strategies: tuple[str, ...] = field(default=strategies.PAPER, metadata={"help": "rows of the table"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "data splits and optimizer seeds"})
+    out_dir: str = field(default="runs/table-iris", metadata={"help": "one run dir per seed and strategy"})
+    test_size: int = field(default=0, metadata={"help": "test examples (0 = the whole test split)"})
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        if self.test_size < 0:
+            raise ValueError("test_size must be >= 0")
+        normalize(self.strategies)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One strategy on one seed: test and dev scores (%), or the reason there are none."""
+
+    strategy: str
+    seed: int
+    test_score: float | None
+    dev_score: float | None
+    reason: str | None
+    run_dir: str
+    wall_s: float
+
+
+def normalize(names: tuple[str, ...] | list[str]) -> list[str]:
+    """Strategies in canonical form (``"p->w"`` -> ``"p -> w"``; ``vanilla`` stays), validated.
+
+    Raises:
+        ValueError: an empty list, an invalid strategy, or the same strategy twice.
+    """
+    if not names:
+        raise ValueError("no strategies given")
+    out = [VANILLA if n.strip() == VANILLA else strategies.SEP.join(strategies.parse(n, KEYS)) for n in names]
+    twice = sorted({n for n in out if out.count(n) > 1})
+    if twice:
+        raise ValueError(f"strategies listed twice: {twice}")
+    return out
+
+
+def plan(names: list[str]) -> list[tuple[str, str | None]]:
+    """The order to run strategies in (shorter first) and, for each, the strategy it continues.
+
+    Example:
+        >>> plan(["p -> w", "vanilla", "p"])
+        [('vanilla', None), ('p', None), ('p -> w', 'p')]
+    """
+    order = sorted(normalize(names), key=lambda s: 0 if s == VANILLA else len(s.split(strategies.SEP)))
+    steps = {s: s.split(strategies.SEP) for s in order if s != VANILLA}
+    out: list[tuple[str, str | None]] = []
+    for s in order:
+        parents = [p for p, _ in out if p != VANILLA and len(steps[p]) < len(steps[s]) and steps[s][:len(steps[p])] == steps[p]]
+        out.append((s, max(parents, key=lambda p: len(steps[p]), default=None)))
+    return out
+
+
+def run_table(cfg: TableConfig) -> list[Cell]:
+    """Run every strategy on every seed on one pool; return the cells (see the module docstring)."""
+    spec = resolve(cfg.run.program)
+    root = Path(cfg.out_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    pool = make_pool(cfg.run, name="table")
+    cells: list[Cell] = []
+    try:
+        pool.launch()
+        for seed in cfg.seeds:
+            splits = spec.splits(seed, **cfg.run.data_args)
+            test = splits.test[: cfg.test_size or None]
+            if not test:
+                raise ValueError(f"program {cfg.run.program!r} has an empty test split for seed {seed}")
+            failed: dict[str, str] = {}  # strategy prefix -> why it has no program
+            for name, parent in plan(list(cfg.strategies)):
+                run_cfg = cfg.run.with_overrides(seed=seed, strategy=name if name != VANILLA else "",
+                                                 run_dir=str(root / f"seed-{seed}" / _slug(name)))
+                cells.append(_cell(run_cfg, spec, pool, splits, test, name, parent, failed))
+                logger.info("table: seed %d, %s -> test %s", seed, name, cells[-1].test_score)
+    finally:
+        pool.kill()
+    return cells
+
+
+def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, name: str,
+          parent: str | None, failed: dict[str, str]) -> Cell:
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    done = run_dir / "test.json"
+    if done.is_file():
+        data = json.loads(done.read_text())
+        return Cell(name, cfg.seed, data["test_score"], data["dev_score"], data["reason"], str(run_dir), data["wall_s"])
+    steps = [] if name == VANILLA else name.split(strategies.SEP)
+    blocked = next((failed[p] for p in (strategies.prefix(steps, i) for i in range(1, len(steps) + 1)) if p in failed),
+                   None)
+    if blocked:
+        return _finish(Cell(name, cfg.seed, None, None, blocked, str(run_dir), 0.0), done)
+    if parent is not None:
+        _seed_from(run_dir.parent / _slug(parent), run_dir, len(parent.split(strategies.SEP)))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        if name == VANILLA:
+            program = spec.program(**cfg.program_args)
+            program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
+            dev_score = evaluate_many([program], splits.dev[: cfg.val_size or None], spec.metric,
+                                      num_threads=cfg.threads, desc="evaluate vanilla on dev")[0]
+        else:
+            result = compile_strategy(cfg, spec, pool, splits)
+            final = {c.strategy: c for c in result.candidate_programs}.get(name)
+            if final is None:
+                reached = {c.strategy for c in result.candidate_programs}
+                first_missing = next(strategies.prefix(steps, i) for i in range(1, len(steps) + 1)
+                                     if strategies.prefix(steps, i) not in reached)
+                failed[first_missing] = result.compilation_error or f"step '{first_missing}' produced no program"
+                return _finish(Cell(name, cfg.seed, None, None, failed[first_missing], str(run_dir),
+                                    time.perf_counter() - started), done)
+            program, dev_score = final.program, final.score
+        test_score = evaluate_many([program], test, spec.metric, num_threads=cfg.threads,
+                                   desc=f"evaluate '{name}' on test")[0]
+    return _finish(Cell(name, cfg.seed, test_score, dev_score, None, str(run_dir), time.perf_counter() - started), done)
+
+
+def _finish(cell: Cell, path: Path) -> Cell:
+    cell = replace(cell, wall_s=round(cell.wall_s, 1))  # as stored, so a resumed table reads the same cells
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"test_score": cell.test_score, "dev_score": cell.dev_score, "reason": cell.reason,
+                               "wall_s": cell.wall_s}, indent=2))
+    tmp.rename(path)
+    return cell
+
+
+def _seed_from(parent_dir: Path, run_dir: Path, parent_steps: int) -> None:
+    """Copy the parent strategy's completed steps (not its run.json or winner) into a new run dir."""
+    if run_dir.exists():
+        return  # an earlier, interrupted attempt: the run store resumes it
+    run_dir.mkdir(parents=True)
+    for index in range(parent_steps + 1):
+        for step in parent_dir.glob(f"{index:02d}_*"):
+            if step.suffix != ".tmp" and (step / "step.json").is_file():
+                shutil.copytree(step, run_dir / step.name, ignore=shutil.ignore_patterns("ray_train"))
+
+
+def _slug(name: str) -> str:
+    return VANILLA if name == VANILLA else name.replace(strategies.SEP, "-")

@@ -1,4 +1,4 @@
-"""The ``tandem`` command line: ``models`` (list / pull / verify), ``run`` and ``serve``.
+"""The ``tandem`` command line: ``models`` (list / pull / verify), ``run``, ``plan``, ``table`` and ``serve``.
 
 Knows argument parsing, logging setup and turning failures into one clear last line and a
 non-zero exit. ``run`` is BetterTogether end to end (``engine.run``); with no arguments it is the
@@ -45,7 +45,7 @@ def _run_config(args: argparse.Namespace):
         **one_run, program=args.program, model=args.model, replicas=args.replicas,
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
         val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle, threads=args.threads,
-        address=args.address,
+        address=args.address, storage=args.storage,
         program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
         data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
 
@@ -79,20 +79,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from actors import connect
+    from engine.plan import check, describe, make_plan, nodes_now
+
+    cfg = _run_config(args)
+    connect(cfg.address)
+    nodes = nodes_now()
+    phases = make_plan(cfg, nodes)
+    print(describe(phases, nodes))
+    check(phases)
+    print(f"plan ok: {cfg.replicas} replica(s) of {cfg.model}, strategy '{cfg.strategy}', lifecycle {cfg.lifecycle}")
+    return 0
+
+
 def _table(args: argparse.Namespace) -> int:
     from engine.table import TableConfig, run_table
     from engine.table_report import write_table
 
     run_cfg = _run_config(args)
-    strategies = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER
+    names = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER
     out = args.out or f"runs/table-{run_cfg.program.replace(':', '-').replace('.', '-')}"
-    cfg = TableConfig(run=run_cfg, strategies=strategies, seeds=tuple(range(args.seeds)), out_dir=out,
+    cfg = TableConfig(run=run_cfg, strategies=names, seeds=tuple(range(args.seeds)), out_dir=out,
                       test_size=args.test_size)
     logger.info("table: %s on %s, %d strategies x %d seeds into %s", run_cfg.program, run_cfg.model,
-                len(strategies), args.seeds, out)
+                len(names), args.seeds, out)
     cells = run_table(cfg)
     title = f"{run_cfg.program} on {run_cfg.model} ({len(cfg.seeds)} seeds)"
-    paths = write_table(cells, out, title, {"run": vars(run_cfg), "strategies": list(strategies),
+    paths = write_table(cells, out, title, {"run": vars(run_cfg), "strategies": list(names),
                                             "seeds": list(cfg.seeds)})
     print(paths["md"].read_text())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
@@ -151,6 +165,7 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
     r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
     r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
     r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--storage", help="copy the run dir here at the end and resume from it (path or s3://, gs:// URI)")
     r.add_argument("--program-arg", action="append", metavar="KEY=VALUE",
                    help="argument of the program's Program() (repeatable; e.g. retriever=bm25:corpus.jsonl)")
     r.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
@@ -172,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="optimize a program with BetterTogether (default: Iris on SmolLM2-135M)")
     _add_run_flags(r)
     r.set_defaults(func=_run)
+
+    p = sub.add_parser("plan", help="dry run: print what a run places where; fail if the cluster cannot hold it")
+    _add_run_flags(p)
+    p.set_defaults(func=_plan)
 
     t = sub.add_parser("table", help="the paper's table: every strategy x seeds, scored on the test split")
     _add_run_flags(t, one_run=False)

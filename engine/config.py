@@ -46,6 +46,10 @@ class RunConfig:
     threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
     lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
+    storage: str | None = field(default=None, metadata={
+        "help": "copy the run dir here when the run ends and resume from it (path or s3://, gs://, file:// URI)"})
+    plan_check: bool = field(default=True, metadata={
+        "help": "refuse to start when the cluster's nodes cannot hold the run (false on autoscaling clusters)"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
                                  metadata={"help": "prompt-step budget (3 random + 3 fixed = 6 candidates)"})
     lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(epochs=2, lr=1e-4, cpus_per_worker=2),
@@ -59,9 +63,9 @@ class RunConfig:
             raise ValueError("train_size/val_size must be >= 0, replicas and threads >= 1")
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share (not the address, thread count or run dir)."""
+        """Settings a resumed run must share (not where it runs or is stored, nor the thread count)."""
         data = asdict(self)
-        for key in ("address", "threads", "run_dir"):
+        for key in ("address", "threads", "run_dir", "storage", "plan_check"):
             data.pop(key)
         return data
 

@@ -19,9 +19,11 @@ import dspy
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
+from engine.plan import check, describe, make_plan, nodes_now
 from engine.program_io import save_program
 from engine.prompt_step import PromptStep
 from engine.report import write_report
+from engine.storage import pull, push
 from engine.weight_step import WeightStep
 from programs.base import ProgramSpec, Splits, resolve
 
@@ -76,11 +78,19 @@ def run(cfg: RunConfig) -> RunOutcome:
     spec = resolve(cfg.program)
     splits = spec.splits(cfg.seed, **cfg.data_args)
     pool = make_pool(cfg)
+    if cfg.plan_check:
+        phases = make_plan(cfg, nodes_now())
+        logger.info("plan:\n%s", describe(phases, nodes_now()))
+        check(phases)
+    if cfg.storage:
+        pull(cfg.storage, cfg.run_dir)
     try:
         pool.launch()
         best = compile_strategy(cfg, spec, pool, splits)
     finally:
         pool.kill()
+        if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
+            push(cfg.run_dir, cfg.storage)  # what was done survives this machine, finished or not
     run_dir = Path(cfg.run_dir)
     top = best.candidate_programs[0]
     save_program(best, run_dir / "program.json")
@@ -94,6 +104,8 @@ def run(cfg: RunConfig) -> RunOutcome:
         "failed_step": best.flag_compilation_error_occurred}, indent=2))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
                  best.best_strategy, best.flag_compilation_error_occurred)
+    if cfg.storage:
+        push(run_dir, cfg.storage)
     scores = {c.strategy: c.score for c in best.candidate_programs}
     return RunOutcome(run_dir, best.best_strategy, top.score, scores, best.flag_compilation_error_occurred,
                       time.perf_counter() - started)

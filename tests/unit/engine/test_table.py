@@ -72,3 +72,10 @@ def test_table_command_takes_no_single_run_flags():
     assert args.strategies == "vanilla,p" and args.seeds == 1 and args.data_arg == ["a=1"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["table", "--strategy", "p"])
+
+
+def test_table_command_refuses_a_bad_strategy_before_starting_anything(caplog):
+    from engine.cli import main
+
+    assert main(["table", "--strategies", "vanilla,p -> x", "--seeds", "1"]) == 1
+    assert "Strategy contains invalid optimizer keys: ['x']" in caplog.text

@@ -1,0 +1,123 @@
+"""``tandem plan``: what a run will place where on the cluster, checked before anything starts.
+
+Knows the run's resource phases — the prompt steps (N vLLM replicas, each a placement group of
+one bundle per tensor-parallel worker, packed on one node) and the weight step (Ray Train
+workers: with ``relaunch`` they take the resources the killed replicas free; with ``hotswap``
+they run beside the live replicas) — and places every bundle first-fit on the nodes' total
+resources, as Ray's scheduler would on an idle cluster. A plan with problems makes ``run`` fail
+at once with them named instead of waiting for resources that will never come. Does not know
+autoscalers: on a cluster that adds nodes on demand, turn the check off (``plan_check: false``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors import ReplicaConfig
+from actors import device
+from engine import strategy as strategies
+from engine.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node: its address and total resources (CPU, GPU, memory, custom)."""
+
+    address: str
+    resources: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One group of bundles (a replica or a training worker) and the node it lands on (None: nowhere)."""
+
+    what: str
+    bundles: tuple[dict[str, float], ...]
+    node: str | None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What runs at the same time."""
+
+    name: str
+    placed: tuple[Placed, ...]
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{self.name}: {p.what} needs {_fmt(_sum(p.bundles))} on one node; no node has that left"
+                for p in self.placed if p.node is None]
+
+
+def nodes_now() -> list[Node]:
+    """The alive nodes of the connected Ray cluster."""
+    import ray
+
+    return [Node(n["NodeManagerAddress"], dict(n["Resources"])) for n in ray.nodes() if n.get("Alive")]
+
+
+def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
+    """The run's phases placed on ``nodes``.
+
+    Example:
+        >>> phases = make_plan(RunConfig(), [Node("10.0.0.1", {"CPU": 2.0})])
+        >>> [p.name for p in phases], phases[0].problems
+        (['prompt steps', 'weight step (relaunch)'], [])
+    """
+    rcfg = ReplicaConfig(model=cfg.model, num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica,
+                         tensor_parallel_size=cfg.tensor_parallel_size)
+    replicas = [(f"replica {r}", tuple(device.bundles(rcfg))) for r in range(cfg.replicas)]
+    worker = {"CPU": float(cfg.lora.cpus_per_worker), **({"GPU": 1.0} if cfg.lora.use_gpu else {})}
+    workers = [(f"training worker {w}", (worker,)) for w in range(cfg.lora.num_workers)]
+    phases = [Phase("prompt steps", _place(replicas, nodes))]
+    if "w" in strategies.parse(cfg.strategy, ("p", "w")):
+        if cfg.lifecycle == "relaunch":
+            phases.append(Phase("weight step (relaunch)", _place(workers, nodes)))
+        else:
+            phases.append(Phase("weight step (hotswap)", _place(replicas + workers, nodes)))
+    return phases
+
+
+def check(phases: list[Phase]) -> None:
+    """Raise ``ValueError`` naming every group that cannot be placed."""
+    problems = [p for phase in phases for p in phase.problems]
+    if problems:
+        raise ValueError("the cluster cannot hold this run: " + "; ".join(problems)
+                         + ". Lower replicas / cpus_per_replica / gpus_per_replica / lora.num_workers, add nodes, "
+                         "or set plan_check: false on an autoscaling cluster")
+
+
+def describe(phases: list[Phase], nodes: list[Node]) -> str:
+    """A readable plan: the nodes, then each phase's groups and where they go."""
+    lines = ["nodes:"] + [f"  {n.address}: {_fmt(n.resources)}" for n in nodes]
+    for phase in phases:
+        lines.append(f"{phase.name}:")
+        lines += [f"  {p.what}: {_fmt(_sum(p.bundles))} -> {p.node or 'NO NODE FITS'}" for p in phase.placed]
+    return "\n".join(lines)
+
+
+def _place(groups: list[tuple[str, tuple[dict, ...]]], nodes: list[Node]) -> tuple[Placed, ...]:
+    free = [dict(n.resources) for n in nodes]
+    placed = []
+    for what, bundles in groups:
+        need = _sum(bundles)  # STRICT_PACK: a replica's tensor-parallel bundles share one node
+        index = next((i for i, f in enumerate(free) if all(f.get(k, 0.0) >= v for k, v in need.items())), None)
+        if index is not None:
+            for k, v in need.items():
+                free[index][k] -= v
+        placed.append(Placed(what, bundles, None if index is None else nodes[index].address))
+    return tuple(placed)
+
+
+def _sum(bundles: tuple[dict, ...]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: v for k, v in total.items() if v}
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU") if k in resources] + sorted(
+        k for k in resources if k not in ("CPU", "GPU") and not k.startswith(("node:", "memory", "object_store")))
+    return ", ".join(f"{resources[k]:g} {k}" for k in keys) or "nothing"

@@ -15,8 +15,10 @@ programs until asked.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import dspy
 
@@ -88,6 +90,22 @@ def resolve(name: str) -> ProgramSpec:
         raise ValueError(f"program {name!r} lacks {missing}: a program module needs Program(**args), "
                          "load_splits(seed, **args) and metric(example, prediction, trace=None)")
     return ProgramSpec(name, target.Program, target.load_splits, target.metric)
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line of a JSONL file, parsed, with its ``file:line`` for error messages.
+
+    Raises:
+        ValueError: a line that is not valid JSON (file and line named).
+    """
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _has_all(obj: object) -> bool:

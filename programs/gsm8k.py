@@ -21,7 +21,6 @@ spelled out in words are not numbers. Knows DSPy and the GSM8K file formats; doe
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -31,7 +30,7 @@ from typing import Any, Iterable
 
 import dspy
 
-from programs.base import Splits
+from programs.base import Splits, jsonl_rows
 
 ENV_PATH = "TANDEM_GSM8K_PATH"
 _HOW = (f"pass path=<dir> or set {ENV_PATH}=<dir>, where <dir> holds the official train.jsonl and "
@@ -149,17 +148,7 @@ def _read(root: Path) -> tuple[list[dspy.Example], list[dspy.Example]]:
 
 
 def _read_jsonl(file: Path) -> list[dspy.Example]:
-    examples = []
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(_example(row, f"{file}:{lineno}"))
-    return examples
+    return [_example(row, where) for where, row in jsonl_rows(file)]
 
 
 def _read_saved_dataset(root: Path) -> tuple[list[dspy.Example], list[dspy.Example]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import dspy
 
-from programs.base import Splits
+from programs.base import Splits, jsonl_rows
 from programs.retrieval import Retriever, make_retriever
 
 ENV_CORPUS = "TANDEM_HOTPOTQA_CORPUS"
@@ -172,16 +172,7 @@ def _read(file: Path) -> list[dspy.Example]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         return [_example(row, f"{file} item {i}") for i, row in enumerate(rows)]
-    examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
-        examples.append(_example(row, f"{file}:{lineno}"))
-    return examples
+    return [_example(row, where) for where, row in jsonl_rows(file)]
 
 
 def _example(row: Any, where: str) -> dspy.Example:

@@ -16,12 +16,13 @@ optimizers make share one index. Knows HTTP and bm25s; does not know DSPy progra
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import requests
+
+from programs.base import jsonl_rows
 
 logger = logging.getLogger(__name__)
 
@@ -103,17 +104,10 @@ def read_corpus(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"passage corpus {path} does not exist (JSONL of {{id, title, text}})")
     passages = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("title", "text")):
-                raise ValueError(f"{path}:{lineno}: a passage is an object with string 'title' and 'text'")
-            passages.append(f"{row['title'].strip()} | {row['text'].strip()}")
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in ("title", "text")):
+            raise ValueError(f"{where}: a passage is an object with string 'title' and 'text'")
+        passages.append(f"{row['title'].strip()} | {row['text'].strip()}")
     if not passages:
         raise ValueError(f"passage corpus {path} is empty")
     return passages

@@ -1,9 +1,11 @@
 """Connecting to Ray: an existing cluster when there is one, else a local one set up for vLLM.
 
 Knows one rule that matters for vLLM replicas: vLLM's engine process does not die with a killed
-parent (vllm#55510), so a local Ray is started with the raylet as subreaper, which kills the
-orphaned descendants of a dead worker. On a cluster set the same variable on `ray start`
-(see cluster/). Does not know pools or models.
+parent (vllm#55510), so a local Ray is started with per-worker process groups, which the raylet
+kills whole when a worker dies. On a cluster set the same variable on `ray start` (see cluster/).
+Not Ray's older subreaper switch: it makes every worker ignore SIGCHLD, so a job's entrypoint
+exit code reads as 0 and a failed `ray job submit` run is reported SUCCEEDED.
+Does not know pools or models.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-SUBREAPER = "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"
+CHILD_CLEANUP = "RAY_process_group_cleanup_enabled"
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, namespace: str = "tandem") -> None:
@@ -34,6 +36,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
         ray.init(address=address, namespace=namespace, log_to_driver=True)
         logger.info("joined Ray cluster at %s", address)
         return
-    os.environ.setdefault(SUBREAPER, "1")
+    os.environ.setdefault(CHILD_CLEANUP, "1")
     ray.init(num_cpus=num_cpus, namespace=namespace, log_to_driver=True)  # dashboard: state API
     logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

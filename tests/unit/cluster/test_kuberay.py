@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.runtime import SUBREAPER
+from actors.runtime import CHILD_CLEANUP
 from cluster.manifests import check_rayjob, check_rayservice, images, load, ray_version_of
 from engine.cli import build_parser
 from engine.config import load_yaml
@@ -111,7 +111,7 @@ def test_images_and_ray_version_match_the_pinned_ray(path, ray_pin):
 @pytest.mark.parametrize("path", [RAYJOB, RAYSERVICE], ids=lambda p: p.stem)
 def test_every_raylet_kills_orphaned_vllm_processes(path):
     for container in _containers(load(path)):
-        assert {"name": SUBREAPER, "value": "1"} in container["env"], container["name"]
+        assert {"name": CHILD_CLEANUP, "value": "1"} in container["env"], container["name"]
 
 
 def test_ray_version_of_refuses_unversioned_images():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.runtime import SUBREAPER
+from actors.runtime import CHILD_CLEANUP
 from cluster.manifests import check_launcher, images, load, ray_version_of
 
 CLUSTER = Path(__file__).resolve().parents[3] / "cluster"
@@ -46,11 +46,11 @@ def test_setup_installs_the_project_with_the_gpu_extra_at_the_runtime_env_pins(c
     assert config["file_mounts"]["/home/ray/tandem"] == "."
 
 
-def test_head_starts_with_no_cpus_and_every_raylet_as_subreaper(config):
+def test_head_starts_with_no_cpus_and_every_raylet_with_process_group_cleanup(config):
     head = " ".join(config["head_start_ray_commands"])
     worker = " ".join(config["worker_start_ray_commands"])
     assert "--num-cpus=0" in head
-    assert f"{SUBREAPER}=1 ray start" in head and f"{SUBREAPER}=1 ray start" in worker
+    assert f"{CHILD_CLEANUP}=1 ray start" in head and f"{CHILD_CLEANUP}=1 ray start" in worker
 
 
 @pytest.mark.parametrize("change, message", [

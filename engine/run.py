@@ -79,8 +79,9 @@ def run(cfg: RunConfig) -> RunOutcome:
     splits = spec.splits(cfg.seed, **cfg.data_args)
     pool = make_pool(cfg)
     if cfg.plan_check:
-        phases = make_plan(cfg, nodes_now())
-        logger.info("plan:\n%s", describe(phases, nodes_now()))
+        nodes = nodes_now()
+        phases = make_plan(cfg, nodes)
+        logger.info("plan:\n%s", describe(phases, nodes))
         check(phases)
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)

@@ -4,13 +4,15 @@ Knows: the paper's LoRA defaults (r=32, alpha=64, dropout 0, q/k attention, 5 ep
 effective batch 8, bf16 where the device has it), turning chat rows into token ids with the
 model's chat template and loss only on the completion (the assistant turn), length-bucketed
 micro-batches so padding stays small, gradient accumulation to reach the effective batch, and
-saving the adapter as a Ray Train checkpoint. ``train_loop`` is a plain function: benchmarks run
-it without Ray. Data comes as a Parquet dataset of ``messages`` (JSON) rows (see ``read_rows``).
+saving the adapter as a Ray Train checkpoint, and — for models whose optimizer state or weights
+do not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state) in
+place of DDP. ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet dataset of ``messages`` (JSON) rows (see ``read_rows``).
 Does not know DSPy or the pool. torch/peft/transformers are imported inside the workers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -43,6 +45,9 @@ class LoraTrainConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker (torch threads on CPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    zero_stage: int = field(default=0, metadata={
+        "help": "DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights; 0 = DDP"})
+    zero_offload: bool = field(default=False, metadata={"help": "ZeRO: keep the optimizer state in CPU memory"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -54,6 +59,10 @@ class LoraTrainConfig:
             raise ValueError("lr must be > 0 and dropout in [0, 1)")
         if self.bf16 not in ("auto", "yes", "no"):
             raise ValueError(f"bf16 must be 'auto', 'yes' or 'no', got {self.bf16!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0 (DDP), 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_offload and not self.zero_stage:
+            raise ValueError("zero_offload needs a ZeRO stage (zero_stage 1, 2 or 3)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,13 @@ def tokenize(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[in
     return ids, labels
 
 
+def shard(rows: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s rows, every rank the same count (the first rows repeat to fill the last
+    ranks, as torch's DistributedSampler does), so all ranks take the same number of steps."""
+    total = -(-len(rows) // world) * world
+    return [rows[i % len(rows)] for i in range(rank, total, world)]
+
+
 def buckets(lengths: list[int], size: int, seed: int) -> list[list[int]]:
     """Micro-batches of indices of similar length, in a seeded random order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -88,7 +104,7 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker (or a plain process when ``config['rows']`` is given).
 
     Config keys: ``train`` (LoraTrainConfig as dict), ``model_path``, and either ``rows``
-    (list of message lists, no Ray) or ``data_path`` (Parquet; each worker takes rows rank::world).
+    (list of message lists, no Ray) or ``data_path`` (Parquet; each worker takes its ``shard``).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -96,13 +112,15 @@ def train_loop(config: dict) -> None:
 
     cfg = LoraTrainConfig(**config["train"])
     in_ray = "rows" not in config
+    if cfg.zero_stage and not in_ray:
+        raise ValueError("zero_stage needs Ray Train workers (a process group): use train_lora")
     if in_ray:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        rows = read_rows(config["data_path"])[rank::world]
+        rows = shard(read_rows(config["data_path"]), rank, world)
         device = ray.train.torch.get_device()
     else:
         rank, world, rows = 0, 1, config["rows"]
@@ -113,48 +131,120 @@ def train_loop(config: dict) -> None:
     bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32
 
+    accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
+    ds_config = deepspeed_config(cfg, accum, bf16) if cfg.zero_stage else None
+    if cfg.zero_stage == 3:  # transformers loads each weight straight into its shard (zero.Init)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers keeps a weakref)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    base = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype).to(device)
+    base = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    if cfg.zero_stage != 3:
+        base = base.to(device)
     model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-    if in_ray and world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
     data = [tokenize(tokenizer, m, cfg.max_seq_len) for m in rows]
-    accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    engine = None
+    if ds_config:
+        import deepspeed
+
+        engine, optim, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
+    elif in_ray and world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    history, tokens_total, started = [], 0, time.perf_counter()
-    model.train()
+    history, tokens_total, steps, started = [], 0, 0, time.perf_counter()
+    (engine or model).train()
     for epoch in range(cfg.epochs):
         batches = buckets([len(ids) for ids, _ in data], cfg.micro_batch_size, cfg.seed + epoch)
         epoch_loss, epoch_tokens = 0.0, 0
         for step, batch in enumerate(batches):
+            boundary = (step + 1) % accum == 0 or step == len(batches) - 1
             ids, labels, mask = _collate([data[i] for i in batch], pad, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            (loss / accum).backward()
-            if (step + 1) % accum == 0 or step == len(batches) - 1:
-                optim.step()
-                optim.zero_grad(set_to_none=True)
+            if engine is not None:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary
+                engine.set_gradient_accumulation_boundary(boundary)
+                loss = engine(input_ids=ids, attention_mask=mask, labels=labels).loss
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                (loss / accum).backward()
+                if boundary:
+                    optim.step()
+                    optim.zero_grad(set_to_none=True)
+                    steps += 1
             n = int(mask.sum())
             epoch_loss += float(loss.detach()) * n
             epoch_tokens += n
         tokens_total += epoch_tokens
         history.append(epoch_loss / max(1, epoch_tokens))
         metrics = {"epoch": epoch + 1, "loss": history[-1], "tokens": tokens_total,
-                   "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(data)}
+                   "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(data),
+                   "optimizer_steps": engine.global_steps if engine is not None else steps,
+                   "zero_stage": cfg.zero_stage, "weights_held": weights_held(model)}
         if in_ray and epoch < cfg.epochs - 1:
             ray.train.report(metrics)
-    metrics = {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started}
+    metrics = {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started,
+               "peak_mib": _peak_mib(device)}
     out = config.get("out_dir") or tempfile.mkdtemp(prefix="tandem-adapter-")
-    if rank == 0:
-        unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.save_pretrained(out)
-        Path(out, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    unwrapped = model.module if hasattr(model, "module") else model
+    with _gathered(unwrapped, cfg.zero_stage):  # ZeRO-3: every rank joins the gather of the adapter
+        if rank == 0:
+            unwrapped.save_pretrained(out)
+            Path(out, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     if in_ray:
         from ray.train import Checkpoint
 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(out) if rank == 0 else None)
     config.setdefault("result", metrics)
+
+
+def weights_held(model) -> float:
+    """The share of the model's weights this worker holds (1.0, or about 1/world under ZeRO-3)."""
+    held = total = 0
+    for p in model.parameters():
+        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
+        total += full
+    return held / max(1, total)
+
+
+def deepspeed_config(cfg: LoraTrainConfig, accum: int, bf16: bool) -> dict:
+    """The DeepSpeed config for ``cfg``'s ZeRO stage; it wraps our AdamW, so results match DDP's."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW, the same optimizer as the DDP path
+        "zero_force_ds_cpu_optimizer": False,  # offload without compiling DeepSpeedCPUAdam
+        "steps_per_print": 1 << 30,
+    }
+
+
+def _gathered(model, zero_stage: int):
+    """Context in which ZeRO-3's partitioned adapter weights are whole (a no-op otherwise)."""
+    import contextlib
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
+
+
+def _peak_mib(device) -> float:
+    """This worker's peak memory: CUDA allocations on a GPU, the process's peak RSS on a CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _collate(items, pad: int, device):
@@ -214,11 +304,15 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
         The adapter path and the final metrics (loss per epoch, tokens/s, wall time).
 
     Raises:
+        ValueError: a ZeRO stage is asked for and DeepSpeed is not installed.
         ray.train.TrainingFailedError: a worker failed (the cause is attached).
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.zero_stage and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"zero_stage={cfg.zero_stage} needs DeepSpeed, which is not installed here: "
+                         "pip install 'tandem[deepspeed]' (or set zero_stage: 0 for DDP)")
     resources = {"CPU": cfg.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop,

@@ -37,9 +37,9 @@ def test_image_is_the_pinned_ray_gpu_image(config, ray_pin):
     assert ray_version_of(image) == ray_pin and image.endswith("-gpu")
 
 
-def test_setup_installs_the_project_with_the_gpu_extra_at_the_runtime_env_pins(config):
+def test_setup_installs_the_project_with_the_gpu_extras_at_the_runtime_env_pins(config):
     commands = " ; ".join(config["setup_commands"])
-    assert re.search(r"pip install -e \S*tandem\[gpu\]", commands)
+    assert re.search(r"pip install -e \S*tandem\[gpu,deepspeed\]", commands)
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==(\S+)", commands))
     runtime_pins = dict(r.split("==") for r in load(CLUSTER / "runtime_env.yaml")["pip"] if "==" in r)
     assert pins and all(runtime_pins[name] == version for name, version in pins.items())

@@ -4,9 +4,10 @@ Knows: the paper's LoRA defaults (r=32, alpha=64, dropout 0, q/k attention, 5 ep
 effective batch 8, bf16 where the device has it), turning chat rows into token ids with the
 model's chat template and loss only on the completion (the assistant turn), length-bucketed
 micro-batches so padding stays small, gradient accumulation to reach the effective batch, and
-saving the adapter as a Ray Train checkpoint, and — for models whose optimizer state or weights
-do not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state) in
-place of DDP. ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet dataset of ``messages`` (JSON) rows (see ``read_rows``).
+saving the adapter as a Ray Train checkpoint. Workers run DDP, or — for models whose weights do
+not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
+``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
+dataset of ``messages`` (JSON) rows (see ``read_rows``).
 Does not know DSPy or the pool. torch/peft/transformers are imported inside the workers.
 """
 
@@ -42,7 +43,7 @@ class LoraTrainConfig:
     max_seq_len: int = field(default=1024, metadata={"help": "truncate longer sequences"})
     bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPUs that have it), 'yes', 'no'"})
     seed: int = field(default=0, metadata={"help": "shuffle and init seed"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP, or ZeRO with zero_stage)"})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker (torch threads on CPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
     zero_stage: int = field(default=0, metadata={

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning with peft, run by Ray Train (``TorchTrainer``, N workers, DDP).
+"""LoRA fine-tuning with peft, run by Ray Train (``TorchTrainer``, N workers, DDP or DeepSpeed ZeRO).
 
 Knows: the paper's LoRA defaults (r=32, alpha=64, dropout 0, q/k attention, 5 epochs, lr 1e-5,
 effective batch 8, bf16 where the device has it), turning chat rows into token ids with the

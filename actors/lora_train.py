@@ -13,6 +13,7 @@ Does not know DSPy or the pool. torch/peft/transformers are imported inside the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -154,6 +155,7 @@ def train_loop(config: dict) -> None:
     elif in_ray and world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    held = weights_held(model)  # fixed once DeepSpeed has partitioned (or not)
     history, tokens_total, steps, started = [], 0, 0, time.perf_counter()
     (engine or model).train()
     for epoch in range(cfg.epochs):
@@ -182,7 +184,7 @@ def train_loop(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": history[-1], "tokens": tokens_total,
                    "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(data),
                    "optimizer_steps": engine.global_steps if engine is not None else steps,
-                   "zero_stage": cfg.zero_stage, "weights_held": weights_held(model)}
+                   "zero_stage": cfg.zero_stage, "weights_held": held}
         if in_ray and epoch < cfg.epochs - 1:
             ray.train.report(metrics)
     metrics = {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started,
@@ -228,8 +230,6 @@ def deepspeed_config(cfg: LoraTrainConfig, accum: int, bf16: bool) -> dict:
 
 def _gathered(model, zero_stage: int):
     """Context in which ZeRO-3's partitioned adapter weights are whole (a no-op otherwise)."""
-    import contextlib
-
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed

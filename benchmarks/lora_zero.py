@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {list(MODES)}")
     ap.add_argument("--out", default="benchmarks/out/lora_zero.json")
     args = ap.parse_args()
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        ap.error(f"unknown modes {unknown}; valid: {list(MODES)}")
 
     from actors import connect, models
     from actors.lora_train import LoraTrainConfig, train_lora, write_rows

@@ -155,14 +155,15 @@ def ray_version_of(image: str) -> str:
     return match.group(1)
 
 
-def pin_drift(pip: Iterable[str], pyproject: Mapping[str, Any], extras: Iterable[str] = ("gpu",),
+def pin_drift(pip: Iterable[str], pyproject: Mapping[str, Any], extras: Iterable[str] = ("gpu", "deepspeed"),
               not_shipped: Iterable[str] = (), not_in_pyproject: Iterable[str] = ()) -> list[str]:
     """Differences between a pip list and pyproject's dependencies (+ the given extras).
 
     Args:
         pip: requirement strings (``name<spec>``), e.g. a runtime env's ``pip`` list.
         pyproject: the parsed pyproject.toml.
-        extras: optional-dependency groups that count as required.
+        extras: optional-dependency groups that count as required (default: those a GPU cluster
+            installs, as cluster/launcher/aws.yaml does).
         not_shipped: pyproject packages the pip list may leave out (e.g. what the image has).
         not_in_pyproject: pip packages pyproject does not list yet (still compared if it does).
 

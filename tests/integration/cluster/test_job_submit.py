@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actors.runtime import CHILD_CLEANUP
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -78,7 +80,7 @@ def head(tiny_model):
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(temp) / "token"),
-           "RAY_process_group_cleanup_enabled": "1"}
+           CHILD_CLEANUP: "1"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
                     "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],

@@ -4,7 +4,10 @@ Knows the two lifecycles — ``relaunch`` (the paper's: kill the replicas to fre
 accelerators, train, launch them again serving the adapters the pool served before plus the new
 ones) and ``hotswap`` (train on other resources while the replicas keep serving, then hot-load)
 — and the naming rule: every adapter gets a new id ``<base>:<prefix>[-<tag>]-<hash8>`` from the
-adapter's own bytes, so DSPy's cache never answers a new version with an old one's outputs.
+adapter's own bytes, so DSPy's cache never answers a new version with an old one's outputs —
+and the folder rule: an adapter's folder is ``adapter_dir_name(id)``, a file-name-safe slug of
+the id plus a hash of the whole id, directly under ``adapter_root`` (a hub id ``org/name`` or a
+checkpoint path as the base model never makes nested or outside folders).
 Several datasets (one per predictor) are trained one after another inside a single kill/launch.
 Adapters are trained into a staging dir and renamed into place only when complete.
 Does not know DSPy programs or traces: callers hand it Parquet files of chat rows.
@@ -15,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from actors import models
 from actors.lora_train import LoraTrainConfig, train_lora
 from actors.pool import ReplicaPool
 
 LIFECYCLES = ("relaunch", "hotswap")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
     Raises:
         ValueError: unknown lifecycle or no datasets.
         ray.train.TrainingFailedError: a training worker failed; with ``relaunch`` the pool is
-            launched again (serving what it served before) before the error propagates.
+            launched again (serving what it served before) before the error propagates — not
+            when a signal stops the driver (``KeyboardInterrupt``): then it stays down.
     """
     if lifecycle not in LIFECYCLES:
         raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
@@ -74,7 +80,7 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
             version = f"{prefix}-{_slug(tag)}" if tag else prefix
             staging = root / f".staging-{version}"
             data = data if "://" in str(data) else Path(data).resolve()  # workers run in other dirs
-            result = train_lora(train, model_path, str(data), str(staging), storage, name=version)
+            result = _in_thread(train_lora, train, model_path, str(data), str(staging), storage, name=version)
             staged[tag] = (staging, result.metrics)
 
     if lifecycle == "hotswap":
@@ -84,18 +90,54 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
         pool.kill()  # free the cores / GPUs for training
         try:
             train_all()
-        finally:
-            pool.launch(adapters=served)  # serve again, trained or not
+        except Exception:
+            pool.launch(adapters=served)  # serve again what was served; not when stopping (Ctrl-C, SIGTERM)
+            raise
+        pool.launch(adapters=served)
     results = {}
     for tag, (staging, metrics) in staged.items():
         name = f"{pool.model_id}:{staging.name.removeprefix('.staging-')}-{_digest(staging)}"
-        final = root / name.replace(":", "_")
+        final = root / adapter_dir_name(name)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
         pool.load_adapter(name, str(final))
         results[tag] = FinetuneResult(name, str(final), metrics)
     return results
+
+
+def _in_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread, waited for here.
+
+    Ray Train's ``fit()`` replaces the main thread's SIGINT handler (and never restores it); off
+    the main thread it does not, so Ctrl-C and SIGTERM keep stopping the driver while it trains.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the waiting thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="tandem-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # wakes up for signals
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def adapter_dir_name(adapter_id: str) -> str:
+    """The folder name of an adapter: a readable slug of its id and 8 hex digits of the id's hash.
+
+    Example:
+        >>> adapter_dir_name("org/Model-7B:ft-02-1a2b3c4d")  # doctest: +SKIP
+        'org-model-7b-ft-02-1a2b3c4d-5e6f7a8b'
+    """
+    digest = hashlib.sha256(adapter_id.encode()).hexdigest()[:8]
+    return f"{_slug(adapter_id)[-80:].lstrip('-')}-{digest}"
 
 
 def _slug(tag: str) -> str:

@@ -5,13 +5,20 @@ parent (vllm#55510), so a local Ray is started with per-worker process groups, w
 kills whole when a worker dies. On a cluster set the same variable on `ray start` (see cluster/).
 Not Ray's older subreaper switch: it makes every worker ignore SIGCHLD, so a job's entrypoint
 exit code reads as 0 and a failed `ray job submit` run is reported SUCCEEDED.
-Does not know pools or models.
+Also knows stopping: ``stop_on_signals()`` (the CLI's) makes SIGINT and SIGTERM — what Ctrl-C,
+docker, systemd and Kubernetes send — raise ``Stopped`` in the main thread, so ``finally`` blocks
+kill replicas and Serve before the process exits with 128 + the signal number; ``ray.init``
+(which installs its own SIGTERM handler) keeps it. Does not know pools or models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from typing import Iterator
 
 import ray
 
@@ -33,9 +40,65 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        with _stop_handlers_kept():
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
         logger.info("joined Ray cluster at %s", address)
         return
     os.environ.setdefault(CHILD_CLEANUP, "1")
-    ray.init(num_cpus=num_cpus, namespace=namespace, log_to_driver=True)  # dashboard: state API
+    with _stop_handlers_kept():
+        ray.init(num_cpus=num_cpus, namespace=namespace, log_to_driver=True)  # dashboard: state API
     logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind (``finally`` blocks clean up), then exit ``exit_code``.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM the same way.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopping = threading.Event()
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    if _stopping.is_set():  # cleanup is under way: let it finish (SIGKILL forces)
+        logger.warning("%s: already stopping, cleaning up", signal.Signals(signum).name)
+        return
+    _stopping.set()
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """From now on SIGINT and SIGTERM raise ``Stopped`` in the main thread (call it there).
+
+    Example:
+        >>> stop_on_signals()  # doctest: +SKIP
+        >>> try: run(cfg)  # doctest: +SKIP
+        ... except Stopped as stop: sys.exit(stop.exit_code)
+    """
+    _stopping.clear()
+    for sig in _SIGNALS:
+        signal.signal(sig, _raise_stopped)
+
+
+@contextlib.contextmanager
+def _stop_handlers_kept() -> Iterator[None]:
+    """Put ``stop_on_signals``' handlers back after a block that replaces them (``ray.init``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = [sig for sig in _SIGNALS if signal.getsignal(sig) is _raise_stopped]
+    try:
+        yield
+    finally:
+        for sig in ours:
+            signal.signal(sig, _raise_stopped)

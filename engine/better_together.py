@@ -3,9 +3,9 @@
 API-compatible with dspy 3.4.1's ``dspy.BetterTogether`` (same constructor, ``compile``
 arguments, validation and error meanings, ``candidate_programs`` best first with earlier winning
 ties, ``flag_compilation_error_occurred``), with its defects fixed: the fine-tuned LM scores the
-next prompt step's candidates, parse failures score 0 instead of aborting, ``teacher=`` works with
-the default prompt step, evaluation is concurrent, a too-small trainset does not silently leave
-an empty valset. Defaults: ``p`` = ``PromptStep`` (parallel BFRS), ``w`` = ``WeightStep``
+next prompt step's candidates, parse failures score 0 instead of aborting (other errors count
+against ``max_errors``), ``teacher=`` works with the default prompt step, evaluation is
+concurrent, a too-small trainset does not silently leave an empty valset. Defaults: ``p`` = ``PromptStep`` (parallel BFRS), ``w`` = ``WeightStep``
 (bootstrap -> Parquet -> Ray Train LoRA). Any dspy Teleprompter can be a step.
 With ``run_dir=`` every completed step is stored and a rerun skips it (``engine.run_store``).
 Does not launch or kill pools: the caller owns the pool's lifetime.
@@ -17,15 +17,16 @@ import inspect
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from engine import strategy as strategies
-from engine.evaluate import evaluate_many
+from engine.evaluate import collect_errors, evaluate_many
 from engine.prompt_step import Candidate, PromptStep
-from engine.run_store import RunStore
+from engine.run_store import AdapterRef, RunStore
 from engine.weight_step import WeightStep, pool_of
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class BetterTogether(Teleprompter):
                 run_dir: str | None = None, fingerprint: dict | None = None) -> dspy.Module:
         """Run the strategy; return the best program on the valset (the latest without a valset).
 
-        ``max_errors`` is accepted for compatibility: a failing example scores 0 and never aborts.
+        ``max_errors`` (default ``dspy.settings.max_errors``, as in dspy): a parse failure scores 0;
+        any other exception while a step runs its program or metric is an error, and a step with
+        ``max_errors`` errors fails (is not committed) with the first error named. Fewer errors
+        are recorded in the step's ``step.json`` (``extra.errors``).
         ``run_dir`` stores each completed step and resumes from them; ``fingerprint`` is what must
         match for a resume (model, program, settings).
 
@@ -82,19 +86,21 @@ class BetterTogether(Teleprompter):
         rng = random.Random(seed)
         candidates: list[Candidate] = []
         failed, error = False, None
-        program = self._step(store, 0, "", "", student, lambda: student, valset, threads, candidates)
-        for index, key in enumerate(steps, start=1):
-            if shuffle_trainset_between_steps:
-                rng.shuffle(trainset)
-            prefix = strategies.prefix(steps, index)
-            run = self._runner(key, program, trainset, valset, teacher, compile_args.get(key, {}), store, index)
-            try:
-                program = self._step(store, index, key, prefix, student, run, valset, threads, candidates)
-            except Exception as exc:
-                failed, error = True, f"step '{prefix}' failed: {type(exc).__name__}: {exc}"
-                logger.error("step %d/%d (%s) failed: %s: %s; returning the best program so far", index,
-                             len(steps), prefix, type(exc).__name__, exc)
-                break
+        limits = {} if max_errors is None else {"max_errors": max_errors}
+        with dspy.context(**limits):
+            program = self._step(store, 0, "", "", student, lambda: student, valset, threads, candidates)
+            for index, key in enumerate(steps, start=1):
+                if shuffle_trainset_between_steps:
+                    rng.shuffle(trainset)
+                prefix = strategies.prefix(steps, index)
+                run = self._runner(key, program, trainset, valset, teacher, compile_args.get(key, {}), store, index)
+                try:
+                    program = self._step(store, index, key, prefix, student, run, valset, threads, candidates)
+                except Exception as exc:
+                    failed, error = True, f"step '{prefix}' failed: {type(exc).__name__}: {exc}"
+                    logger.error("step %d/%d (%s) failed: %s: %s; returning the best program so far", index,
+                                 len(steps), prefix, type(exc).__name__, exc)
+                    break
         ranked = sorted(range(len(candidates)), key=lambda i: (
             -(candidates[i].score if candidates[i].score is not None else float("-inf")), i))
         best = candidates[ranked[0]] if valset else candidates[-1]
@@ -109,14 +115,13 @@ class BetterTogether(Teleprompter):
         optimizer = self.optimizers[key]
 
         def run() -> dspy.Module:
-            if isinstance(optimizer, WeightStep):
-                optimizer.step_index = index
-                optimizer.step_dir = store.begin(index, key) if store else None
-                optimizer.adapter_root = store.adapters if store else None
             lms = [pred.lm for pred in program.predictors()]
             offered = {"trainset": list(trainset), "valset": valset, "teacher": teacher, **args}
             accepted = inspect.signature(optimizer.compile).parameters
             takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+            if "step_dir" in accepted:  # Tandem's weight step: where this run of it keeps its files
+                offered.update(step_dir=store.begin(index, key) if store else None, step_index=index,
+                               adapter_root=store.adapters if store else None)
             student_copy = program.deepcopy()
             student_copy.__dict__.pop("candidate_programs", None)  # the last prompt step's, not this step's
             new = optimizer.compile(student_copy, **{k: v for k, v in offered.items()
@@ -136,13 +141,14 @@ class BetterTogether(Teleprompter):
             candidates.append(Candidate(program, record.score, prefix))
             return program
         started = time.perf_counter()
-        program = run()
-        score = evaluate_many([program], valset, self.metric, num_threads=threads,
-                              desc=f"evaluate '{prefix or 'baseline'}'")[0] if valset else None
+        with collect_errors() as errors:
+            program = run()
+            score = evaluate_many([program], valset, self.metric, num_threads=threads,
+                                  desc=f"evaluate '{prefix or 'baseline'}'")[0] if valset else None
         logger.info("step '%s': score %s (%.0fs)", prefix or "baseline", score, time.perf_counter() - started)
         candidates.append(Candidate(program, score, prefix))
         if store:
-            extra = {"wall_s": round(time.perf_counter() - started, 1)}
+            extra = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors.as_dict()}
             optimizer = self.optimizers.get(key)
             if isinstance(optimizer, WeightStep):
                 extra.update(optimizer.last_run)
@@ -164,8 +170,8 @@ class BetterTogether(Teleprompter):
             pool = pool_of(program)
             served = set(pool.adapters())
             for adapter in record.adapters:
-                if adapter["name"] not in served:
-                    pool.load_adapter(adapter["name"], adapter["path"])
+                if adapter.name not in served:
+                    pool.load_adapter(adapter.name, str(adapter.path))
         return program
 
     def _check_compile_args(self, args: dict) -> dict:
@@ -201,11 +207,11 @@ def _split(trainset: list, valset: list | None, ratio: float) -> tuple[list, lis
     return trainset[n:], trainset[:n]
 
 
-def _adapters(program: dspy.Module) -> list[dict]:
-    """The adapters (name, path) the program's predictors use, read from their pool."""
+def _adapters(program: dspy.Module) -> list[AdapterRef]:
+    """The adapters the program's predictors use, read from their pool (none off a Tandem pool)."""
     models = {pred.lm.model for pred in program.predictors() if pred.lm is not None}
     try:
         pool = pool_of(program)
-    except (ValueError, LookupError):
+    except ValueError:
         return []
-    return [{"name": a.name, "path": a.path} for a in pool.adapter_records() if a.name in models]
+    return [AdapterRef(a.name, Path(a.path)) for a in pool.adapter_records() if a.name in models]

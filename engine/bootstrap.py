@@ -1,9 +1,10 @@
 """Trace bootstrapping: run a program over examples in parallel and keep what passes the metric.
 
 Knows: which predictor made each call of a trace, that only runs whose metric passes are kept
-(a parse failure or an LM error never passes), and how a passing trace becomes few-shot demos
-(for the prompt step) or chat fine-tuning rows with the *vanilla* prompt, no demos (for the
-weight step, as in the paper). Does not know Ray or training.
+(a parse failure never passes; other errors count against ``max_errors``, see
+``engine.evaluate``), and how a passing trace becomes few-shot demos (for the prompt step) or
+chat fine-tuning rows with the *vanilla* prompt, no demos (for the weight step, as in the paper).
+Does not know Ray or training.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class BootstrapResult:
 
 def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Callable, *,
               num_threads: int = 16, desc: str = "bootstrap") -> BootstrapResult:
-    """Run ``program`` on every example at once and keep the traces whose metric passes."""
+    """Run ``program`` on every example at once and keep the traces whose metric passes.
+
+    Raises:
+        engine.evaluate.TooManyErrors: ``max_errors`` runs failed with something other than a parse failure.
+    """
     names = {id(pred): name for name, pred in program.named_predictors()}
     runs = run_all([(program, ex) for ex in examples], metric, num_threads=num_threads, trace=True, desc=desc)
     traces = []

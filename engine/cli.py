@@ -9,10 +9,13 @@ a finished run dir with Ray Serve until Ctrl-C (``serve.app``). Does not know vL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from engine import strategy as strategies
+
+SECTIONS = ("lora", "prompt")  # RunConfig's nested configs: one flag per field each
 
 logger = logging.getLogger("tandem")
 
@@ -41,7 +44,13 @@ def _run_config(args: argparse.Namespace):
 
     cfg = load_yaml(args.config) if args.config else RunConfig()
     one_run = {k: getattr(args, k, None) for k in ("strategy", "run_dir", "seed")}
+    sections = {}
+    for section in SECTIONS:
+        changes = {k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith(f"{section}__") and v is not None}
+        if changes:
+            sections[section] = dataclasses.replace(getattr(cfg, section), **changes)
     return cfg.with_overrides(
+        **sections,
         **one_run, program=args.program, model=args.model, replicas=args.replicas,
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
         val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle, threads=args.threads,
@@ -81,14 +90,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors import connect
-    from engine.plan import check, describe, make_plan, nodes_now
+    from engine.plan import check, describe, make_plan, nodes_now, suggest
 
     cfg = _run_config(args)
     connect(cfg.address)
     nodes = nodes_now()
     phases = make_plan(cfg, nodes)
     print(describe(phases, nodes))
-    check(phases)
+    check(phases, suggest(cfg, nodes))
     print(f"plan ok: {cfg.replicas} replica(s) of {cfg.model}, strategy '{cfg.strategy}', lifecycle {cfg.lifecycle}")
     return 0
 
@@ -170,6 +179,29 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
                    help="argument of the program's Program() (repeatable; e.g. retriever=bm25:corpus.jsonl)")
     r.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
                    help="argument of its load_splits() (repeatable; e.g. path=/data/gsm8k)")
+    for section in SECTIONS:
+        _add_section_flags(r, section)
+
+
+def _add_section_flags(r: argparse.ArgumentParser, section: str) -> None:
+    """One flag per field of a nested config (``--lora-cpus-per-worker`` = YAML ``lora: cpus_per_worker``)."""
+    from engine.config import RunConfig
+
+    defaults = getattr(RunConfig(), section)
+    group = r.add_argument_group(f"{section} (YAML section '{section}:')")
+    for f in dataclasses.fields(defaults):
+        kind = str(f.type)
+        extra: dict = {"action": argparse.BooleanOptionalAction} if kind == "bool" else {
+            "metavar": f.name.upper(),
+            "type": _comma_tuple if kind.startswith("tuple") else {"int": int, "float": float}.get(kind, str)}
+        default = getattr(defaults, f.name)
+        default = ",".join(default) if isinstance(default, tuple) else default
+        group.add_argument(f"--{section}-{f.name.replace('_', '-')}", dest=f"{section}__{f.name}", default=None,
+                           help=f"{f.metadata.get('help', '')} (default {default})", **extra)
+
+
+def _comma_tuple(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,18 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 failed (the last line says why), 2 ``run`` kept the best program
+    before a failed step, 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM."""
+    from actors.runtime import stop_on_signals
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_on_signals()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:
+        logger.error("tandem %s stopped (%s); what was started is shut down", args.command, exc or "SIGINT")
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:
         logger.debug("failure", exc_info=True)
         logger.error("tandem %s failed: %s: %s", args.command, type(exc).__name__, exc)
         return 1
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """Disconnect (and stop a local Ray) before the interpreter exits, in order."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

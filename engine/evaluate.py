@@ -1,38 +1,90 @@
 """Evaluation fan-out: many programs x many examples scored concurrently on the pool.
 
 Knows: one thread pool over every (program, example) pair, so all candidates are evaluated at
-once and the replicas batch them (dspy evaluates candidates one after another); a failed call
-or a parse failure scores 0 for that pair instead of aborting the evaluation; scores are
-percentages (0-100) like ``dspy.Evaluate``. Also runs a program over examples with tracing
-(for bootstrapping). Does not know the pool: calls go through each program's LM.
+once and the replicas batch them (dspy evaluates candidates one after another); scores are
+percentages (0-100) like ``dspy.Evaluate``. Only an answer that does not parse
+(``AdapterParseError``) scores 0 as a wrong answer. Every other exception (LM or pool errors left
+after DSPy's retries, a dead engine, a retriever outage, a bug in the metric) is an *error*: the
+pair scores 0, the error is counted, and once ``max_errors`` errors happened (dspy's meaning and
+default: ``dspy.settings.max_errors``) the remaining pairs are cancelled and ``TooManyErrors``
+names the first error and the count. Errors below the limit are added to the active
+``ErrorLog`` (``collect_errors()``) so the caller can record them. Also runs a program over
+examples with tracing (for bootstrapping). Does not know the pool: calls go through each
+program's LM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
 
 logger = logging.getLogger(__name__)
 
+KEPT_MESSAGES = 5
+
+
+class TooManyErrors(RuntimeError):
+    """``max_errors`` runs failed with an error that is not a parse failure."""
+
 
 @dataclass(frozen=True)
 class Run:
-    """One program run on one example: its prediction (None on failure), score, trace, error."""
+    """One program run on one example: its prediction (None on failure), score, trace, error.
+
+    ``error`` is set for a parse failure too; ``parse_failure`` tells the two apart (only a parse
+    failure is a wrong answer, anything else is an error).
+    """
 
     example_index: int
     prediction: dspy.Prediction | None
     score: float
     trace: tuple = ()
     error: str | None = None
+    parse_failure: bool = False
+
+
+@dataclass
+class ErrorLog:
+    """Errors (not parse failures) seen while collecting: their count and the first messages."""
+
+    count: int = 0
+    runs: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, errors: list[str], runs: int) -> None:
+        self.count += len(errors)
+        self.runs += runs
+        self.messages.extend(errors[: max(0, KEPT_MESSAGES - len(self.messages))])
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "runs": self.runs, "first": list(self.messages)}
+
+
+_active_log: contextvars.ContextVar[ErrorLog | None] = contextvars.ContextVar("tandem_error_log", default=None)
+
+
+@contextlib.contextmanager
+def collect_errors() -> Iterator[ErrorLog]:
+    """Collect the errors of every ``run_all`` inside the block (in this thread/context)."""
+    log = ErrorLog()
+    token = _active_log.set(log)
+    try:
+        yield log
+    finally:
+        _active_log.reset(token)
 
 
 def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, *, num_threads: int = 16,
-            trace: bool = False, desc: str = "") -> list[Run]:
-    """Run every (program, example) job concurrently; never raises for a single failure.
+            trace: bool = False, desc: str = "", max_errors: int | None = None) -> list[Run]:
+    """Run every (program, example) job concurrently.
 
     Args:
         jobs: (program, example) pairs.
@@ -40,34 +92,70 @@ def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, 
         num_threads: concurrent calls.
         trace: collect the dspy trace of each run (for bootstrapping).
         desc: label for logs.
+        max_errors: errors (not parse failures) that stop the work; default ``dspy.settings.max_errors``.
 
     Returns:
-        One ``Run`` per job, in order.
+        One ``Run`` per job, in order; a parse failure or an error (below the limit) scores 0.
+
+    Raises:
+        TooManyErrors: ``max_errors`` jobs raised something other than a parse failure.
+
+    Example:
+        >>> runs = run_all([(program, ex) for ex in devset], metric, max_errors=5)  # doctest: +SKIP
     """
+    limit = max(1, max_errors if max_errors is not None else dspy.settings.max_errors)
+    lock, errors, stop = threading.Lock(), [], threading.Event()
 
     def one(job_index: int) -> Run:
+        if stop.is_set():
+            return Run(job_index, None, 0.0, (), "cancelled: too many errors")
         program, example = jobs[job_index]
         try:
             with dspy.context(trace=[]):
                 prediction = program(**example.inputs())
                 steps = tuple(dspy.settings.trace) if trace else ()
+        except AdapterParseError as exc:  # the model answered, wrongly formatted: a wrong answer
+            return Run(job_index, None, 0.0, (), f"{type(exc).__name__}: {exc}", parse_failure=True)
+        except Exception as exc:
+            return failed(job_index, "program", exc)
+        try:
             score = metric(example, prediction, steps if trace else None)
-            return Run(job_index, prediction, float(score or 0), steps)
-        except Exception as exc:  # a parse failure or LM error: this pair fails, the rest go on
-            return Run(job_index, None, 0.0, (), f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            return failed(job_index, "metric", exc)
+        return Run(job_index, prediction, float(score or 0), steps)
+
+    def failed(job_index: int, where: str, exc: Exception) -> Run:
+        message = f"{where} raised {type(exc).__name__}: {exc}"
+        with lock:
+            errors.append(message)
+            if len(errors) >= limit:
+                stop.set()
+        return Run(job_index, None, 0.0, (), message)
 
     executor = ParallelExecutor(num_threads=max(1, num_threads), max_errors=len(jobs) + 1,
                                 disable_progress_bar=not desc, provide_traceback=False)
     runs = executor.execute(one, list(range(len(jobs))))
-    failures = [r for r in runs if r.error]
-    if failures:
-        logger.info("%s: %d of %d runs failed (first: %s)", desc or "runs", len(failures), len(runs), failures[0].error)
+    label = desc or "runs"
+    if len(errors) >= limit:
+        raise TooManyErrors(f"{label}: {len(errors)} runs failed with errors (max_errors={limit}; parse failures "
+                            f"not counted), the rest was cancelled; first: {errors[0]}")
+    parse_failures = sum(r.parse_failure for r in runs)
+    if errors or parse_failures:
+        logger.info("%s: %d of %d runs did not parse (score 0), %d failed with errors%s", label, parse_failures,
+                    len(runs), len(errors), f" (first: {errors[0]})" if errors else "")
+    log = _active_log.get()
+    if log is not None:
+        log.add(errors, len(runs))
     return runs
 
 
 def evaluate_many(programs: Sequence[dspy.Module], examples: Sequence[dspy.Example], metric: Callable, *,
-                  num_threads: int = 16, desc: str = "evaluate") -> list[float]:
-    """Scores (0-100) of every program on ``examples``, all pairs run concurrently."""
+                  num_threads: int = 16, desc: str = "evaluate") -> list[float | None]:
+    """Scores (0-100) of every program on ``examples``, all pairs run concurrently.
+
+    Raises:
+        TooManyErrors: see ``run_all``.
+    """
     if not examples:
         return [None] * len(programs)
     jobs = [(p, ex) for p in programs for ex in examples]

@@ -5,13 +5,14 @@ one bundle per tensor-parallel worker, packed on one node) and the weight step (
 workers: with ``relaunch`` they take the resources the killed replicas free; with ``hotswap``
 they run beside the live replicas) — and places every bundle first-fit on the nodes' total
 resources, as Ray's scheduler would on an idle cluster. A plan with problems makes ``run`` fail
-at once with them named instead of waiting for resources that will never come. Does not know
+at once with them named, and with the smallest change of flags that fits (``suggest``), instead
+of waiting for resources that will never come. Does not know
 autoscalers: on a cluster that adds nodes on demand, turn the check off (``plan_check: false``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors import ReplicaConfig
 from actors import device
@@ -78,13 +79,40 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     return phases
 
 
-def check(phases: list[Phase]) -> None:
-    """Raise ``ValueError`` naming every group that cannot be placed."""
+def check(phases: list[Phase], fix: str | None = None) -> None:
+    """Raise ``ValueError`` naming every group that cannot be placed, and ``fix`` (see ``suggest``)."""
     problems = [p for phase in phases for p in phase.problems]
     if problems:
-        raise ValueError("the cluster cannot hold this run: " + "; ".join(problems)
-                         + ". Lower replicas / cpus_per_replica / gpus_per_replica / lora.num_workers, add nodes, "
-                         "or set plan_check: false on an autoscaling cluster")
+        advice = (f"This fits the cluster: {fix}" if fix else "Lower --replicas / --cpus-per-replica / "
+                  "--gpus-per-replica / --lora-num-workers / --lora-cpus-per-worker, or add nodes")
+        raise ValueError("the cluster cannot hold this run: " + "; ".join(problems) + f". {advice} "
+                         "(or set plan_check: false on an autoscaling cluster)")
+
+
+def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
+    """The smallest change of the run's flags that makes its plan fit ``nodes``, or None.
+
+    Tries fewer replicas, fewer CPUs per training worker, fewer workers, both of the first two,
+    then the ``relaunch`` lifecycle, in that order.
+
+    Example:
+        >>> suggest(RunConfig(lifecycle="hotswap"), [Node("10.0.0.1", {"CPU": 2.0})])
+        '--replicas 1 --lora-cpus-per-worker 1'
+    """
+    lora = cfg.lora
+    tries: list[dict] = [{"replicas": r} for r in range(cfg.replicas - 1, 0, -1)]
+    tries += [{"lora.cpus_per_worker": c} for c in range(lora.cpus_per_worker - 1, 0, -1)]
+    tries += [{"lora.num_workers": w} for w in range(lora.num_workers - 1, 0, -1)]
+    tries += [{"replicas": r, "lora.cpus_per_worker": c} for r in range(cfg.replicas - 1, 0, -1)
+              for c in range(lora.cpus_per_worker - 1, 0, -1)]
+    tries += [{"lifecycle": "relaunch"}] if cfg.lifecycle != "relaunch" else []
+    for changes in tries:
+        top = {k: v for k, v in changes.items() if "." not in k}
+        nested = {k.split(".")[1]: v for k, v in changes.items() if "." in k}
+        candidate = replace(cfg, **top, lora=replace(lora, **nested))
+        if not any(phase.problems for phase in make_plan(candidate, nodes)):
+            return " ".join(f"--{k.replace('.', '-').replace('_', '-')} {v}" for k, v in changes.items())
+    return None
 
 
 def describe(phases: list[Phase], nodes: list[Node]) -> str:

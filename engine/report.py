@@ -6,22 +6,16 @@ Does not run anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from engine.run_store import RunStore
 
 
 def step_rows(run_dir: str | Path) -> list[dict]:
     """One row per completed step, in order: name, strategy prefix, score, wall time, model ids."""
-    rows = []
-    for step in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
-        record = step / "step.json"
-        if step.suffix == ".tmp" or not record.is_file():
-            continue
-        data = json.loads(record.read_text())
-        rows.append({"step": step.name, "strategy": data["strategy"] or "(baseline)", "score": data["score"],
-                     "wall_s": data.get("extra", {}).get("wall_s"), "models": sorted(set(data["models"].values())),
-                     "extra": data.get("extra", {})})
-    return rows
+    return [{"step": r.name, "strategy": r.strategy or "(baseline)", "score": r.score,
+             "wall_s": r.extra.get("wall_s"), "models": sorted(set(r.models.values())), "extra": r.extra}
+            for r in RunStore(run_dir).steps()]
 
 
 def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bool) -> Path:
@@ -42,6 +36,10 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
                       f"from {extra['passing_traces']} passing traces of {extra['attempted']} examples; loss per "
                       f"epoch {[round(x, 3) for x in m.get('loss_history', [])]}, {m.get('tokens_per_s', 0):.0f} "
                       f"tokens/s, adapter `{t['adapter']}` ({extra['lifecycle']})."]
+        errors = extra.get("errors") or {}
+        if errors.get("count"):
+            lines += ["", f"Errors in `{r['step']}` (below max_errors, each scored 0): {errors['count']} of "
+                      f"{errors['runs']} runs; first: {'; '.join(errors['first'][:2])}"]
     lines += ["", "![scores](scores.png)", ""]
     _chart(rows, run_dir / "scores.png")
     path = run_dir / "report.md"

@@ -8,7 +8,6 @@ winner (``program.json`` + ``best.json``), write the report, and kill the pool w
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,10 +18,11 @@ import dspy
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
-from engine.plan import check, describe, make_plan, nodes_now
+from engine.plan import check, describe, make_plan, nodes_now, suggest
 from engine.program_io import save_program
 from engine.prompt_step import PromptStep
 from engine.report import write_report
+from engine.run_store import BestRecord, RunStore
 from engine.storage import pull, push
 from engine.weight_step import WeightStep
 from programs.base import ProgramSpec, Splits, resolve
@@ -82,7 +82,7 @@ def run(cfg: RunConfig) -> RunOutcome:
         nodes = nodes_now()
         phases = make_plan(cfg, nodes)
         logger.info("plan:\n%s", describe(phases, nodes))
-        check(phases)
+        check(phases, suggest(cfg, nodes))
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)
     try:
@@ -94,15 +94,13 @@ def run(cfg: RunConfig) -> RunOutcome:
             push(cfg.run_dir, cfg.storage)  # what was done survives this machine, finished or not
     run_dir = Path(cfg.run_dir)
     top = best.candidate_programs[0]
+    store = RunStore(run_dir)
     save_program(best, run_dir / "program.json")
-    adapters = {a["name"]: a["path"] for r in sorted(run_dir.glob("[0-9][0-9]_*/step.json"))
-                for a in json.loads(r.read_text()).get("adapters", [])}
+    adapters = store.adapter_paths()
     models = {name: pred.lm.model for name, pred in best.named_predictors()}
-    (run_dir / "best.json").write_text(json.dumps({
-        "program": cfg.program, "program_args": cfg.program_args, "base_model": cfg.model,
-        "strategy": best.best_strategy, "score": top.score,
-        "models": models, "adapters": {m: adapters[m] for m in models.values() if m in adapters},
-        "failed_step": best.flag_compilation_error_occurred}, indent=2))
+    store.write_best(BestRecord(
+        cfg.program, cfg.program_args, cfg.model, best.best_strategy, top.score, models,
+        {m: adapters[m] for m in models.values() if m in adapters}, best.flag_compilation_error_occurred))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
                  best.best_strategy, best.flag_compilation_error_occurred)
     if cfg.storage:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from engine import strategy as strategies
 from engine.config import RunConfig
 from engine.evaluate import evaluate_many
 from engine.run import compile_strategy, make_pool
+from engine.run_store import copy_steps
 from programs.base import ProgramSpec, Splits, resolve
 
 logger = logging.getLogger(__name__)
@@ -168,14 +168,11 @@ def _finish(cell: Cell, path: Path) -> Cell:
 
 
 def _seed_from(parent_dir: Path, run_dir: Path, parent_steps: int) -> None:
-    """Copy the parent strategy's completed steps (not its run.json or winner) into a new run dir."""
+    """Copy the parent strategy's completed steps and their adapters into a new run dir."""
     if run_dir.exists():
         return  # an earlier, interrupted attempt: the run store resumes it
     run_dir.mkdir(parents=True)
-    for index in range(parent_steps + 1):
-        for step in parent_dir.glob(f"{index:02d}_*"):
-            if step.suffix != ".tmp" and (step / "step.json").is_file():
-                shutil.copytree(step, run_dir / step.name, ignore=shutil.ignore_patterns("ray_train"))
+    copy_steps(parent_dir, run_dir, parent_steps + 1)
 
 
 def _slug(name: str) -> str:

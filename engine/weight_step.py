@@ -57,15 +57,26 @@ class WeightStep(Teleprompter):
         self.lifecycle = lifecycle
         self.num_threads = num_threads
         self.multitask = multitask
-        self.step_dir: Path | None = None  # set by BetterTogether for each run of the step
-        self.adapter_root: Path | None = None
-        self.step_index = 0
-        self.last_run: dict = {}
+        self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
-    def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None) -> dspy.Module:
-        """Fine-tune on ``trainset`` traces; ``teacher``/``valset`` are accepted and unused (as in dspy)."""
+    def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None,
+                step_dir: str | Path | None = None, adapter_root: str | Path | None = None,
+                step_index: int = 0) -> dspy.Module:
+        """Fine-tune on ``trainset`` traces; ``teacher``/``valset`` are accepted and unused (as in dspy).
+
+        Args:
+            student: the program; every predictor uses the LM of one pool (``pool.lm()``).
+            trainset: examples to bootstrap traces on.
+            step_dir: where the traces Parquet and Ray Train's files go (default a new temp dir).
+            adapter_root: where the adapters go (default ``step_dir``).
+            step_index: the step's position in its strategy (names the adapter versions ``ft-NN``).
+
+        Raises:
+            NoTrainingDataError: no training example passed the metric.
+            engine.evaluate.TooManyErrors: bootstrapping hit ``max_errors`` errors.
+        """
         pool = pool_of(student)
-        step_dir = Path(self.step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
+        step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
         result = bootstrap(student, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap traces")
         rows = chat_rows(student, result.traces)
@@ -84,7 +95,7 @@ class WeightStep(Teleprompter):
             for name, path in datasets.items():
                 write_rows([r for r in rows if r["predictor"] == name], path)
         trained = finetune(pool, datasets, self.train, lifecycle=self.lifecycle,
-                           adapter_root=self.adapter_root or step_dir, prefix=f"ft-{self.step_index:02d}",
+                           adapter_root=adapter_root or step_dir, prefix=f"ft-{step_index:02d}",
                            storage=(step_dir / "ray_train").resolve())
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle,

@@ -4,8 +4,8 @@ Knows the run dir's finished-run files (``best.json``, ``program.json``, ``run.j
 ``step.json`` + ``program.json`` when a step other than the winner is served) and how to
 rebuild the program from them: the program's factory (``programs/<name>.py`` or a dotted module)
 plus the saved JSON state through ``engine.program_io``'s validating loader — never a pickle.
-Adapter paths are taken from ``best.json`` and, when the run dir was moved or copied, found again
-under ``RUN_DIR/adapters/``. Also derives the program's HTTP interface (input fields of its first
+The files are read through ``engine.run_store`` (paths relative to the run dir, so a moved or
+copied run dir serves). Also derives the program's HTTP interface (input fields of its first
 predictor, output fields of its last) from the signatures. Does not know Ray or HTTP.
 """
 
@@ -19,9 +19,7 @@ from pathlib import Path
 
 import dspy
 
-
-class RunDirError(ValueError):
-    """The run dir is missing, unfinished, or its files do not fit together."""
+from engine.run_store import RunDirError, RunStore
 
 
 @dataclass(frozen=True)
@@ -75,31 +73,26 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
     for name in ("best.json", "program.json", "run.json"):
         if not (root / name).is_file():
             raise RunDirError(f"{root} has no {name}: not a finished run (run `tandem run --run-dir {run_dir}`)")
-    best = json.loads((root / "best.json").read_text())
-    settings = json.loads((root / "run.json").read_text())
+    store = RunStore(root)
+    best, settings = store.best(), store.settings()
     program_file = root / "program.json"
+    strategy, score, models, recorded = best.strategy, best.score, best.models, best.adapters
     if step is not None:
-        record = root / step / "step.json"
-        if not record.is_file():
-            steps = sorted(p.name for p in root.glob("[0-9][0-9]_*") if (p / "step.json").is_file())
-            raise RunDirError(f"{root} has no completed step {step!r}; completed: {steps}")
-        data = json.loads(record.read_text())
-        program_file = root / step / "program.json"
-        best = {**best, "strategy": data["strategy"], "score": data["score"], "models": data["models"],
-                "adapters": {a["name"]: a["path"] for a in data.get("adapters", [])}}
+        record = store.step(step)
+        if record is None:
+            raise RunDirError(f"{root} has no completed step {step!r}; completed: {[r.name for r in store.steps()]}")
+        program_file = record.path / "program.json"
+        strategy, score, models = record.strategy, record.score, record.models
+        recorded = {a.name: a.path for a in record.adapters}
     adapters = {}
-    for model in set(best["models"].values()):
-        if model == best["base_model"]:
-            continue
-        recorded = Path(best.get("adapters", {}).get(model, ""))
-        local = root / "adapters" / model.replace(":", "_")
-        path = recorded if recorded.name and (recorded / "adapter_config.json").is_file() else local
-        if not (path / "adapter_config.json").is_file():
-            raise RunDirError(f"the program uses adapter {model!r} but neither {recorded} nor {local} holds it")
+    for model in set(models.values()) - {best.base_model}:
+        path = recorded.get(model)
+        if path is None or not (path / "adapter_config.json").is_file():
+            raise RunDirError(f"the program uses adapter {model!r} but {path or 'the run dir'} does not hold it "
+                              f"(adapters present: {sorted(p.name for p in store.adapters.glob('*'))})")
         adapters[model] = str(path)
-    return Winner(root, best["program"], best["base_model"], best.get("strategy", ""), best.get("score"),
-                  dict(best["models"]), dict(best.get("program_args", {})), adapters, int(settings.get("max_tokens", 512)),
-                  int(settings.get("max_model_len", 2048)),
+    return Winner(root, best.program, best.base_model, strategy, score, dict(models), dict(best.program_args),
+                  adapters, int(settings.get("max_tokens", 512)), int(settings.get("max_model_len", 2048)),
                   hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file)
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
+from actors.finetune import adapter_dir_name
 from actors.lora_train import LoraTrainConfig
 from engine.weight_step import NoTrainingDataError, WeightStep
 from tests.integration.conftest import Lenient, lora_b_moved, numbers, tiny_train_config
@@ -55,10 +56,10 @@ def _greedy(program, chats):
 def test_hotswap_trains_an_adapter_and_serves_it_under_a_new_id(pool, tmp_path):
     program = _program(pool)
     step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(), lifecycle="hotswap", num_threads=8)
-    step.step_dir, step.adapter_root, step.step_index = tmp_path / "02_w", tmp_path / "adapters", 2
     before_pids = {h["pid"] for h in pool.health()}
     with dspy.context(adapter=Lenient()):
-        tuned = step.compile(program, trainset=numbers(8))
+        tuned = step.compile(program, trainset=numbers(8), step_dir=tmp_path / "02_w",
+                             adapter_root=tmp_path / "adapters", step_index=2)
     name = tuned.lm.model
     assert name.startswith("tiny-llama:ft-02-") and name in pool.adapters()
     assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
@@ -69,7 +70,7 @@ def test_hotswap_trains_an_adapter_and_serves_it_under_a_new_id(pool, tmp_path):
     assert trained["adapter"] == name and trained["predictors"] == "*"
     assert metrics["epoch"] == 3 and metrics["tokens"] > 0 and len(metrics["loss_history"]) == 3
     assert metrics["loss_history"][-1] < metrics["loss_history"][0]
-    assert lora_b_moved(tmp_path / "adapters" / name.replace(":", "_"))
+    assert lora_b_moved(tmp_path / "adapters" / adapter_dir_name(name))
     chats = [json.loads(r["messages"]) for r in rows[:2]]
     assert all(isinstance(t, str) for t in _greedy(tuned, chats))  # the new id is served by the replicas
 
@@ -79,9 +80,8 @@ def test_per_predictor_adapters_train_one_adapter_per_module(pool, tmp_path):
     program.set_lm(pool.lm(max_tokens=12, cache=False))
     step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(epochs=1), lifecycle="hotswap",
                       num_threads=8, multitask=False)
-    step.step_dir, step.step_index = tmp_path / "04_w", 4
     with dspy.context(adapter=Lenient()):
-        tuned = step.compile(program, trainset=numbers(4))
+        tuned = step.compile(program, trainset=numbers(4), step_dir=tmp_path / "04_w", step_index=4)
     models = {name: pred.lm.model for name, pred in tuned.named_predictors()}
     assert models["draft"].startswith("tiny-llama:ft-04-draft-")
     assert models["answer"].startswith("tiny-llama:ft-04-answer-")
@@ -96,7 +96,6 @@ def test_per_predictor_adapters_train_one_adapter_per_module(pool, tmp_path):
 
 def test_no_passing_traces_is_a_clear_error(pool, tmp_path):
     step = WeightStep(lambda ex, pred, trace=None: False, LoraTrainConfig(cpus_per_worker=1), lifecycle="hotswap")
-    step.step_dir = tmp_path
     with pytest.raises(NoTrainingDataError, match="passed the metric on 0 of 4 training examples"):
-        step.compile(_program(pool), trainset=numbers(4))
+        step.compile(_program(pool), trainset=numbers(4), step_dir=tmp_path)
     assert not list(tmp_path.glob("*.parquet"))

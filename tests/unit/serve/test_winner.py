@@ -4,17 +4,19 @@ import json
 
 import pytest
 
+from actors.finetune import adapter_dir_name
 from serve.winner import RunDirError, load_winner
 
-BASE = "smollm2-135m-instruct"
+BASE = "org/SmolLM2-135M"  # a hub id: the adapter folder must not nest under adapters/org/
 ADAPTER = f"{BASE}:ft-02-abcd1234"
+FOLDER = adapter_dir_name(ADAPTER)
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     root = tmp_path / "run"
-    (root / "adapters" / ADAPTER.replace(":", "_")).mkdir(parents=True)
-    (root / "adapters" / ADAPTER.replace(":", "_") / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (root / "adapters" / FOLDER).mkdir(parents=True)
+    (root / "adapters" / FOLDER / "adapter_config.json").write_text(json.dumps({"r": 16}))
     (root / "run.json").write_text(json.dumps({"max_tokens": 150, "max_model_len": 1024}))
     (root / "program.json").write_text("{}")
     (root / "best.json").write_text(json.dumps({
@@ -24,7 +26,7 @@ def run_dir(tmp_path):
     (root / "02_w" / "program.json").write_text('{"x": 1}')
     (root / "02_w" / "step.json").write_text(json.dumps({
         "strategy": "p -> w", "score": 50.0, "models": {"predict": ADAPTER},
-        "adapters": [{"name": ADAPTER, "path": "/elsewhere/moved"}]}))
+        "adapters": [{"name": ADAPTER, "path": f"/elsewhere/run/adapters/{FOLDER}"}]}))
     return root
 
 
@@ -33,9 +35,26 @@ def test_winner_and_step(run_dir):
     assert (best.strategy, best.model, best.adapters, best.max_tokens) == ("p", BASE, {}, 150)
     step = load_winner(run_dir, "02_w")
     assert step.strategy == "p -> w" and step.model == ADAPTER
-    # the recorded adapter path is gone (run dir moved): found again under RUN_DIR/adapters
-    assert step.adapters == {ADAPTER: str(run_dir / "adapters" / ADAPTER.replace(":", "_"))}
+    # an older run dir recorded absolute paths; this one was moved since: found again under RUN_DIR/adapters
+    assert step.adapters == {ADAPTER: str(run_dir / "adapters" / FOLDER)}
     assert step.max_lora_rank == 16 and step.version != best.version
+
+
+def test_relative_adapter_paths_follow_a_moved_run_dir(run_dir, tmp_path):
+    record = json.loads((run_dir / "02_w" / "step.json").read_text())
+    record["adapters"] = [{"name": ADAPTER, "path": f"adapters/{FOLDER}"}]
+    (run_dir / "02_w" / "step.json").write_text(json.dumps(record))
+    moved = run_dir.rename(tmp_path / "elsewhere")
+    assert load_winner(moved, "02_w").adapters == {ADAPTER: str(moved / "adapters" / FOLDER)}
+
+
+def test_adapter_folder_names_are_flat_safe_and_distinct():
+    ids = ["org/name:ft-02-aa", "/abs/ckpt/m:ft-02-aa", "ckpt/m:ft-02-aa", "ckpt-m:ft-02-aa", "a b?*<>|:ft"]
+    names = [adapter_dir_name(i) for i in ids]
+    assert len(set(names)) == len(ids)  # 'ckpt/m' and 'ckpt-m' slug alike; the hash keeps them apart
+    assert all("/" not in n and n == n.strip("-.") and all(c.isalnum() or c == "-" for c in n) for n in names)
+    assert adapter_dir_name("x" * 500 + ":ft") != adapter_dir_name("y" * 500 + ":ft")
+    assert max(len(adapter_dir_name(i * 300)) for i in ids) <= 100
 
 
 def test_unfinished_or_missing_runs_are_named(run_dir, tmp_path):

@@ -3,7 +3,8 @@
 A *program module* (``programs/iris.py`` and friends, or a user's own) exposes three names:
 
 - ``Program(**program_args) -> dspy.Module``: a fresh, unoptimized program;
-- ``load_splits(seed=0, **data_args) -> Splits``: train / dev / test ``dspy.Example`` lists;
+- ``load_splits(seed=0, **data_args) -> Splits``: train / dev / test ``dspy.Example`` lists (a
+  plain ``(train, dev, test)`` tuple works too);
 - ``metric(example, prediction, trace=None) -> bool | float``.
 
 ``resolve(name)`` turns ``--program`` into a ``ProgramSpec``: a name under ``programs/``
@@ -48,8 +49,18 @@ class ProgramSpec:
         return self.factory(**program_args)
 
     def splits(self, seed: int = 0, **data_args: Any) -> Splits:
-        """The data; ``data_args`` (paths, sizes) go to the module's ``load_splits``."""
-        return self.loader(seed, **data_args)
+        """The data; ``data_args`` (paths, sizes) go to the module's ``load_splits``.
+
+        Raises:
+            ValueError: ``load_splits`` returned neither a ``Splits`` nor a (train, dev, test) triple.
+        """
+        splits = self.loader(seed, **data_args)
+        if isinstance(splits, Splits):
+            return splits
+        if isinstance(splits, (tuple, list)) and len(splits) == 3:
+            return Splits(*(list(part) for part in splits))
+        raise ValueError(f"program {self.name!r}: load_splits returned {type(splits).__name__}; "
+                         "return programs.base.Splits(train, dev, test) or a (train, dev, test) tuple")
 
 
 def resolve(name: str) -> ProgramSpec:

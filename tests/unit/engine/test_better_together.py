@@ -129,24 +129,25 @@ def test_failed_step_sets_flag_and_returns_best_so_far(program):
     assert [c.strategy for c in best.candidate_programs] == ["p", ""]
 
 
-def test_next_prompt_step_scores_candidates_with_the_tuned_lm(program):
-    tuned_lm, tuned = scripted_lm("scripted:ft-01", smart=True)
+def test_next_prompt_step_scores_candidates_with_the_tuned_lm(program, tmp_path):
+    tuned_lm, tuned = scripted_lm("scripted:ft-01", smart=True)  # right even zero-shot; the base is not
     base = program.engine
     best = BetterTogether(metric, p=p_step(), w=Swap(tuned_lm)).compile(
-        program, trainset=data(12), valset=data(6, 100), strategy="w -> p", seed=0)
-    base_calls_after_w = base.calls
-    assert tuned.calls > 6  # the w evaluation and every p candidate ran on the tuned LM
-    assert base.calls == base_calls_after_w
+        program, trainset=data(12), valset=data(6, 100), strategy="w -> p", seed=0, run_dir=str(tmp_path))
+    assert base.calls == 6  # the baseline's evaluation on the 6 valset examples, nothing after the swap
+    candidates = json.loads((tmp_path / "02_p" / "step.json").read_text())["extra"]["candidates"]
+    assert {c["seed"]: c["score"] for c in candidates}["-3"] == 100.0  # zero-shot: only the tuned LM is right
     assert {c.strategy: c.score for c in best.candidate_programs} == {"": 0.0, "w": 100.0, "w -> p": 100.0}
     assert best.lm.model == "scripted:ft-01"
 
 
-def test_teacher_list_is_accepted(program):
-    teacher_lm, _ = scripted_lm(smart=True)
+def test_teacher_list_is_accepted_and_the_teacher_bootstraps(program):
+    teacher_lm, teacher_engine = scripted_lm(smart=True)
     teacher = dspy.Predict("question -> answer")
     teacher.set_lm(teacher_lm)
     best = BetterTogether(metric, p=p_step()).compile(program, trainset=data(12), valset=data(6, 100),
                                                       teacher=[teacher], strategy="p")
+    assert teacher_engine.calls == 12  # the teacher ran over the whole trainset once (dspy wraps it in a list)
     assert best.best_strategy == "p"
 
 

@@ -5,8 +5,8 @@ with a copy of the completed steps of the longest strategy already run that is i
 run store then skips them), which program a strategy ends with (the program after its *last*
 step, as in the paper, not the best prefix), the test-set evaluation, and that a strategy whose
 prefix failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a
-score. Each strategy's test score is stored beside its run (``test.json``), so a rerun with the
-same output dir resumes. The table files are written by ``engine.table_report``. Does not know
+score. Each strategy's test score is stored beside its run (``test.json``, with the settings that
+made it), so a rerun with the same output dir and settings resumes; other settings are refused. The table files are written by ``engine.table_report``. Does not know
 vLLM or training.
 """
 
@@ -125,14 +125,20 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     done = run_dir / "test.json"
+    settings = json.loads(json.dumps({**cfg.fingerprint(), "test_size": len(test)}, default=str))
     if done.is_file():
         data = json.loads(done.read_text())
+        if data.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(data.get("settings") or {})
+                             if settings.get(k) != (data.get("settings") or {}).get(k))
+            raise ValueError(f"{done} holds a score made with other settings ({', '.join(changed)}); "
+                             "use a new --out or the same settings to resume")
         return Cell(name, cfg.seed, data["test_score"], data["dev_score"], data["reason"], str(run_dir), data["wall_s"])
     steps = [] if name == VANILLA else name.split(strategies.SEP)
     blocked = next((failed[p] for p in (strategies.prefix(steps, i) for i in range(1, len(steps) + 1)) if p in failed),
                    None)
     if blocked:
-        return _finish(Cell(name, cfg.seed, None, None, blocked, str(run_dir), 0.0), done)
+        return _finish(settings, Cell(name, cfg.seed, None, None, blocked, str(run_dir), 0.0), done)
     if parent is not None:
         _seed_from(run_dir.parent / _slug(parent), run_dir, len(parent.split(strategies.SEP)))
     with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
@@ -149,20 +155,21 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
                 first_missing = next(strategies.prefix(steps, i) for i in range(1, len(steps) + 1)
                                      if strategies.prefix(steps, i) not in reached)
                 failed[first_missing] = result.compilation_error or f"step '{first_missing}' produced no program"
-                return _finish(Cell(name, cfg.seed, None, None, failed[first_missing], str(run_dir),
+                return _finish(settings, Cell(name, cfg.seed, None, None, failed[first_missing], str(run_dir),
                                     time.perf_counter() - started), done)
             program, dev_score = final.program, final.score
         test_score = evaluate_many([program], test, spec.metric, num_threads=cfg.threads,
                                    desc=f"evaluate '{name}' on test")[0]
-    return _finish(Cell(name, cfg.seed, test_score, dev_score, None, str(run_dir), time.perf_counter() - started), done)
+    cell = Cell(name, cfg.seed, test_score, dev_score, None, str(run_dir), time.perf_counter() - started)
+    return _finish(settings, cell, done)
 
 
-def _finish(cell: Cell, path: Path) -> Cell:
+def _finish(settings: dict, cell: Cell, path: Path) -> Cell:
     cell = replace(cell, wall_s=round(cell.wall_s, 1))  # as stored, so a resumed table reads the same cells
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"test_score": cell.test_score, "dev_score": cell.dev_score, "reason": cell.reason,
-                               "wall_s": cell.wall_s}, indent=2))
+                               "wall_s": cell.wall_s, "settings": settings}, indent=2))
     tmp.rename(path)
     return cell
 

@@ -6,7 +6,7 @@ authentication on (Ray 2.60 turns it on for `ray start` whenever a token file ex
 prompt step) is submitted with `cluster/runtime_env.local.yaml` and must reach SUCCEEDED having
 joined that cluster (not started its own) and copied its run dir to the configured storage; a job
 asking for GPUs the cluster does not have must fail within seconds with the reason in its last log
-line. The head is stopped at the end.
+line. The head (every process carrying its test mark) is stopped at the end.
 """
 
 import json
@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from actors.runtime import CHILD_CLEANUP
+from tests.integration.processes import kill_marked, marked_env, new_mark
 
 pytestmark = pytest.mark.integration
 
@@ -73,20 +74,19 @@ def head(tiny_model):
 
     if ray.is_initialized():  # free the cores of the test session's own Ray
         ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True)
     temp = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     (Path(temp) / "token").write_text(token)
     port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(temp) / "token"),
-           CHILD_CLEANUP: "1"}
+    mark = new_mark()  # on every process of this head: stopped at the end without touching other Rays
+    env = marked_env(mark, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
+                     RAY_AUTH_TOKEN_PATH=str(Path(temp) / "token"), **{CHILD_CLEANUP: "1"})
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
                     "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     yield Head(f"http://127.0.0.1:{dashboard}", token, env)
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    kill_marked(mark)
 
 
 def test_a_small_iris_run_succeeds_and_an_impossible_one_fails_fast(head, tmp_path):
@@ -100,7 +100,10 @@ def test_a_small_iris_run_succeeds_and_an_impossible_one_fails_fast(head, tmp_pa
     assert status == "SUCCEEDED", logs[-3000:]
     assert "joined Ray cluster" in logs and "started a local Ray" not in logs  # the job's cluster, not a new one
     best = json.loads((tmp_path / "store" / "best.json").read_text())  # the run dir reached the storage
-    assert best["program"] == "iris" and best["strategy"] in ("", "p")
+    scores = {name: json.loads((tmp_path / "store" / name / "step.json").read_text())["score"]
+              for name in ("00_baseline", "01_p")}
+    assert best["program"] == "iris" and best["score"] == max(scores.values())
+    assert best["strategy"] == ("" if scores["00_baseline"] >= scores["01_p"] else "p")  # ties keep the earlier
     assert (tmp_path / "store" / "01_p" / "step.json").is_file() and (tmp_path / "store" / "report.md").is_file()
 
     started = time.monotonic()

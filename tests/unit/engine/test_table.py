@@ -79,3 +79,20 @@ def test_table_command_refuses_a_bad_strategy_before_starting_anything(caplog):
 
     assert main(["table", "--strategies", "vanilla,p -> x", "--seeds", "1"]) == 1
     assert "Strategy contains invalid optimizer keys: ['x']" in caplog.text
+
+
+def test_a_stored_cell_made_with_other_settings_is_refused(tmp_path):
+    from engine.config import RunConfig
+    from engine.table import _cell
+
+    cfg = RunConfig(run_dir=str(tmp_path / "cell"), strategy="p")
+    test = [object()] * 4
+    (tmp_path / "cell").mkdir()
+    stored = {"test_score": 50.0, "dev_score": 40.0, "reason": None, "wall_s": 1.0,
+              "settings": json.loads(json.dumps({**cfg.fingerprint(), "test_size": 4}))}
+    (tmp_path / "cell" / "test.json").write_text(json.dumps(stored))
+    assert _cell(cfg, None, None, None, test, "p", None, {}).test_score == 50.0  # same settings: resumed
+    with pytest.raises(ValueError, match="other settings \\(test_size\\)"):
+        _cell(cfg, None, None, None, test[:3], "p", None, {})
+    with pytest.raises(ValueError, match="other settings \\(train_size\\)"):
+        _cell(cfg.with_overrides(train_size=10), None, None, None, test, "p", None, {})

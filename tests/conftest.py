@@ -1,0 +1,14 @@
+"""Test-session isolation, applied before any test module imports DSPy or builds a model.
+
+- DSPy's disk cache goes to a fresh temporary dir (``DSPY_CACHEDIR``): no answer ever comes from an
+  earlier session's cache; subprocesses (CLI runs) inherit it.
+- Models are materialized under the checkout (``.tandem/test-models``, git-ignored), not into the
+  user's cache (``~/.cache/tandem/models``), unless ``TANDEM_MODEL_CACHE`` is set already.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["DSPY_CACHEDIR"] = tempfile.mkdtemp(prefix="tandem-test-dspy-cache-")
+os.environ.setdefault("TANDEM_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".tandem" / "test-models"))

@@ -6,8 +6,12 @@ Routes: ``POST /v1/predict`` (one input object, or a non-empty list of them), ``
 ``/docs`` + ``/openapi.json`` with request/response models built from the program's signature.
 Knows: the request and response models, the status codes (422 bad fields/types/empty list, 413
 body over the limit, 401 missing/wrong bearer token on every route but ``/healthz``, 400 an input
-the LM cannot take, 502 an answer that does not parse, 503 no LM replica, 500 anything else —
-every error body carries the request id Serve puts in ``x-request-id``). Does not know Ray, Serve or
+the LM cannot take, 404 an unknown model id, 502 an answer that does not parse, 503 no LM replica,
+500 anything else). Error bodies are ``{"error", "type", "request_id"}`` (the id Serve puts in
+``x-request-id``): the message and type of the root cause, found through ``__cause__`` and the
+``.cause`` of Ray's task errors (duck-typed), without ANSI codes, cut to ``MAX_MESSAGE`` characters
+and never a traceback; a 500 says only "internal error while answering" with the root cause's type
+and first line, the full detail going to the log with the request id. Does not import Ray, Serve or
 vLLM: the caller passes ``run_program`` and ``chat`` coroutines. (No ``from __future__ import
 annotations`` here: FastAPI reads the routes' annotations, which name models built at run time.)
 """
@@ -15,9 +19,11 @@ annotations`` here: FastAPI reads the routes' annotations, which name models bui
 import asyncio
 import hmac
 import logging
+import re
 import time
+import traceback
 import uuid
-from typing import Annotated, Any, Awaitable, Callable, Literal, Union
+from typing import Annotated, Any, Awaitable, Callable, Iterator, Literal, Union
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -28,6 +34,10 @@ from actors.types import Completion, GenerateRequest
 from serve.winner import Field, Winner
 
 logger = logging.getLogger(__name__)
+
+MAX_MESSAGE = 500  # characters of an error message in a response body
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+_TRACEBACK = "Traceback (most recent call last)"
 
 RunProgram = Callable[[dict], Awaitable[tuple[dict, dict]]]  # inputs -> (outputs, usage)
 Chat = Callable[[GenerateRequest], Awaitable[Completion]]
@@ -154,12 +164,27 @@ def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program
 
 
 def error_response(request: Request, exc: Exception) -> JSONResponse:
-    """The JSON error for a failure while answering, logged with the request id."""
+    """The JSON error for a failure while answering (no traceback), logged with the request id.
+
+    Args:
+        request: the request that failed (its ``x-request-id`` names the error).
+        exc: what the program or the LM raised, possibly a Ray task error wrapping the cause.
+
+    Returns:
+        ``{"error": message, "type": root cause's class name, "request_id": id}`` with the status.
+
+    Example:
+        >>> error_response(request, errors.UnknownModelError("model 'x' is not served"))  # doctest: +SKIP
+    """
     status, message = _status(exc)
+    root = _root(exc)
     rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-    log = logger.warning if status < 500 else logger.error
-    log("request %s %s -> %d: %s: %s", rid, request.url.path, status, type(exc).__name__, exc)
-    return JSONResponse({"error": message, "type": type(_root(exc)).__name__, "request_id": rid}, status)
+    if status < 500:
+        logger.warning("request %s %s -> %d: %s: %s", rid, request.url.path, status, type(root).__name__, message)
+    else:
+        detail = _ANSI.sub("", "".join(traceback.format_exception(exc)))
+        logger.error("request %s %s -> %d: %s", rid, request.url.path, status, detail)
+    return JSONResponse({"error": message, "type": type(root).__name__, "request_id": rid}, status)
 
 
 def _model(name: str, fields: list[Field], *, forbid_extra: bool) -> type[pydantic.BaseModel]:
@@ -180,33 +205,53 @@ def _tokens(usage: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes, outermost first: a Ray task error's ``.cause``, else ``__cause__``/``__context__``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        wrapped = current.__dict__.get("cause")  # RayTaskError (and its dual classes) keep the original here
+        current = wrapped if isinstance(wrapped, BaseException) else current.__cause__ or current.__context__
 
 
 def _root(exc: BaseException) -> BaseException:
     return list(_chain(exc))[-1]
 
 
+def _message(exc: BaseException, *, first_line: bool = False) -> str:
+    """``exc``'s own message, safe for a response body: no ANSI codes, no traceback, at most MAX_MESSAGE chars."""
+    text = _ANSI.sub("", _own_str(exc)).split(_TRACEBACK)[0].strip()
+    if first_line:
+        text = text.splitlines()[0] if text else ""
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
+def _own_str(exc: BaseException) -> str:
+    """``str(exc)``, unless ``exc`` is a Ray task error (its ``str`` is the remote traceback): then its cause's."""
+    for e in _chain(exc):
+        if not isinstance(e.__dict__.get("cause"), BaseException):
+            return str(e)
+    return ""
+
+
 def _status(exc: BaseException) -> tuple[int, str]:
-    """HTTP status and message for a failure while answering."""
+    """HTTP status and response message for a failure while answering (the deepest matching cause's)."""
     from dspy.utils.exceptions import AdapterParseError
 
+    kinds: list[tuple[type[BaseException], int, str]] = [
+        (errors.UnknownModelError, 404, ""), (errors.LMRequestError, 400, ""),
+        (errors.PoolUnavailableError, 503, "no LM replica could answer: "),
+        (AdapterParseError, 502, "the model's answer did not parse into the program's output fields: "),
+    ]
     chain = list(_chain(exc))
-    for e in chain:
-        if isinstance(e, errors.UnknownModelError):
-            return 404, str(e)
-        if isinstance(e, errors.LMRequestError):
-            return 400, str(e)
-        if isinstance(e, errors.PoolUnavailableError):
-            return 503, f"no LM replica could answer: {e}"
-        if isinstance(e, AdapterParseError):
-            return 502, f"the model's answer did not parse into the program's output fields: {e}"
-    return 500, f"internal error while answering: {type(exc).__name__}: {exc}"
+    for kind, status, prefix in kinds:
+        matches = [e for e in chain if isinstance(e, kind)]
+        if matches:
+            return status, prefix + _message(matches[-1])
+    root, line = chain[-1], _message(chain[-1], first_line=True)
+    return 500, f"internal error while answering: {type(root).__name__}" + (f": {line}" if line else "")
 
 
 class BodyLimit:

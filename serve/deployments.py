@@ -6,7 +6,12 @@ adapters at start and answers ``generate(GenerateRequest)``. ``ProgramServer`` r
 winning program from the run dir (JSON, never a pickle), points each predictor at an LM whose
 engine calls ``LMServer`` through a DeploymentHandle, and builds the FastAPI app of
 ``serve.api`` inside the replica (``__serve_build_asgi_app__``: the routes' models come from the
-program's signature, known only once the run dir is read). Does not know HTTP details.
+program's signature, known only once the run dir is read). Any ``dspy.Module`` is served:
+``serve.runner.ProgramRunner`` runs a program with its own ``aforward`` on the event loop (the LM's
+``HandleEngine`` awaits the handle) and a sync-only ``forward`` program in a bounded pool of worker
+threads (``max_threads``; the LM's ``SyncHandleEngine`` blocks on ``.remote(...).result()``, which
+Serve allows off the event loop while its router runs in a separate loop — the default; with
+``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` sync-only programs fail). Does not know HTTP details.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from actors.client import lm15_errors, to_generate_request, to_response
 from actors.config import ReplicaConfig
 from actors.replica import LMReplica
 from actors.types import Completion, GenerateRequest
+from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ class ProgramServer:
     """The winning program behind the HTTP API of ``serve.api``."""
 
     def __init__(self, lm, run_dir: str, step: str | None, token: str | None, max_body_bytes: int,
-                 max_batch: int):
+                 max_batch: int, max_threads: int = DEFAULT_MAX_THREADS):
         from serve.winner import build_program, interface, load_winner
 
         self.lm = lm
@@ -96,15 +102,14 @@ class ProgramServer:
             pred.lm = dspy.LM(self.winner.models.get(name, self.winner.base_model), engine=SyncHandleEngine(lm),
                               async_engine=HandleEngine(lm), max_tokens=self.winner.max_tokens, temperature=0.0,
                               stop=STOP, cache=False)
-        self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
         self.inputs, self.outputs = interface(self.program)
+        self.runner = ProgramRunner(self.program, dspy.ChatAdapter(use_json_adapter_fallback=False),
+                                    [f.name for f in self.outputs], max_threads=max_threads)
         self.settings = (token, max_body_bytes, max_batch)
 
     async def run_program(self, inputs: dict) -> tuple[dict, dict]:
-        with dspy.context(adapter=self.adapter, track_usage=True):
-            prediction = await self.program.acall(**inputs)
-        outputs = {f.name: prediction.get(f.name) for f in self.outputs}
-        return outputs, prediction.get_lm_usage() or {}
+        """The program's outputs and per-LM token usage for one input (async or worker-thread path)."""
+        return await self.runner.run(inputs)
 
     async def chat(self, request: GenerateRequest) -> Completion:
         return await self.lm.generate.remote(request)

@@ -7,12 +7,23 @@ import pytest
 from fastapi.testclient import TestClient
 
 from actors import errors
+from actors.client import lm15_errors
 from actors.types import Completion
 from programs import iris
 from serve.api import build_api
 from serve.winner import Winner, interface
 
 GOOD = {"petal_length": 1.4, "petal_width": 0.2, "sepal_length": 5.1, "sepal_width": 3.5}
+
+
+def _ray_error(cause: Exception) -> Exception:
+    """The exception a DeploymentHandle raises for ``cause`` raised in a replica (ANSI-coloured remote traceback)."""
+    from ray.exceptions import RayTaskError
+
+    tb = ("Traceback (most recent call last):\n  File \"/work/main/actors/replica.py\", line 88, in generate\n"
+          f"    raise {type(cause).__name__}(msg)\n\x1b[31m{type(cause).__name__}: {cause}\x1b[0m")
+    return RayTaskError("LMServer.generate", tb, cause, proctitle="ray::ServeReplica:tandem:lm", pid=4242,
+                        ip="10.0.0.7", actor_repr="<LMServer>", actor_id="a1b2c3").as_instanceof_cause()
 
 
 def _winner():
@@ -29,6 +40,11 @@ async def _run(inputs):
         raise AdapterParseError("ChatAdapter", iris.IrisSignature, "garbage")
     if inputs["petal_length"] == 97:
         raise RuntimeError("replica crashed")
+    if inputs["petal_length"] == 96:  # what SyncHandleEngine raises for a remote ContextLengthError
+        with lm15_errors():
+            raise _ray_error(errors.ContextLengthError("prompt is 3000 tokens; the context length is 2048"))
+    if inputs["petal_length"] == 95:
+        raise _ray_error(RuntimeError("engine died\nsecond line with /secret/path"))
     await asyncio.sleep(0)
     return ({"reasoning": "small petals", "answer": "setosa" if inputs["petal_length"] < 2 else "virginica"},
             {"m": {"prompt_tokens": 10, "completion_tokens": 3}})
@@ -37,6 +53,8 @@ async def _run(inputs):
 async def _chat(request):
     if request.model == "nope":
         raise errors.UnknownModelError("model 'nope' is not served by this pool")
+    if request.model == "ray-nope":
+        raise _ray_error(errors.UnknownModelError("model 'ray-nope' is not served by this pool"))
     return Completion(request.model, ("hello",) * request.n, ("stop",) * request.n, 7, 2 * request.n, 0)
 
 
@@ -119,3 +137,35 @@ def test_chat_completions_is_openai_shaped(client):
     assert client.post("/v1/chat/completions", json={"model": "nope", "messages": [
         {"role": "user", "content": "hi"}]}).status_code == 404
     assert client.post("/v1/chat/completions", json={"messages": [], "stream": True}).status_code == 422
+
+
+def _assert_clean(r, status: int, rid: str, kind: str, message: str) -> None:
+    body = r.json()
+    assert r.status_code == status, r.text
+    assert body == {"error": message, "type": kind, "request_id": rid}
+    for leak in ("Traceback", "\x1b[", "pid=", "10.0.0.7", "actor_id", "/work/main", "RayTaskError"):
+        assert leak not in r.text, leak
+
+
+def test_ray_task_errors_answer_with_the_causes_message_and_type(client):
+    assert "\x1b[" in str(_ray_error(errors.UnknownModelError("x")))  # what used to reach the body
+    r = client.post("/v1/chat/completions", headers={"x-request-id": "rid-404"},
+                    json={"model": "ray-nope", "messages": [{"role": "user", "content": "hi"}]})
+    _assert_clean(r, 404, "rid-404", "UnknownModelError", "model 'ray-nope' is not served by this pool")
+    r = client.post("/v1/predict", json={**GOOD, "petal_length": 96}, headers={"x-request-id": "rid-400"})
+    _assert_clean(r, 400, "rid-400", "ContextLengthError", "prompt is 3000 tokens; the context length is 2048")
+
+
+def test_internal_errors_say_only_the_root_type_and_first_line(client, caplog):
+    r = client.post("/v1/predict", json={**GOOD, "petal_length": 95}, headers={"x-request-id": "rid-500"})
+    _assert_clean(r, 500, "rid-500", "RuntimeError", "internal error while answering: RuntimeError: engine died")
+    assert "secret" not in r.text
+    logged = [rec.getMessage() for rec in caplog.records if "rid-500" in rec.getMessage()]
+    assert logged and "second line with /secret/path" in logged[0] and "\x1b[" not in logged[0]
+
+
+def test_long_messages_are_cut():
+    from serve.api import MAX_MESSAGE, _status
+
+    status, message = _status(_ray_error(errors.ContextLengthError("x" * 5000)))
+    assert status == 400 and len(message) == MAX_MESSAGE and message.endswith("...")

@@ -56,15 +56,22 @@ def to_response(completion: Completion) -> lm15.Response:
 
 
 def as_lm15_error(exc: Exception) -> Exception:
+    message = _message(exc)
     if isinstance(exc, errors.ContextLengthError):
-        return lm15.ContextLengthError(str(exc), provider="tandem")
+        return lm15.ContextLengthError(message, provider="tandem")
     if isinstance(exc, errors.UnknownModelError):
-        return lm15.UnsupportedModelError(str(exc), provider="tandem")
+        return lm15.UnsupportedModelError(message, provider="tandem")
     if isinstance(exc, errors.LMRequestError):
-        return lm15.InvalidRequestError(str(exc), provider="tandem")
+        return lm15.InvalidRequestError(message, provider="tandem")
     if isinstance(exc, errors.PoolUnavailableError):
-        return lm15.ServerError(str(exc), provider="tandem")
+        return lm15.ServerError(message, provider="tandem")
     return exc
+
+
+def _message(exc: Exception) -> str:
+    """The error's own message: a Ray task error (``str`` = the remote traceback) gives its cause's."""
+    cause = exc.__dict__.get("cause")
+    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 @contextlib.contextmanager

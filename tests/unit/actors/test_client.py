@@ -52,3 +52,16 @@ def test_engine_pickles_and_saves_as_pool_name():
     assert client.PoolEngine.load_state(engine.dump_state()).router.pool_name == "p1"
     import copy
     assert copy.deepcopy(engine) is engine
+
+
+def test_errors_from_a_replica_keep_their_own_message_not_the_remote_traceback():
+    from ray.exceptions import RayTaskError
+
+    from actors.client import as_lm15_error
+    from actors.errors import UnknownModelError
+
+    remote = RayTaskError("generate", "Traceback (most recent call last):\n  \x1b[31mfile.py pid=12\x1b[0m",
+                          UnknownModelError("model 'x' is not served")).as_instanceof_cause()
+    converted = as_lm15_error(remote)
+    assert isinstance(converted, lm15.UnsupportedModelError)
+    assert "model 'x' is not served" in str(converted) and "Traceback" not in str(converted)

@@ -1,0 +1,184 @@
+"""A stranger's run, end to end through the CLI: their own program, a hub model id, their signals.
+
+The program is written here, outside ``programs/``: two predictors, only ``forward()``. The model
+is the tiny random Llama laid out as the hub id ``acme/tiny-chat`` in a temporary HF cache, read
+offline (``HF_HUB_OFFLINE=1``). ``tandem run --strategy "p -> w"`` must train an adapter that lives
+under the run dir (flat folder, relative path), from the rows of both predictors of the traces
+that pass the metric; the run dir, moved elsewhere, resumes with nothing recomputed and is served
+by ``tandem serve`` (every route answers) until SIGTERM, which exits 143 leaving no process behind;
+a run stopped by SIGTERM in its weight step exits 143, leaves nothing running and resumes.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from tests.integration.processes import left_behind, marked_env, new_mark
+
+pytestmark = pytest.mark.integration
+
+HUB_ID = "acme/tiny-chat"
+USER_PROGRAM = '''
+import dspy
+
+
+class Lenient(dspy.ChatAdapter):
+    """The random tiny model never writes the field markers: read any completion as "forty two"."""
+
+    def parse(self, signature, completion):
+        return {name: "forty two" for name in signature.output_fields}
+
+
+class TwoStep(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.draft = dspy.Predict("question -> draft")
+        self.answer = dspy.Predict("question, draft -> answer")
+
+    def forward(self, question):
+        with dspy.context(adapter=Lenient()):
+            draft = self.draft(question=question).draft
+            return self.answer(question=question, draft=draft)
+
+
+def Program():
+    return TwoStep()
+
+
+def load_splits(seed=0):
+    rows = [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question")
+            for i in range(40)]
+    return rows[:16], rows[16:28], rows[28:]
+
+
+def metric(example, prediction, trace=None):
+    return int(example.question.split()[2]) % 2 == 0  # half the examples pass, whatever the model says
+'''
+FLAGS = ["--program", "userprog", "--model", HUB_ID, "--strategy", "p -> w", "--replicas", "1",
+         "--train-size", "8", "--val-size", "4", "--max-tokens", "8", "--threads", "8",
+         "--prompt-num-candidate-programs", "1", "--lora-rank", "8", "--lora-alpha", "16", "--lora-epochs", "1",
+         "--lora-lr", "1e-3", "--lora-cpus-per-worker", "1", "--lora-max-seq-len", "256"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model):
+    import ray
+
+    if ray.is_initialized():  # each CLI run starts its own local Ray: free the session's cores
+        ray.shutdown()
+    home = tmp_path_factory.mktemp("stranger")
+    (home / "userprog.py").write_text(textwrap.dedent(USER_PROGRAM))
+    snapshot = home / "hf" / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return home
+
+
+def _tandem(home: Path, args: list[str], mark: str | None = None) -> subprocess.Popen:
+    env = marked_env(mark or new_mark(), PYTHONPATH=f"{home}{os.pathsep}{Path.cwd()}", HF_HOME=str(home / "hf"),
+                     HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=home, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(home):
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", "runs/first"])
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return home / "runs" / "first", out
+
+
+def test_own_program_and_hub_id_train_an_adapter_under_the_run_dir(first_run):
+    run_dir, out = first_run
+    w = json.loads((run_dir / "02_w" / "step.json").read_text())
+    (adapter,) = w["adapters"]
+    assert adapter["name"].startswith(f"{HUB_ID}:ft-02-")
+    assert adapter["path"].startswith("adapters/") and "/" not in adapter["path"].removeprefix("adapters/")
+    assert (run_dir / adapter["path"] / "adapter_model.safetensors").is_file()
+    assert set(w["models"].values()) == {adapter["name"]}  # both predictors use the tuned LM
+    rows = pq.read_table(run_dir / "02_w" / "traces.parquet").to_pylist()
+    assert {r["predictor"] for r in rows} == {"draft", "answer"}
+    assert rows and all(json.loads(r["messages"])[-1]["content"] for r in rows)
+    passing = {r["example_index"] for r in rows}
+    assert 0 < len(passing) < 8  # only the traces that passed the metric
+
+
+def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(first_run, home):
+    run_dir, _ = first_run
+    moved = home / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.copytree(run_dir, moved)
+    stored = {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")}
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(moved)])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("done in an earlier run") == 3, out[-4000:]
+    assert {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")} == stored
+
+    shutil.rmtree(run_dir)  # what is served comes from the moved copy only
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mark = new_mark()
+    server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            deadline = time.monotonic() + 300
+            while True:
+                assert server.poll() is None, server.stdout.read()[-4000:]
+                try:
+                    if http.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "serve did not come up"
+                time.sleep(2)
+            info = http.get("/v1/program").json()
+            assert set(info["predictors"]) == {"draft", "answer"}
+            one = http.post("/v1/predict", json={"question": "What is 2 + 1?"})
+            assert one.status_code == 200 and one.json()["outputs"]["answer"] == "forty two", one.text
+            batch = http.post("/v1/predict", json=[{"question": "What is 4 + 1?"}, {"question": "What is 6 + 1?"}])
+            assert batch.status_code == 200 and len(batch.json()["results"]) == 2, batch.text
+            chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 4})
+            assert chat.status_code == 200 and chat.json()["model"] == info["model"], chat.text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=120)
+    assert server.returncode == 143, out[-4000:]
+    assert left_behind(mark) == []
+
+
+def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(home):
+    run_dir = home / "runs" / "stopped"
+    mark = new_mark()
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)], mark)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "02_w.tmp").exists():  # the weight step has begun
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "the weight step did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, out[-4000:]
+    assert "stopped (stopped by SIGTERM)" in out
+    assert left_behind(mark) == []
+    assert (run_dir / "01_p" / "step.json").is_file() and not (run_dir / "02_w").exists()
+
+    again = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)])
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out[-4000:]
+    assert "01_p (p): done in an earlier run" in out and (run_dir / "02_w" / "step.json").is_file()

@@ -6,7 +6,8 @@ offline (``HF_HUB_OFFLINE=1``). ``tandem run --strategy "p -> w"`` must train an
 under the run dir (flat folder, relative path), from the rows of both predictors of the traces
 that pass the metric; the run dir, moved elsewhere, resumes with nothing recomputed and is served
 by ``tandem serve`` (every route answers) until SIGTERM, which exits 143 leaving no process behind;
-a run stopped by SIGTERM in its weight step exits 143, leaves nothing running and resumes.
+a run (on a relative checkpoint path) stopped by SIGTERM in its weight step exits 143, leaves
+nothing running and resumes; Ctrl-C (SIGINT) in the prompt step exits 130 leaving nothing.
 """
 
 import json
@@ -162,10 +163,17 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     assert left_behind(mark) == []
 
 
+def _with_model(model: str) -> list[str]:
+    return [model if prev == "--model" else flag for prev, flag in zip(["", *FLAGS], FLAGS)]
+
+
 def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(home):
+    """The model here is a relative checkpoint path (`ckpt/tiny-chat`): the same shape as a hub id."""
+    shutil.copytree(next((home / "hf" / "hub").glob("models--*/snapshots/*")), home / "ckpt" / "tiny-chat")
+    flags = _with_model("ckpt/tiny-chat")
     run_dir = home / "runs" / "stopped"
     mark = new_mark()
-    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)], mark)
+    proc = _tandem(home, ["run", *flags, "--run-dir", str(run_dir)], mark)
     deadline = time.monotonic() + 600
     while not (run_dir / "02_w.tmp").exists():  # the weight step has begun
         assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -178,7 +186,25 @@ def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(home):
     assert left_behind(mark) == []
     assert (run_dir / "01_p" / "step.json").is_file() and not (run_dir / "02_w").exists()
 
-    again = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)])
+    again = _tandem(home, ["run", *flags, "--run-dir", str(run_dir)])
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-4000:]
-    assert "01_p (p): done in an earlier run" in out and (run_dir / "02_w" / "step.json").is_file()
+    assert "01_p (p): done in an earlier run" in out
+    (adapter,) = json.loads((run_dir / "02_w" / "step.json").read_text())["adapters"]
+    assert adapter["name"].startswith("ckpt/tiny-chat:ft-02-") and adapter["path"].startswith("adapters/")
+    assert [p.name for p in (run_dir / "adapters").iterdir()] == [Path(adapter["path"]).name]
+
+
+def test_sigint_in_the_prompt_step_stops_cleanly(home):
+    run_dir = home / "runs" / "interrupted"
+    mark = new_mark()
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)], mark)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "00_baseline" / "step.json").exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "the baseline was not stored"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-4000:]
+    assert left_behind(mark) == [] and not (run_dir / "01_p").exists()

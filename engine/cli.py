@@ -46,7 +46,8 @@ def _run_config(args: argparse.Namespace):
     one_run = {k: getattr(args, k, None) for k in ("strategy", "run_dir", "seed")}
     sections = {}
     for section in SECTIONS:
-        changes = {k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith(f"{section}__") and v is not None}
+        changes = {k.split("__", 1)[1]: v for k, v in vars(args).items()
+                   if k.startswith(f"{section}__") and v is not None}
         if changes:
             sections[section] = dataclasses.replace(getattr(cfg, section), **changes)
     return cfg.with_overrides(

@@ -47,3 +47,32 @@ def test_a_prompt_only_strategy_has_no_training_phase_and_gpus_on_a_cpu_cluster_
         check(make_plan(RunConfig(gpus_per_replica=1), cpu))
     text = describe(make_plan(RunConfig(), cpu), cpu)
     assert "127.0.0.1: 2 CPU\n" in text and "training worker 0: 2 CPU -> 127.0.0.1" in text
+
+
+def test_a_plan_that_does_not_fit_names_flags_that_make_it_fit():
+    from engine.cli import _run_config, build_parser
+    from engine.plan import suggest
+
+    two_cores = [Node("127.0.0.1", {"CPU": 2.0})]
+    cfg = RunConfig(lifecycle="hotswap")  # the embedded default with hotswap: 2 replicas + a 2-CPU trainer
+    fix = suggest(cfg, two_cores)
+    assert fix == "--replicas 1 --lora-cpus-per-worker 1"
+    with pytest.raises(ValueError, match="This fits the cluster: --replicas 1 --lora-cpus-per-worker 1"):
+        check(make_plan(cfg, two_cores), fix)
+    args = build_parser().parse_args(["run", "--lifecycle", "hotswap", *fix.split()])  # the advice as given works
+    assert not any(phase.problems for phase in make_plan(_run_config(args), two_cores))
+    assert suggest(RunConfig(replicas=3, cpus_per_replica=2), [Node("a", {"CPU": 1.0})]) is None  # nothing fits
+
+
+def test_every_lora_and_prompt_field_is_a_flag_over_the_yaml(tmp_path):
+    from engine.cli import _run_config, build_parser
+
+    (tmp_path / "run.yaml").write_text("lora: {epochs: 6, lr: 0.001, rank: 16}\nprompt: {max_labeled_demos: 2}\n")
+    args = build_parser().parse_args([
+        "run", "--config", str(tmp_path / "run.yaml"), "--lora-epochs", "3", "--lora-use-gpu",
+        "--lora-target-modules", "q_proj,v_proj", "--prompt-num-candidate-programs", "4"])
+    cfg = _run_config(args)
+    assert (cfg.lora.epochs, cfg.lora.lr, cfg.lora.rank, cfg.lora.use_gpu) == (3, 0.001, 16, True)
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+    assert (cfg.prompt.num_candidate_programs, cfg.prompt.max_labeled_demos) == (4, 2)
+    assert _run_config(build_parser().parse_args(["run"])).lora == RunConfig().lora  # no flag: the defaults

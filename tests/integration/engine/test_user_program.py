@@ -87,9 +87,9 @@ def home(tmp_path_factory, tiny_model):
     return home
 
 
-def _tandem(home: Path, args: list[str], mark: str | None = None) -> subprocess.Popen:
+def _tandem(home: Path, args: list[str], mark: str | None = None, **env: str) -> subprocess.Popen:
     env = marked_env(mark or new_mark(), PYTHONPATH=f"{home}{os.pathsep}{Path.cwd()}", HF_HOME=str(home / "hf"),
-                     HF_HUB_OFFLINE="1")
+                     HF_HUB_OFFLINE="1", **env)
     return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=home, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -134,9 +134,10 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mark = new_mark()
-    server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark)
+    server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark, TANDEM_SERVE_TOKEN="s3cret")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": "Bearer s3cret"}) as http:
             deadline = time.monotonic() + 300
             while True:
                 assert server.poll() is None, server.stdout.read()[-4000:]
@@ -147,7 +148,9 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
                     pass
                 assert time.monotonic() < deadline, "serve did not come up"
                 time.sleep(2)
+            assert httpx.get(f"http://127.0.0.1:{port}/v1/program").status_code == 401  # the token from the env
             info = http.get("/v1/program").json()
+            assert info["strategy"] == json.loads((moved / "best.json").read_text())["strategy"]  # the winner
             assert set(info["predictors"]) == {"draft", "answer"}
             one = http.post("/v1/predict", json={"question": "What is 2 + 1?"})
             assert one.status_code == 200 and one.json()["outputs"]["answer"] == "forty two", one.text

@@ -8,6 +8,15 @@ saving the adapter as a Ray Train checkpoint. Workers run DDP, or — for models
 not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
 ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
 dataset of ``messages`` (JSON) rows (see ``read_rows``).
+Faults become clear errors: rows whose prompt fills ``max_seq_len`` (nothing to learn; an
+all-masked micro-batch has loss NaN) are dropped and counted, and if none is left a zero-CPU task
+says so before any worker starts (``NoCompletionError``); a NaN/inf loss, agreed by all ranks per
+micro-batch, stops them all (``NonFiniteLossError``, no adapter). Both come back as rank 0's
+return value, since Ray Train retries a raised error ``max_failures`` times, which is kept for
+workers that die. Workers the cluster can never hold are refused at once; busy resources are
+waited for ``resource_wait_s`` at most (Ray Train's ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
+with ``controller_failure_limit=0``; by default it retries forever), then ``ResourceWaitTimeout``
+names what it waited for and what is free.
 Does not know DSPy or the pool. torch/peft/transformers are imported inside the workers.
 """
 
@@ -17,6 +26,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -24,9 +34,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 logger = logging.getLogger(__name__)
+
+# Ray Train 2.60 (ray/train/v2/_internal/constants.py): how long a worker group's placement group
+# may wait for resources; read from the driver's environment when fit() starts the controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,8 @@ class LoraTrainConfig:
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     batch_size: int = field(default=8, metadata={"help": "effective batch (micro x workers x accumulation)"})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per worker per forward pass"})
-    max_seq_len: int = field(default=1024, metadata={"help": "truncate longer sequences"})
+    max_seq_len: int = field(default=1024, metadata={
+        "help": "truncate longer sequences; rows whose prompt alone fills it are dropped"})
     bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPUs that have it), 'yes', 'no'"})
     seed: int = field(default=0, metadata={"help": "shuffle and init seed"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP, or ZeRO with zero_stage)"})
@@ -50,6 +65,10 @@ class LoraTrainConfig:
     zero_stage: int = field(default=0, metadata={
         "help": "DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights; 0 = DDP"})
     zero_offload: bool = field(default=False, metadata={"help": "ZeRO: keep the optimizer state in CPU memory"})
+    resource_wait_s: float = field(default=600.0, metadata={
+        "help": "seconds the workers wait for busy CPUs/GPUs to free up before the step fails"})
+    max_failures: int = field(default=1, metadata={
+        "help": "times a training run whose worker died or raised is started again (from scratch); 0 = never"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -65,6 +84,10 @@ class LoraTrainConfig:
             raise ValueError(f"zero_stage must be 0 (DDP), 1, 2 or 3, got {self.zero_stage}")
         if self.zero_offload and not self.zero_stage:
             raise ValueError("zero_offload needs a ZeRO stage (zero_stage 1, 2 or 3)")
+        if not (self.resource_wait_s > 0 and math.isfinite(self.resource_wait_s)):
+            raise ValueError(f"resource_wait_s must be a finite number of seconds > 0, got {self.resource_wait_s}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)
@@ -75,16 +98,94 @@ class TrainResult:
     metrics: dict
 
 
-def tokenize(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one chat: -100 on the prompt, the assistant turn is learned."""
+class NoCompletionError(ValueError):
+    """No training row has a completion token inside ``max_seq_len``."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; no adapter was written."""
+
+
+class ResourceWaitTimeout(TimeoutError):
+    """The training workers did not get their (existing but busy) resources in ``resource_wait_s``."""
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """Which rows have at least one completion token inside ``max_seq_len``."""
+
+    keep: tuple[int, ...]
+    rows: int
+    max_seq_len: int
+    shortest_prompt: int
+    longest_prompt: int
+
+    @property
+    def dropped(self) -> int:
+        return self.rows - len(self.keep)
+
+    def error(self) -> NoCompletionError:
+        """The error for data of which no row is left."""
+        if not self.rows:
+            return NoCompletionError("the training data has no rows")
+        return NoCompletionError(
+            f"none of the {self.rows} training rows has a completion token within max_seq_len="
+            f"{self.max_seq_len}: the prompts alone take {self.shortest_prompt}-{self.longest_prompt} tokens "
+            f"(longest prompt {self.longest_prompt}). Raise lora.max_seq_len above {self.longest_prompt} "
+            "(plus the completion's length), or shorten the prompts")
+
+    def warning(self) -> str:
+        return (f"dropped {self.dropped} of {self.rows} training rows whose prompt fills max_seq_len="
+                f"{self.max_seq_len} (longest prompt {self.longest_prompt} tokens): they have no completion "
+                "token to learn; raise lora.max_seq_len to keep them")
+
+
+def learnable(lengths: list[tuple[int, int]], max_seq_len: int) -> RowCheck:
+    """Check rows given as (full length, prompt length) pairs, both untruncated.
+
+    Example:
+        >>> learnable([(12, 8), (30, 20)], max_seq_len=16).keep
+        (0,)
+    """
+    keep = tuple(i for i, (full, prompt) in enumerate(lengths) if prompt < min(full, max_seq_len))
+    prompts = [prompt for _, prompt in lengths] or [0]
+    return RowCheck(keep, len(lengths), max_seq_len, min(prompts), max(prompts))
+
+
+def encode(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """Untruncated token ids of one chat and the length of its prompt (all turns but the last)."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
                                            return_dict=False)
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     if full[:len(prompt)] != prompt:  # template does not extend the prompt: append content + eos
         full = prompt + tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
-    ids = list(full[:max_seq_len])
-    labels = [-100] * min(len(prompt), len(ids)) + ids[len(prompt):]
-    return ids, labels
+    return list(full), len(prompt)
+
+
+def tokenize(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one chat: -100 on the prompt, the assistant turn is learned."""
+    full, prompt = encode(tokenizer, messages)
+    return _truncate(full, prompt, max_seq_len)
+
+
+def _truncate(full: list[int], prompt: int, max_seq_len: int) -> tuple[list[int], list[int]]:
+    ids = full[:max_seq_len]
+    return ids, [-100] * min(prompt, len(ids)) + ids[prompt:]
+
+
+def learnable_data(tokenizer, rows: list, max_seq_len: int) -> tuple[list[tuple[list[int], list[int]]], RowCheck]:
+    """Ids and labels of the rows that have a completion token inside ``max_seq_len``, and the check."""
+    encoded = [encode(tokenizer, m) for m in rows]
+    check = learnable([(len(full), prompt) for full, prompt in encoded], max_seq_len)
+    return [_truncate(*encoded[i], max_seq_len) for i in check.keep], check
+
+
+def check_data(model_path: str, data_path: str, max_seq_len: int) -> RowCheck:
+    """``learnable_data``'s check of a Parquet dataset with the model's tokenizer (a Ray task)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return learnable_data(tokenizer, read_rows(data_path), max_seq_len)[1]
 
 
 def shard(rows: list, rank: int, world: int) -> list:
@@ -102,104 +203,187 @@ def buckets(lengths: list[int], size: int, seed: int) -> list[list[int]]:
     return batches
 
 
-def train_loop(config: dict) -> None:
+@dataclass
+class _Worker:
+    """One worker's training state, shared by train_loop's parts."""
+
+    cfg: LoraTrainConfig
+    in_ray: bool
+    rank: int
+    world: int
+    device: Any
+    data: list
+    check: RowCheck
+    model: Any = None
+    engine: Any = None  # the DeepSpeed engine under ZeRO
+    optim: Any = None
+    accum: int = 1
+    pad: int = 0
+    held: float = 1.0
+    keep_alive: Any = None  # ZeRO-3's HfDeepSpeedConfig (transformers holds only a weakref)
+
+
+def train_loop(config: dict) -> dict:
     """One Ray Train worker (or a plain process when ``config['rows']`` is given).
 
     Config keys: ``train`` (LoraTrainConfig as dict), ``model_path``, and either ``rows``
-    (list of message lists, no Ray) or ``data_path`` (Parquet; each worker takes its ``shard``).
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (list of message lists, no Ray) or ``data_path`` (Parquet; each worker takes its ``shard``
+    of the learnable rows). Returns the final metrics (also left in ``config['result']``). Under
+    Ray a failure every rank agrees on comes back as ``{"failed": <error class>, "message": ...}``
+    (Ray Train would retry a raised one); without Ray it is raised.
 
+    Raises:
+        NoCompletionError: no row has a completion token inside max_seq_len (without Ray).
+        NonFiniteLossError: the loss became NaN or inf (without Ray).
+    """
     cfg = LoraTrainConfig(**config["train"])
     in_ray = "rows" not in config
     if cfg.zero_stage and not in_ray:
         raise ValueError("zero_stage needs Ray Train workers (a process group): use train_lora")
+    try:
+        worker = _start_worker(cfg, config, in_ray)
+        _build_model(worker, config["model_path"])
+        metrics = _epochs(worker)
+    except (NoCompletionError, NonFiniteLossError) as exc:  # raised on every rank at the same point
+        if not in_ray:
+            raise
+        return {"failed": type(exc).__name__, "message": str(exc)}
+    out = config.get("out_dir") or tempfile.mkdtemp(prefix="tandem-adapter-")
+    unwrapped = worker.model.module if hasattr(worker.model, "module") else worker.model
+    with _gathered(unwrapped, cfg.zero_stage):  # ZeRO-3: every rank joins the gather of the adapter
+        if worker.rank == 0:
+            unwrapped.save_pretrained(out)
+            Path(out, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if in_ray:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(out) if worker.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+    config.setdefault("result", metrics)
+    return metrics
+
+
+def _start_worker(cfg: LoraTrainConfig, config: dict, in_ray: bool) -> _Worker:
+    """Rank, device and this rank's shard of the learnable rows (every rank drops the same rows)."""
+    import torch
+    from transformers import AutoTokenizer
+
     if in_ray:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        rows = shard(read_rows(config["data_path"]), rank, world)
-        device = ray.train.torch.get_device()
+        rows, device = read_rows(config["data_path"]), ray.train.torch.get_device()
     else:
         rank, world, rows = 0, 1, config["rows"]
         device = torch.device(config.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
-    bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    data, check = learnable_data(tokenizer, rows, cfg.max_seq_len)
+    if not check.keep:
+        raise check.error()
+    if check.dropped and rank == 0:
+        logger.warning(check.warning())
+    worker = _Worker(cfg, in_ray, rank, world, device, shard(data, rank, world), check)
+    worker.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return worker
 
-    accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
-    ds_config = deepspeed_config(cfg, accum, bf16) if cfg.zero_stage else None
+
+def _build_model(w: _Worker, model_path: str) -> None:
+    """The peft model, its optimizer, and the DDP wrapper or DeepSpeed engine, on ``w``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = w.cfg
+    torch.manual_seed(cfg.seed)
+    bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and w.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    w.accum = max(1, cfg.batch_size // (cfg.micro_batch_size * w.world))
+    ds_config = deepspeed_config(cfg, w.accum, bf16) if cfg.zero_stage else None
     if cfg.zero_stage == 3:  # transformers loads each weight straight into its shard (zero.Init)
         from transformers.integrations import HfDeepSpeedConfig
 
-        zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers keeps a weakref)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    base = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+        w.keep_alive = HfDeepSpeedConfig(ds_config)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     if cfg.zero_stage != 3:
-        base = base.to(device)
-    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
-    data = [tokenize(tokenizer, m, cfg.max_seq_len) for m in rows]
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    engine = None
+        base = base.to(w.device)
+    w.model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    w.optim = torch.optim.AdamW([p for p in w.model.parameters() if p.requires_grad], lr=cfg.lr)
     if ds_config:
         import deepspeed
 
-        engine, optim, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
-    elif in_ray and world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    held = weights_held(model)  # fixed once DeepSpeed has partitioned (or not)
-    history, tokens_total, steps, started = [], 0, 0, time.perf_counter()
-    (engine or model).train()
+        w.engine, w.optim, _, _ = deepspeed.initialize(model=w.model, optimizer=w.optim, config=ds_config)
+    elif w.in_ray and w.world > 1:
+        import ray.train.torch
+
+        w.model = ray.train.torch.prepare_model(w.model, move_to_device=False)
+    w.held = weights_held(w.model)  # fixed once DeepSpeed has partitioned (or not)
+
+
+def _epochs(w: _Worker) -> dict:
+    """Train ``w.cfg.epochs`` passes; report each but the last to Ray Train; the final metrics."""
+    cfg, history, tokens_total, steps, started = w.cfg, [], 0, 0, time.perf_counter()
+    (w.engine or w.model).train()
     for epoch in range(cfg.epochs):
-        batches = buckets([len(ids) for ids, _ in data], cfg.micro_batch_size, cfg.seed + epoch)
+        batches = buckets([len(ids) for ids, _ in w.data], cfg.micro_batch_size, cfg.seed + epoch)
         epoch_loss, epoch_tokens = 0.0, 0
         for step, batch in enumerate(batches):
-            boundary = (step + 1) % accum == 0 or step == len(batches) - 1
-            ids, labels, mask = _collate([data[i] for i in batch], pad, device)
-            if engine is not None:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary
-                engine.set_gradient_accumulation_boundary(boundary)
-                loss = engine(input_ids=ids, attention_mask=mask, labels=labels).loss
-                engine.backward(loss)
-                engine.step()
+            boundary = (step + 1) % w.accum == 0 or step == len(batches) - 1
+            ids, labels, mask = _collate([w.data[i] for i in batch], w.pad, w.device)
+            if w.engine is not None:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary
+                w.engine.set_gradient_accumulation_boundary(boundary)
+            loss = (w.engine or w.model)(input_ids=ids, attention_mask=mask, labels=labels).loss
+            value = float(loss.detach())
+            if not _finite_on_every_rank(value, w):  # before backward, so no rank waits in a collective
+                raise NonFiniteLossError(non_finite_message(value, epoch, step, len(batches), cfg.lr))
+            if w.engine is not None:
+                w.engine.backward(loss)
+                w.engine.step()
             else:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                (loss / accum).backward()
+                (loss / w.accum).backward()
                 if boundary:
-                    optim.step()
-                    optim.zero_grad(set_to_none=True)
+                    w.optim.step()
+                    w.optim.zero_grad(set_to_none=True)
                     steps += 1
             n = int(mask.sum())
-            epoch_loss += float(loss.detach()) * n
-            epoch_tokens += n
+            epoch_loss, epoch_tokens = epoch_loss + value * n, epoch_tokens + n
         tokens_total += epoch_tokens
         history.append(epoch_loss / max(1, epoch_tokens))
         metrics = {"epoch": epoch + 1, "loss": history[-1], "tokens": tokens_total,
-                   "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(data),
-                   "optimizer_steps": engine.global_steps if engine is not None else steps,
-                   "zero_stage": cfg.zero_stage, "weights_held": held}
-        if in_ray and epoch < cfg.epochs - 1:
-            ray.train.report(metrics)
-    metrics = {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started,
-               "peak_mib": _peak_mib(device)}
-    out = config.get("out_dir") or tempfile.mkdtemp(prefix="tandem-adapter-")
-    unwrapped = model.module if hasattr(model, "module") else model
-    with _gathered(unwrapped, cfg.zero_stage):  # ZeRO-3: every rank joins the gather of the adapter
-        if rank == 0:
-            unwrapped.save_pretrained(out)
-            Path(out, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    if in_ray:
-        from ray.train import Checkpoint
+                   "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(w.data),
+                   "rows_dropped_no_completion": w.check.dropped,
+                   "optimizer_steps": w.engine.global_steps if w.engine is not None else steps,
+                   "zero_stage": cfg.zero_stage, "weights_held": w.held}
+        if w.in_ray and epoch < cfg.epochs - 1:
+            import ray.train
 
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(out) if rank == 0 else None)
-    config.setdefault("result", metrics)
+            ray.train.report(metrics)
+    return {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started,
+            "peak_mib": _peak_mib(w.device)}
+
+
+def _finite_on_every_rank(value: float, w: _Worker) -> bool:
+    """Whether every rank's micro-batch loss is finite (one tiny all-reduce when world > 1)."""
+    finite = math.isfinite(value)
+    if w.world == 1:
+        return finite
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if finite else 1.0], device=w.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def non_finite_message(value: float, epoch: int, step: int, steps: int, lr: float) -> str:
+    """The NonFiniteLossError text: where it happened and what usually causes it."""
+    seen = f"the loss is {value}" if not math.isfinite(value) else "another worker's loss is not finite"
+    return (f"training diverged at epoch {epoch + 1}, micro-batch {step + 1} of {steps}: {seen}; no adapter "
+            f"was written. Likely causes: the learning rate (lora.lr={lr:g}) is too high, bf16 overflow "
+            "(try lora.bf16: 'no'), or broken rows in the training data")
 
 
 def weights_held(model) -> float:
@@ -289,12 +473,104 @@ def read_rows(path: str) -> list[list[dict]]:
     return [json.loads(m) for m in pq.read_table(path, columns=["messages"]).column("messages").to_pylist()]
 
 
+def worker_resources(cfg: LoraTrainConfig) -> dict[str, float]:
+    """What one training worker asks Ray for."""
+    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
+
+
+def check_cluster(cfg: LoraTrainConfig, total: dict, nodes: list[dict] | None = None) -> None:
+    """Raise ``ValueError`` when the cluster can never hold ``cfg``'s training workers.
+
+    Args:
+        cfg: the training settings (num_workers, cpus_per_worker, use_gpu).
+        total: the cluster's resources (``ray.cluster_resources()``, or an autoscaler's maximum).
+        nodes: each alive node's resources when the cluster cannot grow; None skips the check
+            that one worker fits on one node.
+
+    Example:
+        >>> check_cluster(LoraTrainConfig(num_workers=2, cpus_per_worker=1), {"CPU": 2.0}, [{"CPU": 2.0}])
+    """
+    per = worker_resources(cfg)
+    need = {k: v * cfg.num_workers for k, v in per.items()}
+    short = [k for k, v in need.items() if v > total.get(k, 0.0)]
+    if short:
+        fix = "lower lora.num_workers or lora.cpus_per_worker" if "CPU" in short else "lower lora.num_workers"
+        fix += ", set lora.use_gpu: false" if "GPU" in short else ""
+        raise ValueError(f"the cluster cannot hold the training workers: they need {_fmt(need)} ({cfg.num_workers} "
+                         f"x {_fmt(per)}) but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} in all; "
+                         f"{fix}, or add nodes")
+    if nodes is not None and not any(all(n.get(k, 0.0) >= v for k, v in per.items()) for n in nodes):
+        raise ValueError(f"no node can hold one training worker ({_fmt(per)}): the nodes have "
+                         + "; ".join(_fmt({k: n.get(k, 0.0) for k in per}) for n in nodes)
+                         + ". Lower lora.cpus_per_worker (or set lora.use_gpu: false), or add a larger node")
+
+
+def wait_message(cfg: LoraTrainConfig, free: dict) -> str:
+    """The ResourceWaitTimeout text: what the workers waited for and what is free now."""
+    per = worker_resources(cfg)
+    need = {k: v * cfg.num_workers for k, v in per.items()}
+    return (f"the {cfg.num_workers} training workers waited lora.resource_wait_s={cfg.resource_wait_s:g} s for "
+            f"{_fmt(need)} ({cfg.num_workers} x {_fmt(per)}) and did not get them: free now "
+            f"{_fmt({k: free.get(k, 0.0) for k in need})}. Something else holds them (replicas in the hotswap "
+            "lifecycle, another run): free them, lower lora.num_workers / lora.cpus_per_worker, or raise "
+            "lora.resource_wait_s")
+
+
+def run_config(cfg: LoraTrainConfig, name: str, storage_path: str):
+    """Ray Train's RunConfig: ``max_failures`` retries of a failed worker group, no retry of one that
+    cannot start (Ray's default, -1, retries a start timeout forever)."""
+    from ray.train import FailureConfig, RunConfig
+
+    return RunConfig(name=name, storage_path=storage_path,
+                     failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0))
+
+
+@contextlib.contextmanager
+def start_timeout(seconds: float):
+    """Bound Ray Train's wait for the workers' placement group while the block runs (the driver's
+    environment is copied to the controller when ``fit()`` starts it)."""
+    before = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _cluster_now() -> tuple[dict, list[dict] | None]:
+    """The cluster's resources (an autoscaler's maximum where it has one) and, if it cannot grow,
+    each alive node's."""
+    import ray
+
+    total = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:  # the private call Ray Train 2.60 itself makes before it waits (worker_group.py)
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 -- without it the static check below still holds
+        logger.debug("no autoscaler limits", exc_info=True)
+        limits = None
+    if limits:
+        return {k: max(total.get(k, 0.0), float(limits.get(k, 0))) for k in {*total, *limits}}, None
+    return total, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+_FAILURES = {"NoCompletionError": NoCompletionError, "NonFiniteLossError": NonFiniteLossError}
+
+
 def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: str,
                storage_path: str, name: str = "lora") -> TrainResult:
     """Fine-tune a LoRA adapter on the Parquet chat data with Ray Train; copy it to ``out_dir``.
 
     Args:
-        cfg: LoRA and optimisation settings (workers, CPUs/GPUs per worker included).
+        cfg: LoRA and optimisation settings (workers, CPUs/GPUs per worker, waits, retries).
         model_path: local HF checkpoint of the base model (reachable from every worker).
         data_path: Parquet file or dir with a ``messages`` column (JSON chat lists).
         out_dir: where the adapter (peft format) is written.
@@ -302,29 +578,31 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
         name: the Ray Train run name.
 
     Returns:
-        The adapter path and the final metrics (loss per epoch, tokens/s, wall time).
+        The adapter path and the final metrics (loss per epoch, tokens/s, wall time, rows dropped).
 
     Raises:
-        ValueError: a ZeRO stage is asked for and DeepSpeed is not installed.
-        ray.train.TrainingFailedError: a worker failed (the cause is attached).
+        ValueError: the cluster can never hold the workers, or a ZeRO stage is asked for and
+            DeepSpeed is not installed.
+        NoCompletionError: no row has a completion token inside max_seq_len (a ValueError).
+        NonFiniteLossError: the loss became NaN/inf (a RuntimeError); no adapter is written.
+        ResourceWaitTimeout: the workers' resources stayed busy for ``cfg.resource_wait_s``.
+        ray.train.TrainingFailedError: a worker failed ``max_failures + 1`` times (the cause is attached).
+
+    Example:
+        >>> train_lora(LoraTrainConfig(), "/models/smollm2", "rows.parquet", "adapter", "/tmp/ray_train")
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import ray
 
     if cfg.zero_stage and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"zero_stage={cfg.zero_stage} needs DeepSpeed, which is not installed here: "
                          "pip install 'tandem[deepspeed]' (or set zero_stage: 0 for DDP)")
-    resources = {"CPU": cfg.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"train": asdict(cfg), "model_path": model_path, "data_path": data_path},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={**resources, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without an adapter checkpoint")
+    check_cluster(cfg, *_cluster_now())
+    check = ray.get(ray.remote(num_cpus=0, max_calls=1)(check_data).remote(model_path, data_path, cfg.max_seq_len))
+    if not check.keep:
+        raise check.error()
+    if check.dropped:
+        logger.warning(check.warning())
+    result = _fit(cfg, {"train": asdict(cfg), "model_path": model_path, "data_path": data_path}, storage_path, name)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -332,3 +610,29 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
         shutil.copytree(ckpt, out)
     metrics = json.loads((out / "train_metrics.json").read_text())
     return TrainResult(str(out), metrics)
+
+
+def _fit(cfg: LoraTrainConfig, loop_config: dict, storage_path: str, name: str):
+    """Run ``train_loop`` on Ray Train; its failures and a timed-out resource wait become our errors."""
+    import ray
+    from ray.train import ControllerError, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        run_config=run_config(cfg, name, storage_path))
+    with start_timeout(cfg.resource_wait_s):
+        try:
+            result = trainer.fit()
+        except ControllerError as exc:
+            if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+                raise
+            raise ResourceWaitTimeout(wait_message(cfg, ray.available_resources())) from exc
+    failed = result.return_value if isinstance(result.return_value, dict) else {}
+    if failed.get("failed") in _FAILURES:
+        raise _FAILURES[failed["failed"]](failed["message"])
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without an adapter checkpoint")
+    return result

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lm-replicas", type=int, default=1, help="LM replicas (autoscaling minimum)")
     v.add_argument("--lm-max-replicas", type=int, help="autoscaling maximum (default: --lm-replicas)")
     v.add_argument("--lm-cpus", type=float, default=1, help="CPUs per LM replica")
-    v.add_argument("--lm-gpus", type=float, default=0, help="GPUs per LM replica")
+    v.add_argument("--lm-gpus", type=float, help="GPUs per LM replica (default: the run's --gpus-per-replica)")
     v.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     v.add_argument("--once", action="store_true", help="deploy, print the URL, and stop (a deploy check)")
     v.set_defaults(func=_serve)

@@ -1,7 +1,8 @@
 """Building and running the Serve application of a run dir: ``tandem serve``, ``serve run``, Serve YAML.
 
 Knows: ``ServeConfig`` (where to bind — 127.0.0.1 unless told otherwise —, the optional bearer
-token, body and batch limits, the LM deployment's autoscaling and resources), turning it into a
+token, body and batch limits, the LM deployment's autoscaling and resources — by default the GPUs,
+tensor parallelism and vLLM ``engine_kwargs`` the run was optimized with), turning it into a
 Serve ``Application`` (``build_app``: the LM deployment bound into the program deployment), the
 builder ``app`` for ``serve run serve.app:app run_dir=RUN_DIR`` and Serve config YAML
 (``import_path: serve.app:app`` + ``args``), and starting/stopping Serve for the CLI. The token
@@ -35,7 +36,8 @@ class ServeConfig:
     lm_max_replicas: int = field(default=1, metadata={"help": "autoscaling maximum"})
     lm_target_ongoing_requests: float = field(default=32, metadata={"help": "autoscaling target per LM replica"})
     lm_cpus: float = field(default=1, metadata={"help": "CPUs per LM replica"})
-    lm_gpus: float = field(default=0, metadata={"help": "GPUs per LM replica (0 = CPU path)"})
+    lm_gpus: float | None = field(default=None, metadata={
+        "help": "GPUs per LM replica (per tensor-parallel worker); default the run's gpus_per_replica (0 = CPU)"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -58,7 +60,7 @@ class ServeConfig:
             raise ValueError(f"unknown serve args {unknown}; valid: {sorted(types)}")
         typed = {}
         for key, value in args.items():
-            kind = {"int": int, "float": float}.get(str(types[key]))
+            kind = {"int": int, "float": float}.get(str(types[key]).removesuffix(" | None"))
             try:
                 typed[key] = kind(value) if kind and value is not None else value
             except (TypeError, ValueError):
@@ -76,18 +78,26 @@ def build_app(cfg: ServeConfig):
     Raises:
         serve.winner.RunDirError: the run dir is not a finished run.
     """
+    from actors import device
     from actors.config import ReplicaConfig
     from serve.deployments import LMServer, ProgramServer
     from serve.winner import load_winner
 
     winner = load_winner(cfg.run_dir, cfg.step)
+    run = winner.settings
+    gpus = cfg.lm_gpus if cfg.lm_gpus is not None else float(run.get("gpus_per_replica", 0))
     replica = ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len, num_cpus=cfg.lm_cpus,
-                            num_gpus=cfg.lm_gpus, max_lora_rank=winner.max_lora_rank)
+                            num_gpus=gpus, max_lora_rank=winner.max_lora_rank,
+                            tensor_parallel_size=int(run.get("tensor_parallel_size", 1)) if gpus else 1,
+                            engine_kwargs=dict(run.get("engine_kwargs") or {}))
+    placement = {}
+    if replica.tensor_parallel_size > 1:  # vLLM's Ray workers take one bundle each, as in the optimizer's pool
+        placement = {"placement_group_bundles": device.bundles(replica), "placement_group_strategy": "STRICT_PACK"}
     lm = LMServer.options(
         autoscaling_config={"min_replicas": cfg.lm_replicas, "initial_replicas": cfg.lm_replicas,
                             "max_replicas": max(cfg.lm_replicas, cfg.lm_max_replicas),
                             "target_ongoing_requests": cfg.lm_target_ongoing_requests},
-        ray_actor_options={"num_cpus": cfg.lm_cpus, "num_gpus": cfg.lm_gpus},
+        ray_actor_options=device.actor_resources(replica), **placement,
     ).bind(replica, winner.adapters)
     token = cfg.token or os.environ.get(TOKEN_ENV) or None
     return ProgramServer.bind(lm, str(winner.run_dir), cfg.step, token, cfg.max_body_bytes, cfg.max_batch)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dspy
@@ -47,6 +47,7 @@ class Winner:
     max_model_len: int
     version: str  # sha256 prefix of program.json: changes whenever the served program does
     program_file: Path
+    settings: dict = field(default_factory=dict)  # the run's run.json: engine settings the LM was optimized with
 
     @property
     def max_lora_rank(self) -> int:
@@ -93,7 +94,7 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
         adapters[model] = str(path)
     return Winner(root, best.program, best.base_model, strategy, score, dict(models), dict(best.program_args),
                   adapters, int(settings.get("max_tokens", 512)), int(settings.get("max_model_len", 2048)),
-                  hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file)
+                  hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file, settings)
 
 
 def build_program(winner: Winner) -> dspy.Module:

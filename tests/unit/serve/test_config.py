@@ -40,3 +40,28 @@ def test_shipped_serve_config_is_valid_for_serve_and_for_the_builder():
     from serve.deployments import LMServer, ProgramServer
 
     assert {d.name for d in app.deployments} == {LMServer.name, ProgramServer.name}
+
+
+def test_the_lm_is_served_with_the_runs_engine_settings(tmp_path):
+    import json
+
+    from serve.app import build_app
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "run.json").write_text(json.dumps({"max_tokens": 64, "max_model_len": 1024, "gpus_per_replica": 1,
+                                               "tensor_parallel_size": 2, "engine_kwargs": {"enable_prefix_caching": False}}))
+    (root / "program.json").write_text("{}")
+    (root / "best.json").write_text(json.dumps({"program": "iris", "base_model": "m", "strategy": "", "score": 1.0,
+                                                "models": {"predict": "m"}, "adapters": {}}))
+
+    def lm_options(cfg):
+        lm = build_app(cfg)._bound_deployment.init_args[0]._bound_deployment  # the LM deployment bound into it
+        return lm.init_args[0], lm._deployment_config, lm.ray_actor_options, lm._replica_config
+
+    replica, _, actor, placement = lm_options(ServeConfig.from_args({"run_dir": str(root)}))
+    assert (replica.num_gpus, replica.tensor_parallel_size) == (1, 2)
+    assert replica.engine_kwargs == {"enable_prefix_caching": False}
+    assert actor["num_gpus"] == 0 and placement.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    replica, _, actor, _ = lm_options(ServeConfig.from_args({"run_dir": str(root), "lm_gpus": "0"}))  # told: CPU
+    assert (replica.num_gpus, replica.tensor_parallel_size, actor["num_cpus"]) == (0, 1, 1.0)

@@ -91,13 +91,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors import connect
-    from engine.plan import check, describe, make_plan, nodes_now, suggest
+    from engine.plan import check, describe, make_plan, nodes_now, suggest, warnings
 
     cfg = _run_config(args)
     connect(cfg.address)
     nodes = nodes_now()
     phases = make_plan(cfg, nodes)
     print(describe(phases, nodes))
+    for warning in warnings(cfg):
+        print(f"warning: {warning}")
     check(phases, suggest(cfg, nodes))
     print(f"plan ok: {cfg.replicas} replica(s) of {cfg.model}, strategy '{cfg.strategy}', lifecycle {cfg.lifecycle}")
     return 0

@@ -79,6 +79,14 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     return phases
 
 
+def warnings(cfg: RunConfig) -> list[str]:
+    """Settings that fit the cluster but are likely not what was meant."""
+    out = []
+    if cfg.gpus_per_replica > 0 and not cfg.lora.use_gpu and "w" in strategies.parse(cfg.strategy, ("p", "w")):
+        out.append("the replicas run on GPUs but LoRA training runs on CPU: add --lora-use-gpu (lora.use_gpu: true)")
+    return out
+
+
 def check(phases: list[Phase], fix: str | None = None) -> None:
     """Raise ``ValueError`` naming every group that cannot be placed, and ``fix`` (see ``suggest``)."""
     problems = [p for phase in phases for p in phase.problems]

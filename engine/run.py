@@ -18,7 +18,7 @@ import dspy
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
-from engine.plan import check, describe, make_plan, nodes_now, suggest
+from engine.plan import check, describe, make_plan, nodes_now, suggest, warnings
 from engine.program_io import save_program
 from engine.prompt_step import PromptStep
 from engine.report import write_report
@@ -82,6 +82,8 @@ def run(cfg: RunConfig) -> RunOutcome:
         nodes = nodes_now()
         phases = make_plan(cfg, nodes)
         logger.info("plan:\n%s", describe(phases, nodes))
+        for warning in warnings(cfg):
+            logger.warning("plan: %s", warning)
         check(phases, suggest(cfg, nodes))
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)

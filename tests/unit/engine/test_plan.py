@@ -76,3 +76,12 @@ def test_every_lora_and_prompt_field_is_a_flag_over_the_yaml(tmp_path):
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
     assert (cfg.prompt.num_candidate_programs, cfg.prompt.max_labeled_demos) == (4, 2)
     assert _run_config(build_parser().parse_args(["run"])).lora == RunConfig().lora  # no flag: the defaults
+
+
+def test_gpu_replicas_with_cpu_training_are_flagged():
+    from engine.plan import warnings
+
+    assert warnings(_gpu()) == []
+    (warning,) = warnings(_gpu(lora=LoraTrainConfig(num_workers=4, cpus_per_worker=4)))
+    assert "--lora-use-gpu" in warning
+    assert warnings(_gpu(strategy="p", lora=LoraTrainConfig())) == []  # no weight step, no training

@@ -51,12 +51,18 @@ PROGRAMS = {  # name -> (program args, data args, LM calls when every call parse
 }
 
 
+class Verbatim(dspy.ChatAdapter):
+    """Reads the model's whole completion as each output field, so every call parses and the
+    program runs to its end whatever SmolLM2 writes (it often misses DSPy's field markers)."""
+
+    def parse(self, signature, completion):
+        return {name: completion.strip() for name in signature.output_fields}
+
+
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
 def test_each_paper_program_runs_one_example_through_the_pool(pool, name):
-    """The plumbing and the metric, not the model's wit: SmolLM2 may miss DSPy's format, which
-    must then be a parse error after the program's LM calls reached the replicas."""
-    from dspy.utils.exceptions import AdapterParseError
-
+    """The plumbing and the metric, not the model's wit: every LM call of the program reaches the
+    replicas, and the metric scores the program's own prediction."""
     from engine.evaluate import run_all
     from programs.base import resolve
 
@@ -66,14 +72,11 @@ def test_each_paper_program_runs_one_example_through_the_pool(pool, name):
     program = spec.program(**program_args)
     program.set_lm(pool.lm(max_tokens=200, cache=False, stop=("[[ ## completed ## ]]",)))
     before = sum(s["requests"] for s in pool.stats())
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+    with dspy.context(adapter=Verbatim()):
         (run,) = run_all([(program, example)], spec.metric)
     made = sum(s["requests"] for s in pool.stats()) - before
-    if run.error is None:
-        assert made == calls and run.score == float(spec.metric(example, run.prediction))
-        assert isinstance(run.prediction.answer, str)
-        if name == "hotpotqa":  # both hops retrieved from the corpus and the answer module saw it
-            assert 1 <= len(run.prediction.context) <= 6 and all(" | " in p for p in run.prediction.context)
-    else:
-        assert run.error.startswith(AdapterParseError.__name__) and 1 <= made <= calls, (run.error, made)
-        assert run.score == 0.0
+    assert run.error is None and made == calls, (run.error, made)
+    assert run.score == float(spec.metric(example, run.prediction))
+    assert isinstance(run.prediction.answer, str)
+    if name == "hotpotqa":  # both hops retrieved from the corpus and the answer module saw it
+        assert 1 <= len(run.prediction.context) <= 6 and all(" | " in p for p in run.prediction.context)

@@ -8,15 +8,15 @@ saving the adapter as a Ray Train checkpoint. Workers run DDP, or — for models
 not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
 ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
 dataset of ``messages`` (JSON) rows (see ``read_rows``).
-Faults become clear errors: rows whose prompt fills ``max_seq_len`` (nothing to learn; an
-all-masked micro-batch has loss NaN) are dropped and counted, and if none is left a zero-CPU task
-says so before any worker starts (``NoCompletionError``); a NaN/inf loss, agreed by all ranks per
-micro-batch, stops them all (``NonFiniteLossError``, no adapter). Both come back as rank 0's
-return value, since Ray Train retries a raised error ``max_failures`` times, which is kept for
-workers that die. Workers the cluster can never hold are refused at once; busy resources are
-waited for ``resource_wait_s`` at most (Ray Train's ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
-with ``controller_failure_limit=0``; by default it retries forever), then ``ResourceWaitTimeout``
-names what it waited for and what is free.
+Faults become clear errors (``actors.lora_guards`` holds the checks, their messages and the
+errors, which are importable from here too): rows whose prompt fills ``max_seq_len`` (nothing to
+learn; an all-masked micro-batch has loss NaN) are dropped and counted, and if none is left a
+zero-CPU task says so before any worker starts (``NoCompletionError``); a NaN/inf loss, agreed by
+all ranks per micro-batch, stops them all (``NonFiniteLossError``, no adapter). Both come back as
+rank 0's return value, since Ray Train retries a raised error ``max_failures`` times, which is
+kept for workers that die. Workers the cluster can never hold are refused at once; busy resources
+are waited for ``resource_wait_s`` at most, then ``ResourceWaitTimeout`` names what it waited for
+and what is free.
 Does not know DSPy or the pool. torch/peft/transformers are imported inside the workers.
 """
 
@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-logger = logging.getLogger(__name__)
+from actors.lora_guards import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, RowCheck, check_cluster,
+                                cluster_now, learnable, non_finite_message, run_config, start_timeout, wait_message,
+                                worker_resources)
 
-# Ray Train 2.60 (ray/train/v2/_internal/constants.py): how long a worker group's placement group
-# may wait for resources; read from the driver's environment when fit() starts the controller.
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,60 +96,6 @@ class TrainResult:
 
     adapter_path: str
     metrics: dict
-
-
-class NoCompletionError(ValueError):
-    """No training row has a completion token inside ``max_seq_len``."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; no adapter was written."""
-
-
-class ResourceWaitTimeout(TimeoutError):
-    """The training workers did not get their (existing but busy) resources in ``resource_wait_s``."""
-
-
-@dataclass(frozen=True)
-class RowCheck:
-    """Which rows have at least one completion token inside ``max_seq_len``."""
-
-    keep: tuple[int, ...]
-    rows: int
-    max_seq_len: int
-    shortest_prompt: int
-    longest_prompt: int
-
-    @property
-    def dropped(self) -> int:
-        return self.rows - len(self.keep)
-
-    def error(self) -> NoCompletionError:
-        """The error for data of which no row is left."""
-        if not self.rows:
-            return NoCompletionError("the training data has no rows")
-        return NoCompletionError(
-            f"none of the {self.rows} training rows has a completion token within max_seq_len="
-            f"{self.max_seq_len}: the prompts alone take {self.shortest_prompt}-{self.longest_prompt} tokens "
-            f"(longest prompt {self.longest_prompt}). Raise lora.max_seq_len above {self.longest_prompt} "
-            "(plus the completion's length), or shorten the prompts")
-
-    def warning(self) -> str:
-        return (f"dropped {self.dropped} of {self.rows} training rows whose prompt fills max_seq_len="
-                f"{self.max_seq_len} (longest prompt {self.longest_prompt} tokens): they have no completion "
-                "token to learn; raise lora.max_seq_len to keep them")
-
-
-def learnable(lengths: list[tuple[int, int]], max_seq_len: int) -> RowCheck:
-    """Check rows given as (full length, prompt length) pairs, both untruncated.
-
-    Example:
-        >>> learnable([(12, 8), (30, 20)], max_seq_len=16).keep
-        (0,)
-    """
-    keep = tuple(i for i, (full, prompt) in enumerate(lengths) if prompt < min(full, max_seq_len))
-    prompts = [prompt for _, prompt in lengths] or [0]
-    return RowCheck(keep, len(lengths), max_seq_len, min(prompts), max(prompts))
 
 
 def encode(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
@@ -378,14 +324,6 @@ def _finite_on_every_rank(value: float, w: _Worker) -> bool:
     return flag.item() == 0.0
 
 
-def non_finite_message(value: float, epoch: int, step: int, steps: int, lr: float) -> str:
-    """The NonFiniteLossError text: where it happened and what usually causes it."""
-    seen = f"the loss is {value}" if not math.isfinite(value) else "another worker's loss is not finite"
-    return (f"training diverged at epoch {epoch + 1}, micro-batch {step + 1} of {steps}: {seen}; no adapter "
-            f"was written. Likely causes: the learning rate (lora.lr={lr:g}) is too high, bf16 overflow "
-            "(try lora.bf16: 'no'), or broken rows in the training data")
-
-
 def weights_held(model) -> float:
     """The share of the model's weights this worker holds (1.0, or about 1/world under ZeRO-3)."""
     held = total = 0
@@ -473,95 +411,6 @@ def read_rows(path: str) -> list[list[dict]]:
     return [json.loads(m) for m in pq.read_table(path, columns=["messages"]).column("messages").to_pylist()]
 
 
-def worker_resources(cfg: LoraTrainConfig) -> dict[str, float]:
-    """What one training worker asks Ray for."""
-    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
-
-
-def check_cluster(cfg: LoraTrainConfig, total: dict, nodes: list[dict] | None = None) -> None:
-    """Raise ``ValueError`` when the cluster can never hold ``cfg``'s training workers.
-
-    Args:
-        cfg: the training settings (num_workers, cpus_per_worker, use_gpu).
-        total: the cluster's resources (``ray.cluster_resources()``, or an autoscaler's maximum).
-        nodes: each alive node's resources when the cluster cannot grow; None skips the check
-            that one worker fits on one node.
-
-    Example:
-        >>> check_cluster(LoraTrainConfig(num_workers=2, cpus_per_worker=1), {"CPU": 2.0}, [{"CPU": 2.0}])
-    """
-    per = worker_resources(cfg)
-    need = {k: v * cfg.num_workers for k, v in per.items()}
-    short = [k for k, v in need.items() if v > total.get(k, 0.0)]
-    if short:
-        fix = "lower lora.num_workers or lora.cpus_per_worker" if "CPU" in short else "lower lora.num_workers"
-        fix += ", set lora.use_gpu: false" if "GPU" in short else ""
-        raise ValueError(f"the cluster cannot hold the training workers: they need {_fmt(need)} ({cfg.num_workers} "
-                         f"x {_fmt(per)}) but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} in all; "
-                         f"{fix}, or add nodes")
-    if nodes is not None and not any(all(n.get(k, 0.0) >= v for k, v in per.items()) for n in nodes):
-        raise ValueError(f"no node can hold one training worker ({_fmt(per)}): the nodes have "
-                         + "; ".join(_fmt({k: n.get(k, 0.0) for k in per}) for n in nodes)
-                         + ". Lower lora.cpus_per_worker (or set lora.use_gpu: false), or add a larger node")
-
-
-def wait_message(cfg: LoraTrainConfig, free: dict) -> str:
-    """The ResourceWaitTimeout text: what the workers waited for and what is free now."""
-    per = worker_resources(cfg)
-    need = {k: v * cfg.num_workers for k, v in per.items()}
-    return (f"the {cfg.num_workers} training workers waited lora.resource_wait_s={cfg.resource_wait_s:g} s for "
-            f"{_fmt(need)} ({cfg.num_workers} x {_fmt(per)}) and did not get them: free now "
-            f"{_fmt({k: free.get(k, 0.0) for k in need})}. Something else holds them (replicas in the hotswap "
-            "lifecycle, another run): free them, lower lora.num_workers / lora.cpus_per_worker, or raise "
-            "lora.resource_wait_s")
-
-
-def run_config(cfg: LoraTrainConfig, name: str, storage_path: str):
-    """Ray Train's RunConfig: ``max_failures`` retries of a failed worker group, no retry of one that
-    cannot start (Ray's default, -1, retries a start timeout forever)."""
-    from ray.train import FailureConfig, RunConfig
-
-    return RunConfig(name=name, storage_path=storage_path,
-                     failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0))
-
-
-@contextlib.contextmanager
-def start_timeout(seconds: float):
-    """Bound Ray Train's wait for the workers' placement group while the block runs (the driver's
-    environment is copied to the controller when ``fit()`` starts it)."""
-    before = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = before
-
-
-def _fmt(resources: dict) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
-
-
-def _cluster_now() -> tuple[dict, list[dict] | None]:
-    """The cluster's resources (an autoscaler's maximum where it has one) and, if it cannot grow,
-    each alive node's."""
-    import ray
-
-    total = {k: float(v) for k, v in ray.cluster_resources().items()}
-    try:  # the private call Ray Train 2.60 itself makes before it waits (worker_group.py)
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 -- without it the static check below still holds
-        logger.debug("no autoscaler limits", exc_info=True)
-        limits = None
-    if limits:
-        return {k: max(total.get(k, 0.0), float(limits.get(k, 0))) for k in {*total, *limits}}, None
-    return total, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
 _FAILURES = {"NoCompletionError": NoCompletionError, "NonFiniteLossError": NonFiniteLossError}
 
 
@@ -596,7 +445,7 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
     if cfg.zero_stage and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"zero_stage={cfg.zero_stage} needs DeepSpeed, which is not installed here: "
                          "pip install 'tandem[deepspeed]' (or set zero_stage: 0 for DDP)")
-    check_cluster(cfg, *_cluster_now())
+    check_cluster(cfg, *cluster_now())
     check = ray.get(ray.remote(num_cpus=0, max_calls=1)(check_data).remote(model_path, data_path, cfg.max_seq_len))
     if not check.keep:
         raise check.error()

@@ -9,8 +9,8 @@ import time
 import pytest
 import ray
 
-from actors.lora_train import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, train_lora,
-                               write_rows)
+from actors.lora_guards import NoCompletionError, NonFiniteLossError, ResourceWaitTimeout
+from actors.lora_train import train_lora, write_rows
 from tests.integration.conftest import lora_b_moved, tiny_train_config
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ import os
 import pytest
 
 from actors import models
-from actors.lora_train import (START_TIMEOUT_ENV, LoraTrainConfig, NoCompletionError, NonFiniteLossError, buckets,
-                               check_cluster, deepspeed_config, learnable, learnable_data, run_config, shard,
-                               start_timeout, tokenize, train_loop, wait_message)
+from actors.lora_guards import (START_TIMEOUT_ENV, NoCompletionError, NonFiniteLossError, check_cluster, learnable,
+                                run_config, start_timeout, wait_message)
+from actors.lora_train import LoraTrainConfig, buckets, deepspeed_config, learnable_data, shard, tokenize, train_loop
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -146,11 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    finally:  # Ctrl-C or SIGTERM: main() turns it into exit code 130 / 143
         logger.info("stopping the server")
-    finally:
         stop(cfg)
-    return 0
 
 
 def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -87,11 +87,15 @@ def home(tmp_path_factory, tiny_model):
     return home
 
 
-def _tandem(home: Path, args: list[str], mark: str | None = None, **env: str) -> subprocess.Popen:
+def _start(home: Path, argv: list[str], mark: str | None = None, **env: str) -> subprocess.Popen:
+    """``argv`` run in ``home`` with the user's module on the path and the offline HF cache."""
     env = marked_env(mark or new_mark(), PYTHONPATH=f"{home}{os.pathsep}{Path.cwd()}", HF_HOME=str(home / "hf"),
                      HF_HUB_OFFLINE="1", **env)
-    return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=home, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _tandem(home: Path, args: list[str], mark: str | None = None, **env: str) -> subprocess.Popen:
+    return _start(home, [sys.executable, "-m", "engine", *args], mark, **env)
 
 
 @pytest.fixture(scope="module")
@@ -129,25 +133,14 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     assert out.count("done in an earlier run") == 3, out[-4000:]
     assert {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")} == stored
 
-    shutil.rmtree(run_dir)  # what is served comes from the moved copy only
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    hidden = run_dir.rename(run_dir.with_name("first-hidden"))  # what is served comes from the moved copy only
+    port = _free_port()
     mark = new_mark()
     server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark, TANDEM_SERVE_TOKEN="s3cret")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"Authorization": "Bearer s3cret"}) as http:
-            deadline = time.monotonic() + 300
-            while True:
-                assert server.poll() is None, server.stdout.read()[-4000:]
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "serve did not come up"
-                time.sleep(2)
+            _wait_healthy(server, http)
             assert httpx.get(f"http://127.0.0.1:{port}/v1/program").status_code == 401  # the token from the env
             info = http.get("/v1/program").json()
             assert info["strategy"] == json.loads((moved / "best.json").read_text())["strategy"]  # the winner
@@ -162,12 +155,55 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     finally:
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=120)
+        hidden.rename(run_dir)
     assert server.returncode == 143, out[-4000:]
     assert left_behind(mark) == []
 
 
 def _with_model(model: str) -> list[str]:
     return [model if prev == "--model" else flag for prev, flag in zip(["", *FLAGS], FLAGS)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, server.stdout.read()[-4000:]
+        try:
+            if http.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(2)
+
+
+def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home):
+    """`serve run serve/serve_config.yaml` as its comments say: the shipped file with the run dir and port set."""
+    import yaml
+
+    run_dir, _ = first_run
+    config = yaml.safe_load((Path.cwd() / "serve" / "serve_config.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(run_dir=str(run_dir), lm_max_replicas=1)
+    (home / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    mark = new_mark()
+    server = _start(home, [str(Path(sys.executable).parent / "serve"), "run", str(home / "serve_config.yaml")], mark)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            _wait_healthy(server, http)
+            r = http.post("/v1/predict", json={"question": "What is 8 + 1?"})
+            assert r.status_code == 200 and r.json()["outputs"]["answer"] == "forty two", r.text
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=120)
+    assert left_behind(mark) == []
 
 
 def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(home):

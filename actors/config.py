@@ -71,7 +71,11 @@ class PoolConfig:
     num_replicas: int = _help("replicas launched", 2)
     name: str = _help("pool name; replicas are named actors `tandem:<name>:<generation>:<rank>`", "default")
     placement_strategy: str = _help("placement-group strategy for each replica's bundles", "STRICT_PACK")
-    request_retries: int = _help("times a request is re-sent to another replica when one dies", 3)
+    request_retries: int = _help(
+        "times a request is re-sent to another replica when one dies or does not answer in time", 3)
+    request_timeout_s: float = _help(
+        "seconds one attempt of a request may take; then it is cancelled and re-sent to another "
+        "replica (a re-send), and a request out of re-sends fails naming the timeout", 600.0)
     start_timeout_s: float = _help("seconds to wait for replicas to become ready", 600.0)
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class PoolConfig:
             raise ValueError(f"pool name must be non-empty and contain no ':', got {self.name!r}")
         if self.request_retries < 0:
             raise ValueError("request_retries must be >= 0")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
     def with_replica(self, **changes: Any) -> "PoolConfig":
         """A copy with some replica fields changed."""

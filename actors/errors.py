@@ -3,6 +3,8 @@
 These are raised inside Ray actors; Ray re-raises them in the caller as a subclass of the same
 type, so ``except UnknownModelError`` works across the actor boundary. The DSPy client maps them
 onto dspy.lm15's error types (not retried) and replica loss onto ``ServerError`` (retried).
+``EngineDeadError`` normally never reaches a caller: a replica whose engine died exits its
+process so that Ray restarts it, and the caller sees the replica as lost (``RayActorError``).
 """
 
 
@@ -23,4 +25,9 @@ class AdapterError(LMRequestError):
 
 
 class PoolUnavailableError(RuntimeError):
-    """No live replica could answer (all dead, or the pool was killed)."""
+    """No live replica could answer (all dead, the pool was killed, or no answer in time)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The replica's inference engine is gone for good (vLLM's ``EngineDeadError``: its EngineCore
+    process died); only a new engine in a new replica process can serve again."""

@@ -6,6 +6,16 @@ problem, the model-id → adapter map (one name and int id per adapter version, 
 and per-replica statistics. Many calls run at once on the actor's event loop; the engine batches
 them. Does not know routing, other replicas, or DSPy.
 
+A dead engine ends the replica's process: when the engine raises ``EngineDeadError`` (a call
+reached vLLM after its EngineCore process died), or its optional ``dead`` attribute turns true
+(checked every second and by ``health()``), the replica shuts down what is left of the engine,
+kills its own child processes and calls ``os._exit(1)`` without answering. Ray sees a worker that
+died (not ``exit_actor()``'s intended exit), restarts the actor (``max_restarts``), and the new
+process builds a new engine and reloads the pool's adapters; every call in flight, the one that
+met the dead engine included, fails in its caller as ``RayActorError``, which the router treats
+as a lost replica and re-sends. Outside a Ray actor (a plain object in a test) the replica drops
+the engine and raises ``EngineDeadError`` instead; the next call builds a new engine.
+
 The class is plain Python; ``actors.pool`` wraps it with ``ray.remote``. Tests inject a scripted
 engine with ``engine_factory`` instead of patching.
 """
@@ -16,19 +26,22 @@ import asyncio
 import json
 import logging
 import os
+import sys
+import threading
 import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from actors.config import ReplicaConfig
-from actors.errors import AdapterError, ContextLengthError, UnknownModelError
+from actors.errors import AdapterError, ContextLengthError, EngineDeadError, UnknownModelError
 from actors.types import Adapter, Completion, Engine, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ReplicaConfig, str], Engine]
+ENGINE_CHECK_S = 1.0  # how often a replica looks at its engine's ``dead`` flag
 
 
 def vllm_factory(cfg: ReplicaConfig, model_path: str) -> Engine:
@@ -58,6 +71,8 @@ class LMReplica:
         self._state_name = state_name
         self._factory = engine_factory or vllm_factory
         self._engine: Engine | None = None
+        self._retired: Engine | None = None  # the engine ``shutdown()`` stopped on purpose
+        self._engine_check: asyncio.Task | None = None
         self._start_lock = asyncio.Lock()
         self._adapters: dict[str, Adapter] = {}
         self._next_adapter_id = 1
@@ -77,9 +92,38 @@ class LMReplica:
                 self._engine = self._factory(self.cfg, models.resolve(self.cfg.model))
                 logger.info("replica %d: engine for %s up in %.1fs", self.rank, self.cfg.model,
                             time.perf_counter() - started)
+                if hasattr(self._engine, "dead"):
+                    self._engine_check = asyncio.get_running_loop().create_task(self._check_engine(self._engine))
                 for adapter in await self._pool_adapters():
                     await self._add(adapter.name, adapter.path)
         return self._engine
+
+    async def _check_engine(self, engine: Engine) -> None:
+        """Notice an engine that died between calls (no request has to meet it first)."""
+        while self._engine is engine:
+            if engine.dead:
+                try:
+                    self._engine_lost(engine, "found dead by the replica's engine check")
+                except EngineDeadError:  # not in a Ray actor: the engine was dropped; stop checking
+                    return
+            await asyncio.sleep(ENGINE_CHECK_S)
+
+    def _engine_lost(self, engine: Engine, why: str) -> NoReturn:
+        """The engine is gone for good: end this process so Ray restarts the replica (see module doc)."""
+        if engine is self._retired:  # shut down on purpose (the pool is stopping this replica): no restart
+            raise EngineDeadError(f"replica {self.rank}: the engine was shut down")
+        in_actor = _in_ray_actor()
+        logger.error("replica %d (pid %d): engine dead (%s); %s", self.rank, os.getpid(), why,
+                     "exiting so that Ray restarts this replica" if in_actor else "dropping it")
+        if self._engine is engine:  # not yet dropped by another call that met the dead engine
+            self._engine = None
+            _shutdown_quietly(engine)
+        if in_actor:
+            _kill_children()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(1)  # not exit_actor(): Ray restarts only an actor whose process died
+        raise EngineDeadError(f"replica {self.rank}: the engine died ({why})")
 
     async def _pool_adapters(self) -> list[Adapter]:
         if self._state_name is None:
@@ -94,8 +138,15 @@ class LMReplica:
         return await state.adapters.remote()
 
     async def health(self) -> dict:
-        """Build the engine if needed; return who and where this replica is."""
+        """Build the engine if needed; return who and where this replica is.
+
+        Raises:
+            EngineDeadError: outside a Ray actor, when the engine is dead (inside one, the
+                process exits and the caller gets ``RayActorError``).
+        """
         engine = await self._ensure_engine()
+        if getattr(engine, "dead", False):
+            self._engine_lost(engine, "found dead by health()")
         return {"rank": self.rank, "pid": os.getpid(), "model": self.cfg.base_id,
                 "adapters": sorted(self._adapters), "max_model_len": engine.max_model_len,
                 "inflight": self._inflight}
@@ -134,7 +185,10 @@ class LMReplica:
                 from dataclasses import replace
 
                 request = replace(request, max_tokens=room)
-            texts, finishes, out_tokens = await engine.generate(ids, request, adapter, uuid.uuid4().hex)
+            try:
+                texts, finishes, out_tokens = await engine.generate(ids, request, adapter, uuid.uuid4().hex)
+            except EngineDeadError as exc:
+                self._engine_lost(engine, f"generate: {exc}")
         except BaseException:
             self._counts["errors"] += 1
             raise
@@ -174,8 +228,11 @@ class LMReplica:
         _check_adapter(self.cfg, name, path)
         adapter = Adapter(name, path, self._next_adapter_id)
         self._next_adapter_id += 1
+        engine = self._engine
         try:
-            await self._engine.add_adapter(adapter)
+            await engine.add_adapter(adapter)
+        except EngineDeadError as exc:
+            self._engine_lost(engine, f"loading adapter {name!r}: {exc}")
         except Exception as exc:
             raise AdapterError(f"engine refused adapter {name!r} at {path}: {exc}") from exc
         self._adapters[name] = adapter
@@ -186,14 +243,58 @@ class LMReplica:
         adapter = self._adapters.pop(name, None)
         if adapter is None:
             return False
-        await (await self._ensure_engine()).remove_adapter(adapter)
+        engine = await self._ensure_engine()
+        try:
+            await engine.remove_adapter(adapter)
+        except EngineDeadError as exc:
+            self._engine_lost(engine, f"unloading adapter {name!r}: {exc}")
         return True
 
     def shutdown(self) -> None:
         """Stop the engine (and its processes); the actor can then be killed."""
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        engine, self._engine = self._engine, None  # first: the engine check stops watching it
+        if engine is not None:
+            self._retired = engine  # calls still in flight on it fail; they must not restart the replica
+            engine.shutdown()
+
+
+def _in_ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor (where exiting the process means a restart)."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def _shutdown_quietly(engine: Engine, timeout_s: float = 10.0) -> None:
+    """Shut a dead engine down, waiting at most ``timeout_s``: the process is about to exit anyway."""
+
+    def stop() -> None:
+        try:
+            engine.shutdown()
+        except Exception as exc:
+            logger.warning("shutting down the dead engine failed: %s", exc)
+
+    thread = threading.Thread(target=stop, daemon=True, name="dead-engine-shutdown")
+    thread.start()
+    thread.join(timeout_s)
+
+
+def _kill_children() -> None:
+    """SIGKILL what this process started (vLLM's EngineCore and its helpers) before it exits."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)
 
 
 def _check_adapter(cfg: ReplicaConfig, name: str, path: str) -> None:

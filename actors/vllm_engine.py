@@ -4,16 +4,23 @@ Knows how to build ``AsyncLLM`` from a ``ReplicaConfig`` (dtype, LoRA limits, ex
 opaque ``engine_kwargs``), turn a ``GenerateRequest`` into prompt token ids with the model's chat
 template and into ``SamplingParams``, and load/unload LoRA adapters with a prefix-cache reset so
 no block computed under other weights is reused. Concurrent ``generate`` calls are batched
-continuously by vLLM. Does not know Ray, routing, or request statistics (``actors.replica`` does).
-vLLM is imported lazily, inside the replica process.
+continuously by vLLM. Engine death: vLLM's ``EngineDeadError`` (its EngineCore process is gone,
+and every later call fails) is re-raised as ``actors.errors.EngineDeadError`` and ``dead`` says
+so without a call, so the replica can exit and be restarted by Ray; before the engine is built,
+``TANDEM_ENGINE_WATCHDOG=1`` is set (unless already set) so that the EngineCore process exits when
+the replica's process dies (``actors.engine_watchdog``). Does not know Ray, routing, or request
+statistics (``actors.replica`` does). vLLM is imported lazily, inside the replica process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 from actors import device
 from actors.config import ReplicaConfig
+from actors.errors import EngineDeadError
 from actors.types import Adapter, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -42,9 +49,17 @@ class VLLMEngine:
         if cfg.enable_lora:
             kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
         kwargs.update(cfg.engine_kwargs)
+        from actors.engine_watchdog import WATCHDOG_ENV
+
+        os.environ.setdefault(WATCHDOG_ENV, "1")  # inherited by the EngineCore process vLLM spawns
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine cannot serve again (its EngineCore process died or its output loop failed)."""
+        return bool(self._llm.errored)
 
     def encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
@@ -64,9 +79,10 @@ class VLLMEngine:
         )
         lora = LoRARequest(adapter.name, adapter.int_id, adapter.path) if adapter else None
         final = None
-        async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora):
-            final = out
+        with _dead_engine_errors():
+            async for out in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora):
+                final = out
         outputs = sorted(final.outputs, key=lambda o: o.index)
         return ([o.text for o in outputs], [o.finish_reason or "stop" for o in outputs],
                 sum(len(o.token_ids) for o in outputs))
@@ -74,12 +90,25 @@ class VLLMEngine:
     async def add_adapter(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest
 
-        await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, adapter.path))
-        await self._llm.reset_prefix_cache()
+        with _dead_engine_errors():
+            await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, adapter.path))
+            await self._llm.reset_prefix_cache()
 
     async def remove_adapter(self, adapter: Adapter) -> None:
-        await self._llm.remove_lora(adapter.int_id)
-        await self._llm.reset_prefix_cache()
+        with _dead_engine_errors():
+            await self._llm.remove_lora(adapter.int_id)
+            await self._llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+@contextlib.contextmanager
+def _dead_engine_errors():
+    """vLLM's EngineDeadError as Tandem's (the replica reacts to it without importing vLLM)."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+    try:
+        yield
+    except VLLMEngineDeadError as exc:
+        raise EngineDeadError(f"vLLM engine is dead: {exc}") from exc

@@ -1,13 +1,77 @@
 """Shared fixtures for integration tests: one local Ray for the session, real models, adapters.
 
 Pools are module-scoped so that one pool of vLLM engines runs at a time on small machines.
+At the end of the session no vLLM EngineCore process started by it may be alive (a leaked engine
+holds gigabytes for hours): ``_no_engine_outlives_the_session``.
 """
 
+import os
+import time
+import uuid
+
 import dspy
+import psutil
 import pytest
 import ray
 
 from actors import connect, models
+
+SESSION_TAG = "TANDEM_TEST_SESSION"  # in the environment of every process this session starts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_engine_outlives_the_session():
+    """Fail the session when an EngineCore it started is still alive 30 s after the session's end.
+
+    The session's id goes into the environment first, so the local Ray started afterwards, its
+    workers, the vLLM engines they spawn and any driver a test runs in a subprocess all carry it;
+    engines of other people's sessions on the same machine do not, and are left out.
+    """
+    tag = uuid.uuid4().hex
+    os.environ[SESSION_TAG] = tag
+    started = time.time()
+    yield
+    procs = _session_engines(tag, started)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    alive = [p for p in alive if _running(p)]
+    if alive:
+        pytest.fail("vLLM EngineCore processes started by this test session outlived it:\n"
+                    + "\n".join(_describe(p) for p in alive), pytrace=False)
+
+
+def _session_engines(tag: str, since: float) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+        info = proc.info
+        text = f"{info['name'] or ''} {' '.join(info['cmdline'] or ())}"
+        if "EngineCore" not in text or (info["create_time"] or 0) < since - 1:
+            continue
+        try:
+            if proc.environ().get(SESSION_TAG) == tag and _running(proc):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or another user's process
+            continue
+    return found
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        parent = psutil.Process(proc.ppid())
+        parent_text = f"{parent.pid} ({' '.join(parent.cmdline())[:80] or parent.name()})"
+    except psutil.Error:
+        parent_text = "gone"
+    try:
+        rss = proc.memory_info().rss / 2**30
+        return f"  pid {proc.pid} {' '.join(proc.cmdline())[:60]!r}, {rss:.2f} GiB, parent {parent_text}"
+    except psutil.Error:
+        return f"  pid {proc.pid} (exited while being described)"
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +95,16 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def smollm2_model():
     return str(models.materialize(models.EMBEDDED))
+
+
+@pytest.fixture(scope="session")
+def iris_smollm2_run(tmp_path_factory, smollm2_model):
+    """The session's one real `tandem run` on SmolLM2 (killed and resumed; see ``iris_run``)."""
+    from tests.integration.iris_run import killed_and_resumed
+
+    if ray.is_initialized():  # the CLI starts its own local Ray; free the cores of the test session's
+        ray.shutdown()
+    return killed_and_resumed(tmp_path_factory.mktemp("iris-smollm2"))
 
 
 def make_adapter(model_dir: str, out_dir, rank: int = 8, seed: int = 0) -> str:

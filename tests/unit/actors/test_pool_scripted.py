@@ -1,18 +1,24 @@
-"""Pool lifecycle, routing, adapters and replica loss on real Ray actors with a scripted engine."""
+"""Pool lifecycle, routing, adapters, replica loss, engine death, request timeouts and failed
+launches on real Ray actors with scripted engines."""
 
+import asyncio
 import json
 import threading
 import time
 
 import pytest
 import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.state import list_actors, list_placement_groups
 
-from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from actors import LMReplica, PoolConfig, ReplicaConfig, ReplicaPool, connect
 from actors.router import wait_healthy
-from actors.errors import AdapterError, ContextLengthError, UnknownModelError
+from actors.errors import (AdapterError, ContextLengthError, EngineDeadError, PoolUnavailableError,
+                           UnknownModelError)
 from actors.scripted import scripted_factory
 from actors.types import GenerateRequest
+from tests.unit.actors import faulty_engines as faulty
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +35,11 @@ def ray_local():
     ray.shutdown()
 
 
-def _pool(model_dir, name, n=2, **replica):
-    cfg = PoolConfig(replica=ReplicaConfig(model=model_dir, model_id="base", num_cpus=0.5, **replica),
-                     num_replicas=n, name=name)
-    return ReplicaPool(cfg, engine_factory=scripted_factory)
+def _pool(model_dir, name, n=2, factory=scripted_factory, pool=None, **replica):
+    replica = {"num_cpus": 0.5, **replica}
+    cfg = PoolConfig(replica=ReplicaConfig(model=model_dir, model_id="base", **replica),
+                     num_replicas=n, name=name, **(pool or {}))
+    return ReplicaPool(cfg, engine_factory=factory)
 
 
 def _adapter(tmp_path, name, rank=8):
@@ -47,6 +54,52 @@ def _alive(kind, pool_name):
     if kind == "actors":
         return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if pool_name in (a.name or "")]
     return [p for p in list_placement_groups() if p.state == "CREATED"]
+
+
+def _created_pgs():
+    return {p.placement_group_id for p in list_placement_groups() if p.state == "CREATED"}
+
+
+def _assert_nothing_left(pool_name, pgs_before, timeout_s=15.0):
+    """No actor of the pool (replicas, state actor) and no new placement group; ray.kill is asynchronous."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors, pgs = _alive("actors", pool_name), _created_pgs() - pgs_before
+        if not actors and not pgs:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"pool {pool_name!r} left behind actors {[a.name for a in actors]} and placement groups {pgs}")
+        time.sleep(0.2)
+
+
+def _restarted(handle, old_pid, timeout_s=60.0):
+    """The replica's health record once it answers from a process other than ``old_pid``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            health = wait_healthy(handle, timeout_s=timeout_s)
+        except RayActorError:  # the call met the old process as it exited
+            health = {"pid": old_pid}
+        if health["pid"] != old_pid:
+            return health
+        assert time.monotonic() < deadline, f"replica still runs in pid {old_pid} after {timeout_s:.0f}s"
+        time.sleep(0.2)
+
+
+def _when_busy(handle, action):
+    """A thread that runs ``action()`` once ``handle`` has requests in flight; returns (thread, record)."""
+    record = {}
+
+    def run():
+        deadline = time.monotonic() + 30
+        while ray.get(handle.stats.remote())["inflight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        record["inflight"] = ray.get(handle.stats.remote())["inflight"]
+        record["result"] = action()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, record
 
 
 def test_launch_is_idempotent_and_kill_leaves_nothing(ray_local, model_dir):
@@ -146,3 +199,133 @@ def test_routers_made_before_a_relaunch_reach_the_new_replicas(ray_local, model_
         assert {h["pid"] for h in pool.health()}.isdisjoint(old_pids)
         out = [old_router.submit(GenerateRequest("base", prompt=f"q {i}")) for i in range(6)]
         assert all(c.text == "ok" for c in out)
+
+
+# -- a dead engine ends its replica's process; Ray restarts it --------------------------------
+
+
+def test_engine_dying_mid_batch_restarts_its_replica_and_loses_no_request(ray_local, model_dir):
+    with _pool(model_dir, "enginedeath", factory=faulty.dying_factory).launch() as pool:
+        victim = pool._replicas[1][0]
+        old_pid = wait_healthy(victim)["pid"]
+        killer, killed = _when_busy(victim, lambda: victim.generate.remote(GenerateRequest("base", prompt=faulty.DIE)))
+        out = pool.router.map([GenerateRequest("base", prompt=f"q {i}") for i in range(64)])
+        killer.join()
+        assert killed["inflight"] > 0
+        assert [c.text for c in out] == ["ok"] * 64
+        with pytest.raises(RayActorError):  # the request that met the dead engine: a lost replica, not an error
+            ray.get(killed["result"])
+        assert _restarted(victim, old_pid)["rank"] == 1
+        assert ray.get(victim.generate.remote(GenerateRequest("base", prompt="after"))).text == "ok"
+
+
+def test_single_replica_pool_waits_for_the_restart_instead_of_failing(ray_local, model_dir):
+    # one re-send only, and it can only go to the replica that is restarting: the router waits for it
+    with _pool(model_dir, "lonely", n=1, factory=faulty.dying_factory, pool={"request_retries": 1}).launch() as pool:
+        victim = pool._replicas[0][0]
+        old_pid = wait_healthy(victim)["pid"]
+        killer, killed = _when_busy(victim, lambda: victim.generate.remote(GenerateRequest("base", prompt=faulty.DIE)))
+        out = pool.router.map([GenerateRequest("base", prompt=f"q {i}") for i in range(16)])
+        killer.join()
+        assert killed["inflight"] > 0 and [c.text for c in out] == ["ok"] * 16
+        assert _restarted(victim, old_pid)["rank"] == 0
+
+
+def test_engine_found_dead_between_calls_restarts_its_replica(ray_local, model_dir):
+    with _pool(model_dir, "quietdeath", n=1, factory=faulty.dying_factory).launch() as pool:
+        victim = pool._replicas[0][0]
+        old_pid = wait_healthy(victim)["pid"]
+        assert ray.get(victim.generate.remote(GenerateRequest("base", prompt=faulty.DIE_QUIETLY))).text == "dying"
+        _restarted(victim, old_pid, timeout_s=30)  # the replica's engine check (every 1 s) or health() saw it
+        assert pool.router.submit(GenerateRequest("base", prompt="x")).text == "ok"
+
+
+def test_engine_shut_down_on_purpose_fails_calls_in_flight_without_a_restart(ray_local, model_dir):
+    with _pool(model_dir, "onpurpose", n=1, factory=faulty.dying_factory).launch() as pool:
+        victim = pool._replicas[0][0]
+        pid = wait_healthy(victim)["pid"]
+        refs = [victim.generate.remote(GenerateRequest("base", prompt=f"q {i}")) for i in range(4)]
+        stopper, _ = _when_busy(victim, lambda: ray.get(victim.shutdown.remote()))
+        stopper.join()
+        for ref in refs:
+            with pytest.raises(EngineDeadError, match="the engine was shut down"):
+                ray.get(ref)
+        assert wait_healthy(victim)["pid"] == pid  # same process, a new engine
+
+
+def test_outside_ray_a_dead_engine_raises_and_the_next_call_builds_a_new_one(model_dir):
+    replica = LMReplica(ReplicaConfig(model=model_dir, model_id="base"), 0, engine_factory=faulty.dying_factory)
+
+    async def run():
+        with pytest.raises(EngineDeadError, match="scripted engine died"):
+            await replica.generate(GenerateRequest("base", prompt=faulty.DIE))
+        assert (await replica.generate(GenerateRequest("base", prompt="x"))).text == "ok"
+        await replica.generate(GenerateRequest("base", prompt=faulty.DIE_QUIETLY))
+        with pytest.raises(EngineDeadError, match="found dead by health"):
+            await replica.health()
+        assert (await replica.health())["rank"] == 0  # a new engine
+        replica.shutdown()
+
+    asyncio.run(run())
+
+
+# -- request timeouts ------------------------------------------------------------------------
+
+
+def test_request_timeout_resends_to_another_replica_and_cancels_the_slow_one(ray_local, model_dir):
+    pool_cfg = {"request_timeout_s": 1.0}
+    with _pool(model_dir, "slowone", factory=faulty.slow_on_rank0_factory, pool=pool_cfg).launch() as pool:
+        started = time.monotonic()
+        out = pool.router.map([GenerateRequest("base", prompt=f"q {i}") for i in range(4)])
+        assert [c.text for c in out] == ["ok"] * 4 and {c.replica for c in out} == {1}
+        assert time.monotonic() - started < faulty.SLOW_S / 2
+        slow = pool._replicas[0][0]
+        deadline = time.monotonic() + 10
+        while ray.get(slow.stats.remote())["inflight"]:  # the timed-out attempts were cancelled there
+            assert time.monotonic() < deadline, "timed-out requests still run on the slow replica"
+            time.sleep(0.1)
+
+
+def test_request_out_of_time_everywhere_fails_naming_the_timeout(ray_local, model_dir):
+    pool_cfg = {"request_timeout_s": 0.5, "request_retries": 1}
+    with _pool(model_dir, "allslow", factory=faulty.slow_factory, pool=pool_cfg).launch() as pool:
+        started = time.monotonic()
+        timed_out = r"after 1 re-sends: .*no answer within the request timeout of 0.5s"
+        with pytest.raises(PoolUnavailableError, match=timed_out):
+            pool.router.submit(GenerateRequest("base", prompt="x"))
+        with pytest.raises(PoolUnavailableError, match="request timeout of 0.5s"):
+            pool.router.map([GenerateRequest("base", prompt="y")])
+        assert time.monotonic() - started < faulty.SLOW_S / 2
+
+
+# -- a launch that fails half-way leaves nothing behind -------------------------------------
+
+
+def test_launch_failing_on_one_replica_stops_everything_it_started(ray_local, model_dir):
+    pgs_before = _created_pgs()
+    pool = _pool(model_dir, "halfway", factory=faulty.fails_on_rank1_factory)
+    with pytest.raises(RuntimeError, match="cannot start on rank 1"):
+        pool.launch()
+    assert not pool.launched
+    _assert_nothing_left("halfway", pgs_before)
+
+
+def test_placement_timeout_after_one_replica_started_stops_everything(ray_local, model_dir):
+    total = ray.cluster_resources()["CPU"]
+    blocker = placement_group([{"CPU": total - 0.5}])  # room for one replica of 0.5 CPU, not two
+    ray.get(blocker.ready(), timeout=30)
+    try:
+        pgs_before = _created_pgs()
+        pool = _pool(model_dir, "nofit", pool={"start_timeout_s": 2.0})
+        with pytest.raises(TimeoutError, match="replica 1 of pool 'nofit' .* could not place it within 2s"):
+            pool.launch()
+        _assert_nothing_left("nofit", pgs_before)
+    finally:
+        remove_placement_group(blocker)
+
+
+def test_pool_too_large_for_the_cluster_creates_nothing(ray_local, model_dir):
+    pgs_before = _created_pgs()
+    with pytest.raises(ValueError, match="whole cluster has 2"):
+        _pool(model_dir, "toolarge", n=1, num_cpus=4).launch()
+    _assert_nothing_left("toolarge", pgs_before, timeout_s=0)

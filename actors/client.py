@@ -122,8 +122,9 @@ def pool_lm(pool, model: str | None = None, **kwargs) -> dspy.LM:
     """A ``dspy.LM`` served by a pool.
 
     Args:
-        pool: a launched ``ReplicaPool``, or a pool name (for a pool launched elsewhere in the
-            same Ray namespace).
+        pool: a launched ``ReplicaPool`` (its ``provider`` becomes the LM's, unless ``provider=``
+            is given), or a pool name (for a pool launched elsewhere in the same Ray namespace; such
+            an LM generates but cannot be fine-tuned).
         model: the base model id or an adapter name; default the pool's base model.
         **kwargs: more ``dspy.LM`` arguments (``temperature``, ``max_tokens``, ``cache``,
             ``num_retries``, ``provider`` …).
@@ -139,6 +140,7 @@ def pool_lm(pool, model: str | None = None, **kwargs) -> dspy.LM:
         router, base = Router(pool), model
     else:
         router, base = pool.router, pool.model_id
+        kwargs.setdefault("provider", pool.provider)  # lm.launch()/kill()/finetune(), and the weight step's way in
     model = model or base
     if not model:
         raise ValueError("give model= when the pool is given by name")

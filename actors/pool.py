@@ -1,9 +1,12 @@
 """``ReplicaPool``: launch, scale, relaunch and kill a set of ``LMReplica`` actors; load adapters.
 
 Knows the lifecycle: each replica gets its own placement group (one bundle per tensor-parallel
-worker), is a named, restartable Ray actor (Ray restarts it after a crash; it then rebuilds its
-engine and reloads the pool's adapters from the pool's state actor), and is shut down engine
-first, then killed, then its placement group removed, so ``kill()`` leaves nothing behind.
+worker), is a named, restartable Ray actor (Ray restarts it after a crash, or after it exits
+because its vLLM engine died; it then rebuilds its engine and reloads the pool's adapters from
+the pool's state actor), and is shut down engine first, then killed, then its placement group
+removed, so ``kill()`` leaves nothing behind. A launch that fails half-way (the cluster is too
+small, a placement group or a replica not ready in time, an engine that fails to start) stops
+every replica and placement group it started and the state actor it created before raising.
 Every operation is idempotent. Requests go through ``self.router`` (``actors.router``).
 Does not know DSPy (``actors.client``) or what the requests are for (``engine/``).
 """
@@ -73,19 +76,6 @@ class ReplicaPool:
         ...     pool.router.submit(GenerateRequest("tiny-llama", prompt="Hi")).text
     """
 
-    _live: dict[str, "ReplicaPool"] = {}
-
-    @classmethod
-    def named(cls, name: str) -> "ReplicaPool":
-        """The launched pool called ``name`` in this process.
-
-        Raises:
-            LookupError: no pool of that name is launched here.
-        """
-        if name not in cls._live:
-            raise LookupError(f"no launched pool named {name!r} in this process (launched: {sorted(cls._live)})")
-        return cls._live[name]
-
     def __init__(self, cfg: PoolConfig, engine_factory: EngineFactory | None = None):
         self.cfg = cfg
         self._factory = engine_factory
@@ -93,6 +83,7 @@ class ReplicaPool:
         self._state = None
         self._router: Router | None = None
         self._generation = 0
+        self._provider = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -123,7 +114,9 @@ class ReplicaPool:
 
         Raises:
             models.ModelError: the model cannot be resolved.
+            ValueError: the whole cluster is too small for the replicas.
             TimeoutError: replicas did not become ready within ``start_timeout_s``.
+            Any error of a replica's start (e.g. its engine's); nothing the launch started is left.
         """
         if model is not None and model != self.cfg.replica.model:
             if self.launched:
@@ -131,22 +124,48 @@ class ReplicaPool:
             self.cfg = replace(self.cfg, replica=replace(self.cfg.replica, model=model, model_id=None))
         if not self.launched:
             models.resolve(self.cfg.replica.model)  # materialize once here, not in every replica
-            self._state = PoolState.options(
-                name=state_actor_name(self.cfg.name), get_if_exists=True, lifetime=None).remote()
-            self._router = Router(self.cfg.name, retries=self.cfg.request_retries)
-            self._start(range(self.cfg.num_replicas))
-            ReplicaPool._live[self.cfg.name] = self
+            _check_fits(device.bundles(self.cfg.replica), self.cfg.num_replicas)  # before creating anything
+            created = self._open_state()
+            try:
+                self._router = Router(self.cfg.name, retries=self.cfg.request_retries,
+                                      timeout_s=self.cfg.request_timeout_s)
+                self._start(range(self.cfg.num_replicas))
+            except BaseException:
+                self._close_state(kill=created)
+                raise
         for adapter in adapters:
             self.load_adapter(adapter.name, adapter.path)
         return self
 
-    def _start(self, ranks) -> None:
-        self._generation += 1
-        started = {rank: self._start_one(rank) for rank in ranks}
+    def _open_state(self) -> bool:
+        """Create (or join) the pool's state actor; True when this call created it."""
+        name, namespace = state_actor_name(self.cfg.name), ray.get_runtime_context().namespace
         try:
+            ray.get_actor(name, namespace=namespace)
+            created = False
+        except ValueError:
+            created = True
+        self._state = PoolState.options(name=name, get_if_exists=True, lifetime=None).remote()
+        return created
+
+    def _close_state(self, kill: bool) -> None:
+        if kill and self._state is not None:
+            ray.kill(self._state)
+        if self._router is not None:
+            self._router.close()
+        self._state, self._router = None, None
+
+    def _start(self, ranks) -> None:
+        """Start replicas ``ranks`` and wait until all are healthy; on failure stop every one started."""
+        self._generation += 1
+        started: dict[int, tuple] = {}
+        try:
+            for rank in ranks:
+                started[rank] = self._start_one(rank)
             ray.get([h.health.remote() for h, _ in started.values()], timeout=self.cfg.start_timeout_s)
         except BaseException:
-            for rank, (handle, pg) in started.items():
+            logger.warning("pool %s: start failed; stopping the %d replica(s) started", self.cfg.name, len(started))
+            for handle, pg in started.values():
                 _stop(handle, pg)
             raise
         self._replicas.update(started)
@@ -161,11 +180,21 @@ class ReplicaPool:
         pg = placement_group(bundles, strategy=self.cfg.placement_strategy)
         try:
             ray.get(pg.ready(), timeout=self.cfg.start_timeout_s)
-        except GetTimeoutError:
+        except BaseException as exc:
             remove_placement_group(pg)
+            if not isinstance(exc, GetTimeoutError):
+                raise
             raise TimeoutError(
                 f"replica {rank} of pool {self.cfg.name!r} needs {bundles} but the cluster could not place it "
                 f"within {self.cfg.start_timeout_s:.0f}s; free now: {ray.available_resources()}") from None
+        try:
+            return self._create_replica(rank, pg), pg
+        except BaseException:
+            remove_placement_group(pg)
+            raise
+
+    def _create_replica(self, rank: int, pg) -> ray.actor.ActorHandle:
+        rcfg = self.cfg.replica
         actor = ray.remote(LMReplica).options(
             name=f"tandem:{self.cfg.name}:{self._generation}:{rank}",
             max_restarts=rcfg.max_restarts,
@@ -177,7 +206,7 @@ class ReplicaPool:
             **device.actor_resources(rcfg),
         )
         state = (state_actor_name(self.cfg.name), ray.get_runtime_context().namespace)
-        return actor.remote(rcfg, rank, state, self._factory), pg
+        return actor.remote(rcfg, rank, state, self._factory)
 
     def _publish(self) -> None:
         ray.get(self._state.set_replicas.remote(sorted((r, h) for r, (h, _) in self._replicas.items())))
@@ -204,12 +233,7 @@ class ReplicaPool:
         replicas, self._replicas = self._replicas, {}
         for handle, pg in replicas.values():
             _stop(handle, pg)
-        if self._state is not None:
-            ray.kill(self._state)
-            self._state = None
-        self._router = None
-        if ReplicaPool._live.get(self.cfg.name) is self:
-            del ReplicaPool._live[self.cfg.name]
+        self._close_state(kill=True)
 
     def relaunch(self, adapter: Adapter | None = None) -> None:
         """Kill and start the replicas again (freeing accelerators meanwhile), serving ``adapter`` too."""
@@ -274,10 +298,20 @@ class ReplicaPool:
         return [_call(h, "stats") for h, _ in self._replicas.values()]
 
     def lm(self, model: str | None = None, **kwargs):
-        """A ``dspy.LM`` whose calls go to this pool (see ``actors.client.pool_lm``)."""
+        """A ``dspy.LM`` whose calls go to this pool, with this pool's ``provider`` (see ``actors.client.pool_lm``)."""
         from actors.client import pool_lm
 
         return pool_lm(self, model, **kwargs)
+
+    @property
+    def provider(self):
+        """The pool's dspy ``Provider`` (``actors.provider.TandemProvider``, made once): what the LMs of
+        ``lm()`` launch, kill and fine-tune through, and how a weight step finds this pool from a program."""
+        if self._provider is None:
+            from actors.provider import TandemProvider
+
+            self._provider = TandemProvider(self)
+        return self._provider
 
 
 def _check_fits(bundles: list[dict], replicas: int) -> None:

@@ -6,25 +6,32 @@ model or an adapter this provider trained), ``lm.kill()`` stops the replicas in 
 lifecycle (the paper's: free the accelerators for training) and keeps them in ``hotswap``, and
 ``lm.finetune(...)`` writes dspy's chat rows as Parquet, trains a LoRA adapter with Ray Train
 (``actors.finetune``), serves it, and resolves the job to an LM addressing the new adapter id.
-Knows dspy's Provider/TrainingJob contract and dspy-style ``train_kwargs`` names; does not know
-programs or traces.
+Fine-tune jobs run one at a time: dspy starts each ``finetune`` in its own thread, and two jobs
+at once would kill/relaunch the same pool and compete for its cores, so a lock serializes them
+(input checks run before it; a second job waits for the first). Knows dspy's
+Provider/TrainingJob contract and dspy-style ``train_kwargs`` names; does not know programs or
+traces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from actors.client import pool_lm
-from actors.finetune import LIFECYCLES, finetune
+from actors.finetune import LIFECYCLES, FinetuneResult, finetune
 from actors.lora_train import LoraTrainConfig, write_rows
 from actors.pool import ReplicaPool
+
+logger = logging.getLogger(__name__)
 
 # dspy LocalProvider's train_kwargs names -> LoraTrainConfig fields
 ALIASES = {"num_train_epochs": "epochs", "learning_rate": "lr", "max_seq_length": "max_seq_len",
@@ -66,9 +73,32 @@ class TandemProvider(Provider):
         self.pool = pool
         self.train = train or LoraTrainConfig()
         self.lifecycle = lifecycle
-        self.adapter_root = Path(adapter_root or tempfile.mkdtemp(prefix="tandem-adapters-"))
+        self._adapter_root = Path(adapter_root) if adapter_root else None
         self.trained: dict[str, str] = {}  # adapter id -> path
         self._jobs = itertools.count(1)
+        self._finetune_lock = threading.Lock()  # one fine-tune job at a time
+
+    @property
+    def adapter_root(self) -> Path:
+        """Where this provider's jobs write adapters (a new temporary dir unless given, made on first use)."""
+        if self._adapter_root is None:
+            self._adapter_root = Path(tempfile.mkdtemp(prefix="tandem-adapters-"))
+        return self._adapter_root
+
+    def train_adapters(self, datasets: Mapping[str, str | Path], train: LoraTrainConfig, *, lifecycle: str,
+                       adapter_root: str | Path, prefix: str, storage: str | Path) -> dict[str, FinetuneResult]:
+        """``actors.finetune.finetune`` on this provider's pool, one job at a time (see the module docstring).
+
+        The one fine-tune path: dspy's ``lm.finetune`` (``finetune`` below) and Tandem's weight step
+        both come here.
+        """
+        if self._finetune_lock.locked():
+            logger.info("fine-tune job waits for the one running on pool %s", self.pool.cfg.name)
+        with self._finetune_lock:
+            results = finetune(self.pool, datasets, train, lifecycle=lifecycle, adapter_root=adapter_root,
+                               prefix=prefix, storage=storage)
+            self.trained.update({r.name: r.path for r in results.values()})
+            return results
 
     def lm(self, model: str | None = None, **kwargs):
         """A ``dspy.LM`` on the pool with this provider (``launch``/``kill``/``finetune`` work on it)."""
@@ -100,6 +130,8 @@ class TandemProvider(Provider):
                  train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
         """Train a LoRA adapter of the pool's base model on dspy chat rows; return its new model id.
 
+        Concurrent calls (dspy runs each job in a thread) train one after another.
+
         Raises:
             ValueError: not chat data, no rows, a model that is not this pool's, unknown train_kwargs.
         """
@@ -115,9 +147,9 @@ class TandemProvider(Provider):
         work = self.adapter_root / f"job-{index:02d}"
         work.mkdir(parents=True, exist_ok=True)
         write_rows(({"messages": row["messages"]} for row in train_data), work / "train.parquet")
-        result = finetune(self.pool, {"": work / "train.parquet"}, cfg, lifecycle=self.lifecycle,
-                          adapter_root=self.adapter_root, prefix=f"ft-p{index:02d}", storage=work / "ray_train")[""]
-        self.trained[result.name] = result.path
+        result = self.train_adapters({"": work / "train.parquet"}, cfg, lifecycle=self.lifecycle,
+                                     adapter_root=self.adapter_root, prefix=f"ft-p{index:02d}",
+                                     storage=work / "ray_train")[""]
         return result.name
 
     def _train_config(self, train_kwargs: dict[str, Any]) -> LoraTrainConfig:
@@ -127,6 +159,13 @@ class TandemProvider(Provider):
         if unknown:
             raise ValueError(f"unknown train_kwargs {unknown}; valid: {sorted(valid | set(ALIASES))}")
         return dataclasses.replace(self.train, **changes)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_finetune_lock"}  # a lock does not pickle
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._finetune_lock = threading.Lock()
 
     def __deepcopy__(self, memo) -> "TandemProvider":
         return self  # programs are deep-copied by optimizers; the provider (and its pool) is shared

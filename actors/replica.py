@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from actors.config import ReplicaConfig
+from actors.engine_watchdog import kill_children
 from actors.errors import AdapterError, ContextLengthError, EngineDeadError, UnknownModelError
 from actors.types import Adapter, Completion, Engine, GenerateRequest
 
@@ -119,7 +120,7 @@ class LMReplica:
             self._engine = None
             _shutdown_quietly(engine)
         if in_actor:
-            _kill_children()
+            kill_children()
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
             os._exit(1)  # not exit_actor(): Ray restarts only an actor whose process died
@@ -279,22 +280,6 @@ def _shutdown_quietly(engine: Engine, timeout_s: float = 10.0) -> None:
     thread = threading.Thread(target=stop, daemon=True, name="dead-engine-shutdown")
     thread.start()
     thread.join(timeout_s)
-
-
-def _kill_children() -> None:
-    """SIGKILL what this process started (vLLM's EngineCore and its helpers) before it exits."""
-    import psutil
-
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(children, timeout=5)
 
 
 def _check_adapter(cfg: ReplicaConfig, name: str, path: str) -> None:

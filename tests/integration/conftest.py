@@ -130,6 +130,18 @@ class Lenient(dspy.ChatAdapter):
         return {name: "forty two" for name in signature.output_fields}
 
 
+class TwoHops(dspy.Module):
+    """A two-predictor program with only ``forward`` (as most users' programs are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draft = dspy.Predict("question -> draft")
+        self.answer = dspy.Predict("question, draft -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question, draft=self.draft(question=question).draft)
+
+
 def numbers(n: int) -> list:
     """``n`` toy question/answer examples."""
     return [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question") for i in range(n)]

@@ -9,7 +9,7 @@ import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
 from actors.provider import TandemProvider
-from tests.integration.conftest import Lenient, lora_b_moved, numbers, tiny_train_config
+from tests.integration.conftest import Lenient, TwoHops, lora_b_moved, numbers, tiny_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +44,6 @@ def test_stock_bettertogether_fine_tunes_and_relaunches_through_the_provider(ray
             base.launch()
     finally:
         pool.kill()
-
-
-class TwoHops(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.draft = dspy.Predict("question -> draft")
-        self.answer = dspy.Predict("question, draft -> answer")
-
-    def forward(self, question):
-        return self.answer(question=question, draft=self.draft(question=question).draft)
 
 
 def test_stock_p_then_w_on_a_two_predictor_program_hot_swaps_through_the_provider(ray_session, tiny_model, tmp_path):

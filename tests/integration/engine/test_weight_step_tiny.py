@@ -14,7 +14,7 @@ from actors import PoolConfig, ReplicaConfig, ReplicaPool
 from actors.finetune import adapter_dir_name
 from actors.lora_train import LoraTrainConfig
 from engine.weight_step import NoTrainingDataError, WeightStep
-from tests.integration.conftest import Lenient, lora_b_moved, numbers, tiny_train_config
+from tests.integration.conftest import Lenient, TwoHops, lora_b_moved, numbers, tiny_train_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +33,6 @@ def _program(pool):
     prog = dspy.Predict("question -> answer")
     prog.set_lm(pool.lm(max_tokens=12, cache=False))
     return prog
-
-
-class TwoHops(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.draft = dspy.Predict("question -> draft")
-        self.answer = dspy.Predict("question, draft -> answer")
-
-    def forward(self, question):
-        return self.answer(question=question, draft=self.draft(question=question).draft)
 
 
 def _greedy(program, chats):

@@ -315,14 +315,17 @@ class ReplicaPool:
 
 
 def _check_fits(bundles: list[dict], replicas: int) -> None:
-    """Fail at once when the whole cluster is too small for the pool's replicas (no waiting)."""
-    total = ray.cluster_resources()
+    """Fail at once when the whole cluster — at an autoscaler's maximum, where it has one — is too
+    small for the pool's replicas (no waiting for resources that will never come)."""
+    from actors.lora_guards import cluster_now
+
+    total, _ = cluster_now()
     for key in {k for b in bundles for k in b}:
         need = sum(b.get(key, 0) for b in bundles)
         if need * replicas > total.get(key, 0):
             raise ValueError(f"{replicas} replica(s) x {need:g} {key} need {need * replicas:g} {key} but the whole "
                              f"cluster has {total.get(key, 0):g}. Lower num_replicas, num_cpus/num_gpus or "
-                             f"tensor_parallel_size, or add nodes.")
+                             f"tensor_parallel_size, or add nodes (or raise the autoscaler's limits).")
 
 
 def _call(handle, method: str, *args, timeout_s: float = 900.0):

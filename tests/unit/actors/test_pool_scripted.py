@@ -329,3 +329,15 @@ def test_pool_too_large_for_the_cluster_creates_nothing(ray_local, model_dir):
     with pytest.raises(ValueError, match="whole cluster has 2"):
         _pool(model_dir, "toolarge", n=1, num_cpus=4).launch()
     _assert_nothing_left("toolarge", pgs_before, timeout_s=0)
+
+
+def test_the_fit_check_counts_what_an_autoscaler_may_add(ray_local, monkeypatch):
+    from ray._private.state import state
+
+    from actors.pool import _check_fits
+
+    gpu_replicas = [{"CPU": 1.0, "GPU": 1.0}]
+    with pytest.raises(ValueError, match="need 2 GPU but the whole cluster has 0"):
+        _check_fits(gpu_replicas, 2)  # a fixed cluster without GPUs: refused at once
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64, "GPU": 8})
+    _check_fits(gpu_replicas, 2)  # an autoscaling cluster that may grow to 8 GPUs: launched, and waited for

@@ -4,8 +4,10 @@ The program is written here, outside ``programs/``: two predictors, only ``forwa
 is the tiny random Llama laid out as the hub id ``acme/tiny-chat`` in a temporary HF cache, read
 offline (``HF_HUB_OFFLINE=1``). ``tandem run --strategy "p -> w"`` must train an adapter that lives
 under the run dir (flat folder, relative path), from the rows of both predictors of the traces
-that pass the metric; the run dir, moved elsewhere, resumes with nothing recomputed and is served
-by ``tandem serve`` (every route answers) until SIGTERM, which exits 143 leaving no process behind;
+that pass the metric; the run dir, pulled from ``--storage`` into an empty dir elsewhere, resumes
+with nothing recomputed and is served by ``tandem serve`` (every route answers; the token from
+``$TANDEM_SERVE_TOKEN``) until SIGTERM, which exits 143 leaving no process behind; ``--once`` and
+``serve run`` with the shipped ``serve/serve_config.yaml`` deploy it too;
 a run (on a relative checkpoint path) stopped by SIGTERM in its weight step exits 143, leaves
 nothing running and resumes; Ctrl-C (SIGINT) in the prompt step exits 130 leaving nothing.
 """
@@ -122,15 +124,16 @@ def test_own_program_and_hub_id_train_an_adapter_under_the_run_dir(first_run):
 
 
 def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(first_run, home):
+    """The run dir reaches a new machine through `--storage`: pulled into an empty dir elsewhere."""
     run_dir, _ = first_run
+    store = home / "store"
+    shutil.copytree(run_dir, store)  # as a run with `--storage` leaves it
+    stored = {p.name: (p / "step.json").read_text() for p in store.glob("0*_*")}
     moved = home / "elsewhere" / "run"
-    moved.parent.mkdir()
-    shutil.copytree(run_dir, moved)
-    stored = {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")}
-    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(moved)])
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(moved), "--storage", str(store)])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    assert out.count("done in an earlier run") == 3, out[-4000:]
+    assert "storage: resumed" in out and out.count("done in an earlier run") == 3, out[-4000:]
     assert {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")} == stored
 
     hidden = run_dir.rename(run_dir.with_name("first-hidden"))  # what is served comes from the moved copy only
@@ -181,6 +184,14 @@ def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float
             pass
         assert time.monotonic() < deadline, "the server did not come up"
         time.sleep(2)
+
+
+def test_serve_once_deploys_and_stops(first_run, home):
+    mark = new_mark()
+    proc = _tandem(home, ["serve", str(first_run[0]), "--port", str(_free_port()), "--once"], mark)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "serving " in out, out[-4000:]
+    assert left_behind(mark) == []
 
 
 def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home):

@@ -16,7 +16,7 @@ from actors import LMReplica, PoolConfig, ReplicaConfig, ReplicaPool, connect
 from actors.router import wait_healthy
 from actors.errors import (AdapterError, ContextLengthError, EngineDeadError, PoolUnavailableError,
                            UnknownModelError)
-from actors.scripted import scripted_factory
+from actors.scripted import ScriptedEngine, scripted_factory
 from actors.types import GenerateRequest
 from tests.unit.actors import faulty_engines as faulty
 
@@ -159,11 +159,28 @@ def test_adapters_load_everywhere_and_survive_restart(ray_local, model_dir, tmp_
             pool.router.submit(GenerateRequest("base:ft-01", prompt="x"))
 
 
+def slow_engine(cfg, model_path):
+    """The scripted engine, half a second per request: a kill can land while requests are in flight."""
+    return ScriptedEngine(cfg, model_path, delay_s=0.5)
+
+
 def test_replica_killed_mid_batch_loses_no_request(ray_local, model_dir):
-    with _pool(model_dir, "fault").launch() as pool:
+    with _pool(model_dir, "fault", factory=slow_engine).launch() as pool:
         victim = pool._replicas[1][0]
-        threading.Timer(0.05, lambda: ray.kill(victim, no_restart=False)).start()
+        killed = {}
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 30
+            while (inflight := ray.get(victim.stats.remote())["inflight"]) == 0 and time.monotonic() < deadline:
+                pass
+            killed["inflight"] = inflight
+            ray.kill(victim, no_restart=False)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
         out = pool.router.map([GenerateRequest("base", prompt=f"q {i}") for i in range(64)])
+        killer.join()
+        assert killed["inflight"] > 0  # the replica died with requests in flight
         assert len(out) == 64 and all(c.text == "ok" for c in out)
 
 
@@ -176,8 +193,7 @@ def test_scale_up_and_down(ray_local, model_dir, tmp_path):
         pool.scale(1)
         assert [h["rank"] for h in pool.health()] == [0]
         assert len(_alive("actors", "scale")) == 2
-        time.sleep(0)  # requests after scaling still answered
-        assert pool.router.submit(GenerateRequest("base", prompt="x")).replica == 0
+        assert pool.router.submit(GenerateRequest("base", prompt="x")).replica == 0  # still answered after scaling
 
 
 def test_router_pickled_elsewhere_finds_the_pool(ray_local, model_dir):

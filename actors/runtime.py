@@ -77,6 +77,11 @@ def _raise_stopped(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+def stopping() -> bool:
+    """True once a stop signal arrived: work still queued in other threads should not start."""
+    return _stopping.is_set()
+
+
 def stop_on_signals() -> None:
     """From now on SIGINT and SIGTERM raise ``Stopped`` in the main thread (call it there).
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+
+# The CLI connects to Ray explicitly; a Ray call from a thread left over after a stop must fail,
+# not start a second local Ray (read when ray is first imported).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from engine import strategy as strategies
 

@@ -26,6 +26,8 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
 
+from actors.runtime import stopping
+
 logger = logging.getLogger(__name__)
 
 KEPT_MESSAGES = 5
@@ -107,8 +109,8 @@ def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, 
     lock, errors, stop = threading.Lock(), [], threading.Event()
 
     def one(job_index: int) -> Run:
-        if stop.is_set():
-            return Run(job_index, None, 0.0, (), "cancelled: too many errors")
+        if stop.is_set() or stopping():  # too many errors, or the process is stopping (Ctrl-C, SIGTERM)
+            return Run(job_index, None, 0.0, (), "cancelled")
         program, example = jobs[job_index]
         try:
             with dspy.context(trace=[]):

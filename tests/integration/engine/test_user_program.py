@@ -257,4 +257,6 @@ def test_sigint_in_the_prompt_step_stops_cleanly(home):
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-4000:]
-    assert left_behind(mark) == [] and not (run_dir / "01_p").exists()
+    assert left_behind(mark) == [], out[-6000:]
+    assert not (run_dir / "02_w").exists() and not (run_dir / "best.json").exists()  # stopped, not finished
+    assert "Started a local Ray" not in out.split("stopped by SIGINT")[-1]  # no thread started another Ray

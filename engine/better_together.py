@@ -1,12 +1,13 @@
 """``BetterTogether``: run prompt (``p``) and weight (``w``) steps in a strategy order, keep the best.
 
-API-compatible with dspy 3.4.1's ``dspy.BetterTogether`` (same constructor, ``compile``
-arguments, validation and error meanings, ``candidate_programs`` best first with earlier winning
-ties, ``flag_compilation_error_occurred``), with its defects fixed: the fine-tuned LM scores the
-next prompt step's candidates, parse failures score 0 instead of aborting (other errors count
-against ``max_errors``), ``teacher=`` works with the default prompt step, evaluation is
-concurrent, a too-small trainset does not silently leave an empty valset. Defaults: ``p`` = ``PromptStep`` (parallel BFRS), ``w`` = ``WeightStep``
-(bootstrap -> Parquet -> Ray Train LoRA). Any dspy Teleprompter can be a step.
+API-compatible with dspy 3.4.1's ``dspy.BetterTogether`` (same constructor, ``compile`` arguments,
+validation and error meanings, ``candidate_programs`` best first with earlier winning ties,
+``flag_compilation_error_occurred``), with its defects fixed: the fine-tuned LM scores the next
+prompt step's candidates, parse failures score 0 instead of aborting (other errors count against
+``max_errors``), ``teacher=`` works with the default prompt step, evaluation is concurrent, a
+too-small trainset does not silently leave an empty valset. Defaults: ``p`` = ``PromptStep``
+(parallel BFRS), ``w`` = ``WeightStep`` (bootstrap -> Parquet -> Ray Train LoRA). Any dspy
+Teleprompter can be a step.
 With ``run_dir=`` every completed step is stored and a rerun skips it (``engine.run_store``).
 Does not launch or kill pools: the caller owns the pool's lifetime.
 """

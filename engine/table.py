@@ -1,13 +1,13 @@
 """``tandem table``: the paper's table — every strategy x seed, scored on the held-out test split.
 
 Knows how to order the strategies so that shared prefixes run once (a strategy's run dir starts
-with a copy of the completed steps of the longest strategy already run that is its prefix; the
-run store then skips them), which program a strategy ends with (the program after its *last*
-step, as in the paper, not the best prefix), the test-set evaluation, and that a strategy whose
-prefix failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a
-score. Each strategy's test score is stored beside its run (``test.json``, with the settings that
-made it), so a rerun with the same output dir and settings resumes; other settings are refused. The table files are written by ``engine.table_report``. Does not know
-vLLM or training.
+with a copy of the completed steps of the longest strategy already run that is its prefix; the run
+store then skips them), which program a strategy ends with (the program after its *last* step, as
+in the paper, not the best prefix), the test-set evaluation, and that a strategy whose prefix
+failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a score. Each
+strategy's test score is stored beside its run (``test.json``, with the settings that made it), so
+a rerun with the same output dir and settings resumes; other settings are refused. The table files
+are written by ``engine.table_report``. Does not know vLLM or training.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """``WeightStep``: the paper's BootstrapFinetune — traces, vanilla-prompt chat data, LoRA, new model id.
 
 Knows the step's data flow: bootstrap traces on the trainset with the current prompts, in
-parallel; keep only runs that pass the metric; turn every predictor call into a chat row with
-the *vanilla* prompt (no demos); write them as Parquet in the step dir; then hand them to
+parallel; keep only runs that pass the metric; turn every predictor call into a chat row with the
+*vanilla* prompt (no demos); write them as Parquet in the step dir; then hand them to
 ``actors.finetune`` (Ray Train LoRA, the ``relaunch``/``hotswap`` lifecycle, unique adapter ids)
 through the program's own LM — its ``TandemProvider``, as dspy's BootstrapFinetune reaches its
-backend through ``lm.finetune`` — and point the predictors at the new ids. One adapter for the LM (multitask, the default) or one
-per predictor (``multitask=False``, as dspy's BootstrapFinetune). Zero passing traces is an error
-that says so and why. Does not know strategies or the run dir layout beyond the ``step_dir`` and
-``adapter_root`` it is given.
+backend through ``lm.finetune`` — and point the predictors at the new ids. One adapter for the LM
+(multitask, the default) or one per predictor (``multitask=False``, as dspy's BootstrapFinetune).
+Zero passing traces is an error that says so and why. Does not know strategies or the run dir
+layout beyond the ``step_dir`` and ``adapter_root`` it is given.
 """
 
 from __future__ import annotations

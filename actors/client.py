@@ -56,7 +56,7 @@ def to_response(completion: Completion) -> lm15.Response:
 
 
 def as_lm15_error(exc: Exception) -> Exception:
-    message = _message(exc)
+    message = errors.own_message(exc)
     if isinstance(exc, errors.ContextLengthError):
         return lm15.ContextLengthError(message, provider="tandem")
     if isinstance(exc, errors.UnknownModelError):
@@ -66,12 +66,6 @@ def as_lm15_error(exc: Exception) -> Exception:
     if isinstance(exc, errors.PoolUnavailableError):
         return lm15.ServerError(message, provider="tandem")
     return exc
-
-
-def _message(exc: Exception) -> str:
-    """The error's own message: a Ray task error (``str`` = the remote traceback) gives its cause's."""
-    cause = exc.__dict__.get("cause")
-    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ type, so ``except UnknownModelError`` works across the actor boundary. The DSPy 
 onto dspy.lm15's error types (not retried) and replica loss onto ``ServerError`` (retried).
 ``EngineDeadError`` normally never reaches a caller: a replica whose engine died exits its
 process so that Ray restarts it, and the caller sees the replica as lost (``RayActorError``).
+``own_message`` reads the message of an error that crossed the actor boundary without Ray's
+remote traceback (used by the DSPy client and the HTTP API).
 """
 
 
@@ -31,3 +33,13 @@ class PoolUnavailableError(RuntimeError):
 class EngineDeadError(RuntimeError):
     """The replica's inference engine is gone for good (vLLM's ``EngineDeadError``: its EngineCore
     process died); only a new engine in a new replica process can serve again."""
+
+
+def own_message(exc: BaseException) -> str:
+    """``exc``'s own message: a Ray task error's ``str`` is the whole remote traceback, so the message
+    of the exception it wraps (its ``.cause``, duck-typed: no Ray import) is taken instead."""
+    seen: set[int] = set()
+    while isinstance(exc.__dict__.get("cause"), BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__dict__["cause"]
+    return str(exc)

@@ -222,18 +222,10 @@ def _root(exc: BaseException) -> BaseException:
 
 def _message(exc: BaseException, *, first_line: bool = False) -> str:
     """``exc``'s own message, safe for a response body: no ANSI codes, no traceback, at most MAX_MESSAGE chars."""
-    text = _ANSI.sub("", _own_str(exc)).split(_TRACEBACK)[0].strip()
+    text = _ANSI.sub("", errors.own_message(exc)).split(_TRACEBACK)[0].strip()
     if first_line:
         text = text.splitlines()[0] if text else ""
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
-
-
-def _own_str(exc: BaseException) -> str:
-    """``str(exc)``, unless ``exc`` is a Ray task error (its ``str`` is the remote traceback): then its cause's."""
-    for e in _chain(exc):
-        if not isinstance(e.__dict__.get("cause"), BaseException):
-            return str(e)
-    return ""
 
 
 def _status(exc: BaseException) -> tuple[int, str]:

@@ -67,14 +67,28 @@ class Stopped(KeyboardInterrupt):
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stopping = threading.Event()
+_stopped_by: list[int] = []  # the signal that set _stopping
 
 
 def _raise_stopped(signum: int, frame) -> None:
     if _stopping.is_set():  # cleanup is under way: let it finish (SIGKILL forces)
         logger.warning("%s: already stopping, cleaning up", signal.Signals(signum).name)
         return
+    _stopped_by[:] = [signum]
     _stopping.set()
     raise Stopped(signum)
+
+
+def stop_of(exc: KeyboardInterrupt) -> Stopped:
+    """The stop behind ``exc``, which may have lost its signal on the way up.
+
+    A ``Stopped`` raised while the main thread waits in ``ray.get`` reaches the caller as a bare
+    ``KeyboardInterrupt()``: Ray's wait loop catches it and raises its own. The signal that
+    arrived is remembered here, so SIGTERM still exits 143; a plain Ctrl-C reads as SIGINT.
+    """
+    if isinstance(exc, Stopped):
+        return exc
+    return Stopped(_stopped_by[0] if _stopping.is_set() and _stopped_by else signal.SIGINT)
 
 
 def stopping() -> bool:
@@ -91,6 +105,7 @@ def stop_on_signals() -> None:
         ... except Stopped as stop: sys.exit(stop.exit_code)
     """
     _stopping.clear()
+    _stopped_by.clear()
     for sig in _SIGNALS:
         signal.signal(sig, _raise_stopped)
 

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 failed (the last line says why), 2 ``run`` kept the best program
     before a failed step, 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM."""
-    from actors.runtime import stop_on_signals
+    from actors.runtime import stop_of, stop_on_signals
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:
-        logger.error("tandem %s stopped (%s); what was started is shut down", args.command, exc or "SIGINT")
-        return getattr(exc, "exit_code", 130)
+        stop = stop_of(exc)
+        logger.error("tandem %s stopped (%s); what was started is shut down", args.command, stop)
+        return stop.exit_code
     except Exception as exc:
         logger.debug("failure", exc_info=True)
         logger.error("tandem %s failed: %s: %s", args.command, type(exc).__name__, exc)

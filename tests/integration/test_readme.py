@@ -2,7 +2,8 @@
 
 Each ```python block is extracted from README.md and run in its own process (its own local Ray),
 with only these changes: the model name becomes ``tiny-llama``, ``adapter_dir`` points at a real
-peft adapter made here, and a preamble configures an adapter that reads the random model's
+peft adapter made here, the data and answers are shorter (``SMALLER``: the random model never stops
+before ``max_tokens``), and a preamble configures an adapter that reads the random model's
 answers as "setosa" (it never writes DSPy's field markers), so a third of Iris passes the metric
 and the weight steps have data. A snippet must exit 0 and leave no process behind.
 """
@@ -34,6 +35,10 @@ dspy.configure(adapter=_ReadsSetosa())
 '''
 
 
+SMALLER = {"max_tokens=150": "max_tokens=16", "splits.train[:30]": "splits.train[:12]",
+           "splits.dev[:15]": "splits.dev[:6]"}
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_model):
     import ray
@@ -45,12 +50,15 @@ def adapter(tmp_path_factory, tiny_model):
 
 def test_the_readme_has_its_snippets():
     assert len(SNIPPETS) == 3 and all("connect()" in s for s in SNIPPETS)
+    assert all(any(long in s for s in SNIPPETS) for long in SMALLER)  # what the tests shorten is still there
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=["better_together", "provider", "pool_api"])
 def test_readme_snippet_runs(index, adapter, tmp_path):
     code = SNIPPETS[index].replace("smollm2-135m-instruct", "tiny-llama")
     code = code.replace('adapter_dir = "path/to/peft_adapter"', f"adapter_dir = {adapter!r}")
+    for long, short in SMALLER.items():
+        code = code.replace(long, short)
     mark = new_mark()
     done = subprocess.run([sys.executable, "-c", PREAMBLE + code], cwd=tmp_path, capture_output=True, text=True,
                           env=marked_env(mark, PYTHONPATH=str(ROOT)), timeout=900)

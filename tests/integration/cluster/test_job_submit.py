@@ -12,7 +12,6 @@ line. The head (every process carrying its test mark) is stopped at the end.
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,13 @@ import pytest
 import yaml
 
 from actors.runtime import CHILD_CLEANUP
+from tests.integration.ports import free_port
 from tests.integration.processes import kill_marked, marked_env, new_mark
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[3]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Head:
@@ -77,7 +71,7 @@ def head(tiny_model):
     temp = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     (Path(temp) / "token").write_text(token)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     mark = new_mark()  # on every process of this head: stopped at the end without touching other Rays
     env = marked_env(mark, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
                      RAY_AUTH_TOKEN_PATH=str(Path(temp) / "token"), **{CHILD_CLEANUP: "1"})

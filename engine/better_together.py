@@ -7,8 +7,13 @@ prompt step's candidates, parse failures score 0 instead of aborting (other erro
 ``max_errors``), ``teacher=`` works with the default prompt step, evaluation is concurrent, a
 too-small trainset does not silently leave an empty valset. Defaults: ``p`` = ``PromptStep``
 (parallel BFRS), ``w`` = ``WeightStep`` (bootstrap -> Parquet -> Ray Train LoRA). Any dspy
-Teleprompter can be a step.
-With ``run_dir=`` every completed step is stored and a rerun skips it (``engine.run_store``).
+Teleprompter can be a step, dspy's own included (``BootstrapFewShotWithRandomSearch``,
+``LabeledFewShot``, ``MIPROv2``…): each step gets a copy of the program marked uncompiled (as dspy
+does), runs with ``settings.lm`` set to the program's LM when all its predictors share one (so
+optimizers that ``reset_copy`` score with the current, possibly fine-tuned LM), and LMs an optimizer
+dropped are given back; ``candidate_programs`` of dicts (``{"program", "score", "seed"}``) are
+recorded like Tandem's. With ``run_dir=`` every completed step is stored and a rerun skips it
+(``engine.run_store``).
 Does not launch or kill pools: the caller owns the pool's lifetime.
 """
 
@@ -55,7 +60,8 @@ class BetterTogether(Teleprompter):
         self.optimizers = optimizers
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset: list | None = None,
-                num_threads: int | None = None, max_errors: int | None = None, seed: int | None = None,
+                num_threads: int | None = None, max_errors: int | None = None,
+                provide_traceback: bool | None = None, seed: int | None = None,
                 valset_ratio: float = 0.1, shuffle_trainset_between_steps: bool = True,
                 strategy: str = "p -> w -> p", optimizer_compile_args: dict[str, dict[str, Any]] | None = None,
                 run_dir: str | None = None, fingerprint: dict | None = None) -> dspy.Module:
@@ -65,6 +71,8 @@ class BetterTogether(Teleprompter):
         any other exception while a step runs its program or metric is an error, and a step with
         ``max_errors`` errors fails (is not committed) with the first error named. Fewer errors
         are recorded in the step's ``step.json`` (``extra.errors``).
+        ``provide_traceback`` (dspy's): set as ``settings.provide_traceback`` while steps run (dspy's
+        own evaluators inside a step honour it), and a failed step's traceback is logged.
         ``run_dir`` stores each completed step and resumes from them; ``fingerprint`` is what must
         match for a resume (model, program, settings).
 
@@ -88,6 +96,8 @@ class BetterTogether(Teleprompter):
         candidates: list[Candidate] = []
         failed, error = False, None
         limits = {} if max_errors is None else {"max_errors": max_errors}
+        if provide_traceback is not None:
+            limits["provide_traceback"] = provide_traceback
         with dspy.context(**limits):
             program = self._step(store, 0, "", "", student, lambda: student, valset, threads, candidates)
             for index, key in enumerate(steps, start=1):
@@ -100,7 +110,7 @@ class BetterTogether(Teleprompter):
                 except Exception as exc:
                     failed, error = True, f"step '{prefix}' failed: {type(exc).__name__}: {exc}"
                     logger.error("step %d/%d (%s) failed: %s: %s; returning the best program so far", index,
-                                 len(steps), prefix, type(exc).__name__, exc)
+                                 len(steps), prefix, type(exc).__name__, exc, exc_info=bool(provide_traceback))
                     break
         ranked = sorted(range(len(candidates)), key=lambda i: (
             -(candidates[i].score if candidates[i].score is not None else float("-inf")), i))
@@ -110,6 +120,7 @@ class BetterTogether(Teleprompter):
         result.flag_compilation_error_occurred = failed
         result.compilation_error = error  # what stopped the strategy early (None when every step ran)
         result.best_strategy = best.strategy
+        result._compiled = True  # as dspy marks its result
         return result
 
     def _runner(self, key, program, trainset, valset, teacher, args, store, index) -> Callable[[], dspy.Module]:
@@ -125,8 +136,12 @@ class BetterTogether(Teleprompter):
                                adapter_root=store.adapters if store else None)
             student_copy = program.deepcopy()
             student_copy.__dict__.pop("candidate_programs", None)  # the last prompt step's, not this step's
-            new = optimizer.compile(student_copy, **{k: v for k, v in offered.items()
-                                                     if takes_all or k in accepted})
+            student_copy._compiled = False  # as dspy: BootstrapFewShot refuses a compiled student
+            shared = {id(lm): lm for lm in lms}
+            settings = {"lm": lms[0]} if len(shared) == 1 and lms[0] is not None else {}
+            with dspy.context(**settings):  # optimizers that reset_copy run on settings.lm: the program's
+                new = optimizer.compile(student_copy, **{k: v for k, v in offered.items()
+                                                         if takes_all or k in accepted})
             for pred, lm in zip(new.predictors(), lms):  # optimizers that reset LMs get them back
                 pred.lm = pred.lm or lm
             return new
@@ -154,7 +169,7 @@ class BetterTogether(Teleprompter):
             if isinstance(optimizer, WeightStep):
                 extra.update(optimizer.last_run)
             if hasattr(program, "candidate_programs"):
-                extra["candidates"] = [{"seed": c.strategy, "score": c.score} for c in program.candidate_programs]
+                extra["candidates"] = [_candidate_record(c) for c in program.candidate_programs]
             adapters = _adapters(program)
             store.commit(index, key, program=program, strategy=prefix, score=score, adapters=adapters, extra=extra)
         return program
@@ -206,6 +221,17 @@ def _split(trainset: list, valset: list | None, ratio: float) -> tuple[list, lis
         raise ValueError(f"valset_ratio={ratio} of {len(trainset)} training examples leaves an empty valset; "
                          "pass valset=, raise valset_ratio, or set valset_ratio=0 to skip validation")
     return trainset[n:], trainset[:n]
+
+
+def _candidate_record(candidate) -> dict:
+    """``{"seed", "score"}`` of a step's candidate: a Tandem ``Candidate`` or a dspy dict (BFRS, MIPROv2…)."""
+    if isinstance(candidate, Candidate):
+        return {"seed": candidate.strategy, "score": candidate.score}
+    if isinstance(candidate, dict):
+        seed = candidate.get("seed", candidate.get("strategy"))
+        score = candidate.get("score")
+        return {"seed": None if seed is None else str(seed), "score": None if score is None else float(score)}
+    return {"seed": None, "score": None}
 
 
 def _adapters(program: dspy.Module) -> list[AdapterRef]:

@@ -4,16 +4,19 @@ Knows: which predictor made each call of a trace, that only runs whose metric pa
 (a parse failure never passes; other errors count against ``max_errors``, see
 ``engine.evaluate``), and how a passing trace becomes few-shot demos (for the prompt step) or
 chat fine-tuning rows with the *vanilla* prompt, no demos (for the weight step, as in the paper).
-Does not know Ray or training.
+With ``exclude_own_demo`` an example never sees itself among the program's demos (dspy's
+BootstrapFewShot), still in one concurrent ``run_all``. Does not know Ray or training.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import dspy
+from dspy.utils.hasher import Hasher
 
 from engine.evaluate import run_all
 
@@ -40,14 +43,26 @@ class BootstrapResult:
 
 
 def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Callable, *,
-              num_threads: int = 16, desc: str = "bootstrap") -> BootstrapResult:
+              num_threads: int = 16, desc: str = "bootstrap", exclude_own_demo: bool = False) -> BootstrapResult:
     """Run ``program`` on every example at once and keep the traces whose metric passes.
+
+    Args:
+        program: the program to run (its predictors name the trace's calls).
+        examples: the examples to run it on.
+        metric: ``metric(example, prediction, trace)``; a truthy value passes.
+        num_threads: concurrent runs.
+        desc: label for logs.
+        exclude_own_demo: run an example that is among ``program``'s demos with a copy whose demos
+            leave it out (``demo != example``, as dspy's ``_bootstrap_one_example``), so no example
+            sees its own answer; the other examples share ``program``.
 
     Raises:
         engine.evaluate.TooManyErrors: ``max_errors`` runs failed with something other than a parse failure.
     """
-    names = {id(pred): name for name, pred in program.named_predictors()}
-    runs = run_all([(program, ex) for ex in examples], metric, num_threads=num_threads, trace=True, desc=desc)
+    programs = [_without_demo(program, ex) if exclude_own_demo else program for ex in examples]
+    names = {id(pred): name for prog in {id(p): p for p in programs}.values()
+             for name, pred in prog.named_predictors()}
+    runs = run_all(list(zip(programs, examples)), metric, num_threads=num_threads, trace=True, desc=desc)
     traces = []
     for run in runs:
         if run.error or not run.score:
@@ -60,22 +75,44 @@ def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Ca
     return BootstrapResult(traces, len(runs), len(errors), errors[:5])
 
 
-def chat_rows(program: dspy.Module, traces: Sequence[Trace], adapter: dspy.Adapter | None = None) -> list[dict]:
-    """Fine-tuning rows ``{"predictor", "example_index", "messages"}``: each call's vanilla prompt + its output."""
+def _without_demo(program: dspy.Module, example: dspy.Example) -> dspy.Module:
+    """``program`` itself, or a copy without ``example`` among its demos when it is one of them."""
+    if not any(demo == example for pred in program.predictors() for demo in pred.demos):
+        return program
+    copy = program.deepcopy()
+    for pred in copy.predictors():
+        pred.demos = [demo for demo in pred.demos if demo != example]
+    return copy
+
+
+def chat_rows(program: dspy.Module, traces: Sequence[Trace], adapter: dspy.Adapter | None = None,
+              with_demos: bool = False) -> list[dict]:
+    """Fine-tuning rows ``{"predictor", "example_index", "messages"}``: each call's prompt + its output.
+
+    The prompt is the vanilla one (no demos, the paper's) unless ``with_demos``: then it carries
+    ``program``'s demos of that predictor, as dspy's BootstrapFinetune without ``exclude_demos``.
+    """
     adapter = adapter or dspy.settings.adapter or dspy.ChatAdapter()
     predictors = dict(program.named_predictors())
     rows = []
     for trace in traces:
         for name, inputs, outputs in trace.calls:
-            signature = predictors[name].signature
-            data = adapter.format_finetune_data(signature=signature, demos=[], inputs=inputs, outputs=outputs)
+            pred = predictors[name]
+            data = adapter.format_finetune_data(signature=pred.signature, demos=pred.demos if with_demos else [],
+                                                inputs=inputs, outputs=outputs)
             rows.append({"predictor": name, "example_index": trace.example_index, "messages": data["messages"]})
     return rows
 
 
 def as_demo(trace: Trace, name: str) -> dspy.Example | None:
-    """The demo a trace gives predictor ``name`` (its first call), augmented like dspy's."""
-    for pred_name, inputs, outputs in trace.calls:
-        if pred_name == name:
-            return dspy.Example(augmented=True, **inputs, **outputs)
-    return None
+    """The demo a trace gives predictor ``name``, augmented, chosen as dspy's BootstrapFewShot does.
+
+    One call: its demo. Several calls of the same predictor: dspy's choice, seeded by the demos'
+    hash (50/50 between one of the first N-1, drawn at random, and the last).
+    """
+    demos = [dspy.Example(augmented=True, **inputs, **outputs) for pred_name, inputs, outputs in trace.calls
+             if pred_name == name]
+    if len(demos) > 1:
+        rng = random.Random(Hasher.hash(tuple(demos)))
+        return rng.choice(demos[:-1]) if rng.random() < 0.5 else demos[-1]
+    return demos[0] if demos else None

@@ -59,8 +59,8 @@ def _run_config(args: argparse.Namespace):
         **sections,
         **one_run, program=args.program, model=args.model, replicas=args.replicas,
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
-        val_size=args.val_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle, threads=args.threads,
-        address=args.address, storage=args.storage,
+        val_size=args.val_size, test_size=args.test_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
+        threads=args.threads, address=args.address, storage=args.storage, exclude_demos=args.exclude_demos,
         program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
         data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
 
@@ -84,9 +84,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     logger.info("run: %s on %s, strategy '%s', run dir %s", cfg.program, cfg.model, cfg.strategy, cfg.run_dir)
     outcome = run(cfg)
-    rows = [(s or "(baseline)", "-" if v is None else f"{v:.1f}", "best" if s == outcome.best_strategy else "")
-            for s, v in sorted(outcome.scores.items(), key=lambda kv: len(kv[0]))]
-    print(_text_table(("strategy", "valset score %", ""), rows))
+    rows = []
+    for s, v in sorted(outcome.scores.items(), key=lambda kv: len(kv[0])):
+        test = outcome.test.get(s)
+        rows.append((s or "(baseline)", "-" if v is None else f"{v:.1f}", "-" if test is None else f"{test.score:.1f}",
+                     "" if test is None else test.describe(), "best" if s == outcome.best_strategy else ""))
+    n = next(iter(outcome.test.values())).n if outcome.test else 0
+    print(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", ""), rows))
     print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
     if outcome.failed:
         logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
@@ -117,10 +121,10 @@ def _table(args: argparse.Namespace) -> int:
     run_cfg = _run_config(args)
     names = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER
     out = args.out or f"runs/table-{run_cfg.program.replace(':', '-').replace('.', '-')}"
-    cfg = TableConfig(run=run_cfg, strategies=names, seeds=tuple(range(args.seeds)), out_dir=out,
-                      test_size=args.test_size)
-    logger.info("table: %s on %s, %d strategies x %d seeds into %s", run_cfg.program, run_cfg.model,
-                len(names), args.seeds, out)
+    cfg = TableConfig(run=run_cfg, strategies=names, seeds=args.seeds, out_dir=out,
+                      test_size=max(0, run_cfg.test_size))
+    logger.info("table: %s on %s, %d strategies x seeds %s into %s", run_cfg.program, run_cfg.model,
+                len(names), list(args.seeds), out)
     cells = run_table(cfg)
     title = f"{run_cfg.program} on {run_cfg.model} ({len(cfg.seeds)} seeds)"
     paths = write_table(cells, out, title, {"run": vars(run_cfg), "strategies": list(names),
@@ -176,8 +180,13 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
     r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
     r.add_argument("--train-size", type=int, help="training examples (0 = all; default 30)")
     r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 15)")
+    r.add_argument("--test-size", type=int, help="held-out test examples every step is scored on (0 = all, the "
+                   "default; -1 = none)")
     r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
     r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
+    r.add_argument("--exclude-demos", action=argparse.BooleanOptionalAction, help="weight step: train on vanilla "
+                   "prompts and return the program without demos (default, the paper's); --no-exclude-demos "
+                   "trains with the program's demos in the prompt and keeps them (dspy's default)")
     r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
     r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--storage", help="copy the run dir here at the end and resume from it (path or s3://, gs:// URI)")
@@ -204,6 +213,19 @@ def _add_section_flags(r: argparse.ArgumentParser, section: str) -> None:
         default = ",".join(default) if isinstance(default, tuple) else default
         group.add_argument(f"--{section}-{f.name.replace('_', '-')}", dest=f"{section}__{f.name}", default=None,
                            help=f"{f.metadata.get('help', '')} (default {default})", **extra)
+
+
+def _seeds(value: str) -> tuple[int, ...]:
+    """``3`` -> (0, 1, 2); ``0,1,2`` or ``7,11`` -> those seeds."""
+    try:
+        if "," not in value:
+            count = int(value)
+            if count < 1:
+                raise argparse.ArgumentTypeError(f"--seeds N needs N >= 1, got {count}")
+            return tuple(range(count))
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes N or a comma-separated list of integers, got {value!r}")
 
 
 def _comma_tuple(value: str) -> tuple[str, ...]:
@@ -234,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(t, one_run=False)
     t.add_argument("--strategies", help="comma-separated, 'vanilla' = no optimization "
                    f"(default: {', '.join(strategies.PAPER)})")
-    t.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    t.add_argument("--test-size", type=int, default=0, help="test examples (0 = the whole test split)")
+    t.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                   help="N (seeds 0..N-1) or a comma-separated list, e.g. 3 or 0,1,2 or 7,11 (default 3)")
     t.add_argument("--out", help="output dir (default runs/table-PROGRAM); a rerun resumes")
     t.set_defaults(func=_table)
 

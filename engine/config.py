@@ -37,6 +37,8 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "data split, shuffles and candidates"})
     train_size: int = field(default=30, metadata={"help": "training examples used (0 = all)"})
     val_size: int = field(default=15, metadata={"help": "validation examples used (0 = all)"})
+    test_size: int = field(default=0, metadata={
+        "help": "held-out test examples every step's program is scored on at the end (0 = all, -1 = none)"})
     replicas: int = field(default=2, metadata={"help": "vLLM replicas"})
     cpus_per_replica: float = field(default=1, metadata={"help": "CPUs per replica"})
     gpus_per_replica: float = field(default=0, metadata={"help": "GPUs per replica (0 = CPU path)"})
@@ -44,6 +46,9 @@ class RunConfig:
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     max_tokens: int = field(default=200, metadata={"help": "completion tokens per LM call"})
     threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
+    exclude_demos: bool = field(default=True, metadata={
+        "help": "weight step: train on vanilla prompts and drop the demos (the paper's); false trains with the "
+                "program's demos in the prompt and keeps them (dspy's BootstrapFinetune default)"})
     lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
     storage: str | None = field(default=None, metadata={
@@ -61,11 +66,14 @@ class RunConfig:
             raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
         if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:
             raise ValueError("train_size/val_size must be >= 0, replicas and threads >= 1")
+        if self.test_size < -1:
+            raise ValueError(f"test_size must be >= 0 (0 = all) or -1 (none), got {self.test_size}")
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share (not where it runs or is stored, nor the thread count)."""
+        """Settings a resumed run must share (not where it runs or is stored, the thread count, or
+        the test size: held-out results record their size and are redone when it changes)."""
         data = asdict(self)
-        for key in ("address", "threads", "run_dir", "storage", "plan_check"):
+        for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size"):
             data.pop(key)
         return data
 

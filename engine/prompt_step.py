@@ -1,12 +1,27 @@
 """``PromptStep``: the paper's prompt optimizer (BootstrapFewShotWithRandomSearch), in parallel.
 
-Same candidate semantics as dspy 3.4.1's BFRS: seed -3 zero-shot, -2 labelled demos only, -1
-bootstrapped demos in trainset order, seeds >= 0 a shuffled trainset and a random number
-(1..max) of bootstrapped demos, topped up with labelled ones. Differences that matter at scale:
-the teacher runs over the whole trainset once, concurrently, and every candidate draws its demos
-from those traces; then all candidates x valset run concurrently; and candidates are scored
-with the program's current LM (after fine-tuning, the adapter), not ``settings.lm``. Ties keep
-the earlier candidate. Does not know Ray: calls go through the program's LM.
+Same candidates as dspy 3.4.1's BFRS (``test_bfrs_parity`` compares them seed by seed): seed -3
+zero-shot; -2 ``LabeledFewShot`` (``random.Random(0)`` samples ``max_labeled_demos`` of the
+trainset, one RNG across predictors; ``labeled_sample=False`` takes the first ones); -1 the first
+``max_bootstrapped_demos`` passing examples in trainset order; seed ``s >= 0`` shuffles the trainset
+with ``random.Random(s)`` and takes the first ``random.Random(s).randint(1, max_bootstrapped_demos)``
+passing ones in that order. Bootstrapped candidates are topped up to ``max_labeled_demos`` as
+``BootstrapFewShot._train`` does: the examples not bootstrapped, in the candidate's order, shuffled
+by ``random.Random(0)``, then sampled by one ``random.Random(0)`` across predictors.
+The teacher is dspy's too: the student (or ``teacher=``) with ``LabeledFewShot`` demos unless it is
+``_compiled``, and an example never among its own demos while it bootstraps.
+
+Differences, which matter at scale: the teacher runs over the whole trainset once, concurrently,
+and each candidate draws its demos from those traces (its bootstrapped demos are the first passing
+examples in its order). That is dspy's result whenever the teacher's answer for an example does
+not depend on which *other* labelled demos it sees: dspy re-samples the teacher's demos from each
+candidate's shuffled trainset, here every candidate uses seed -1's teacher. ``max_rounds`` is 1
+(dspy's default). All candidates x valset run concurrently; candidates and the teacher keep the
+program's LMs (dspy's ``reset_copy`` drops them for ``settings.lm``), so after fine-tuning the
+adapter scores them. Ties keep the earlier candidate. ``seed`` (the run's) shifts the random
+candidates: seed ``s`` shuffles with ``random.Random(s + 1_000_000 * seed)``, so ``seed=0`` is stock
+dspy and other run seeds draw other candidates; -3/-2/-1 and the ``Random(0)`` samples stay dspy's.
+Does not know Ray: calls go through the program's LM.
 """
 
 from __future__ import annotations
@@ -46,7 +61,8 @@ class PromptStep(Teleprompter):
         max_bootstrapped_demos: bootstrapped demos per predictor, at most (paper: 3).
         max_labeled_demos: demos per predictor in all, at most (paper: 3).
         num_threads: concurrent LM calls.
-        seed: base seed for candidate shuffles.
+        seed: the run's seed; candidate ``s >= 0`` shuffles with ``random.Random(s + 1_000_000 * seed)``
+            (``shuffle_seed``), so 0 gives stock dspy's candidates.
 
     Example:
         >>> step = PromptStep(metric, num_candidate_programs=6)  # doctest: +SKIP
@@ -64,17 +80,35 @@ class PromptStep(Teleprompter):
         self.num_threads = num_threads
         self.seed = seed
 
-    def compile(self, student: dspy.Module, *, trainset: list, teacher=None,
-                valset: list | None = None) -> dspy.Module:
+    def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset: list | None = None,
+                restrict=None, labeled_sample: bool = True) -> dspy.Module:
+        """Build, score and rank the candidates; return the best with ``candidate_programs`` (best first).
+
+        Args:
+            student: the program; its predictors' LMs run the candidates.
+            trainset: examples to bootstrap and sample demos from.
+            teacher: runs the bootstrapping (default the student); a list holds one (dspy's BetterTogether).
+            valset: examples that score the candidates (default the trainset, as dspy).
+            restrict: only these candidate seeds (dspy's ``restrict``).
+            labeled_sample: seed -2 samples its labelled demos; False takes the first ones (dspy's).
+
+        Raises:
+            ValueError: empty trainset, or ``restrict`` leaves no candidate.
+        """
         if not trainset:
             raise ValueError("trainset cannot be empty")
         valset = valset or trainset
         if isinstance(teacher, list):  # dspy's BetterTogether wraps the teacher in a list
             teacher = teacher[0] if teacher else None
-        names = [name for name, _ in student.named_predictors()]
-        traces = self._teacher_traces(student, teacher, trainset)
-        candidates = [(seed, self._candidate(student, seed, trainset, traces, names))
-                      for seed in range(-3, self.num_candidate_programs)]
+        seeds = list(range(-3, self.num_candidate_programs))
+        if restrict is not None:
+            restrict = set(restrict)
+            if not restrict.intersection(seeds):
+                raise ValueError(f"`restrict` {restrict!r} does not match any candidate seed in "
+                                 f"range(-3, {self.num_candidate_programs}); no candidate programs would be evaluated.")
+            seeds = [s for s in seeds if s in restrict]
+        traces = self._teacher_traces(student, teacher, trainset) if max(seeds) >= -1 else []
+        candidates = [(seed, self._candidate(student, seed, trainset, traces, labeled_sample)) for seed in seeds]
         scores = evaluate_many([c for _, c in candidates], valset, self.metric, num_threads=self.num_threads,
                                desc="prompt candidates")
         ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))  # ties keep the earlier
@@ -84,39 +118,50 @@ class PromptStep(Teleprompter):
         best.candidate_programs = [Candidate(candidates[i][1], scores[i], str(candidates[i][0])) for i in ranked]
         return best
 
+    def shuffle_seed(self, seed: int) -> int:
+        """The ``random.Random`` seed of candidate ``seed >= 0``: dspy's own when ``self.seed`` is 0."""
+        return seed + 1_000_000 * self.seed
+
     def _teacher_traces(self, student, teacher, trainset) -> list[Trace]:
-        if teacher is None:
-            teacher = _copy_without_demos(student)
-            if self.max_labeled_demos:
-                for pred in teacher.predictors():
-                    pred.demos = random.Random(0).sample(trainset, min(self.max_labeled_demos, len(trainset)))
-        result = bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap demos")
+        teacher = (teacher if teacher is not None else student).deepcopy()
+        if self.max_labeled_demos and not getattr(teacher, "_compiled", False):  # dspy's BootstrapFewShot
+            teacher = _labeled(teacher, trainset, self.max_labeled_demos, sample=True)
+        result = bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap demos",
+                           exclude_own_demo=True)
         return result.traces
 
-    def _candidate(self, student, seed: int, trainset: list, traces: list[Trace], names: list[str]) -> dspy.Module:
-        program = _copy_without_demos(student)
+    def _candidate(self, student, seed: int, trainset: list, traces: list[Trace],
+                   labeled_sample: bool = True) -> dspy.Module:
         if seed == -3:
-            return program
+            return _copy_without_demos(student)
         if seed == -2:
-            labeled = random.Random(0).sample(trainset, min(self.max_labeled_demos, len(trainset)))
-            for pred in program.predictors():
-                pred.demos = list(labeled)
-            return program
-        order = list(range(len(trainset)))
+            return _labeled(student, trainset, self.max_labeled_demos, sample=labeled_sample)
+        order = list(range(len(trainset)))  # the candidate's trainset, as indices
         size = self.max_bootstrapped_demos
         if seed >= 0:
-            rng = random.Random(self.seed + seed)
-            rng.shuffle(order)
-            size = rng.randint(1, max(1, self.max_bootstrapped_demos))
-        by_example = {t.example_index: t for t in traces}
-        chosen = [by_example[i] for i in order if i in by_example][:size]
+            random.Random(self.shuffle_seed(seed)).shuffle(order)
+            size = random.Random(self.shuffle_seed(seed)).randint(1, size) if size else 0
+        passing = {t.example_index: t for t in traces}
+        chosen = [passing[i] for i in order if i in passing][:size]
         used = {t.example_index for t in chosen}
-        rest = [trainset[i] for i in order if i not in used]
+        raw = [trainset[i] for i in order if i not in used]  # BootstrapFewShot's ``validation``
+        random.Random(0).shuffle(raw)
+        rng = random.Random(0)
+        program = _copy_without_demos(student)
         for name, pred in program.named_predictors():
-            demos = [d for d in (as_demo(t, name) for t in chosen) if d is not None]
-            room = max(0, self.max_labeled_demos - len(demos))
-            pred.demos = demos + random.Random(0).sample(rest, min(room, len(rest)))
+            demos = [d for d in (as_demo(t, name) for t in chosen) if d is not None][:size]
+            pred.demos = demos + rng.sample(raw, max(0, min(self.max_labeled_demos - len(demos), len(raw))))
+        program._compiled = True  # as BootstrapFewShot marks its result
         return program
+
+
+def _labeled(program: dspy.Module, trainset: list, k: int, *, sample: bool) -> dspy.Module:
+    """dspy's ``LabeledFewShot(k)``: one ``random.Random(0)`` samples ``k`` demos per predictor; LMs kept."""
+    copy = _copy_without_demos(program)
+    rng = random.Random(0)
+    for pred in copy.predictors():
+        pred.demos = rng.sample(trainset, min(k, len(trainset))) if sample else list(trainset[:k])
+    return copy
 
 
 def _copy_without_demos(program: dspy.Module) -> dspy.Module:

@@ -1,33 +1,55 @@
-"""The run report: ``report.md`` with the score of every strategy prefix and ``scores.png``.
+"""The run report: ``report.md`` with the valset and held-out test score of every strategy
+prefix, how varied each program's test answers are, and ``scores.png``.
 
-Knows how to read a run dir's step records and draw them; matplotlib (Agg) is imported lazily.
-Does not run anything.
+Knows how to read a run dir's step records and draw them, and when to warn: a valset under
+``SMALL_VALSET`` examples, a program that answers one thing to everything, no test split.
+matplotlib (Agg) is imported lazily. Does not run anything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from engine.held_out import HeldOut
 from engine.run_store import RunStore
+
+SMALL_VALSET = 30  # fewer validation examples than this: a step's valset score is noise-prone
 
 
 def step_rows(run_dir: str | Path) -> list[dict]:
     """One row per completed step, in order: name, strategy prefix, score, wall time, model ids."""
     return [{"step": r.name, "strategy": r.strategy or "(baseline)", "score": r.score,
+             "test": HeldOut.from_dict(r.test) if r.test else None,
              "wall_s": r.extra.get("wall_s"), "models": sorted(set(r.models.values())), "extra": r.extra}
             for r in RunStore(run_dir).steps()]
 
 
-def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bool) -> Path:
+def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bool,
+                 valset_size: int | None = None) -> Path:
     """Write ``report.md`` and ``scores.png`` into the run dir; return the report path."""
     run_dir = Path(run_dir)
     rows = step_rows(run_dir)
     lines = [f"# {title}", "", f"Best strategy: `{best_strategy or '(baseline)'}`"
-             + (" — a step failed; the best program before it was kept." if failed else ""), "",
-             "| step | strategy | valset score % | wall s | model |", "|---|---|---|---|---|"]
+             + (" — a step failed; the best program before it was kept." if failed else ""), ""]
+    if valset_size is not None and valset_size < SMALL_VALSET:
+        lines += [f"**Warning:** the valset has {valset_size} examples (under {SMALL_VALSET}): one answer moves a "
+                  f"step's score by {100 / max(1, valset_size):.1f} points, so the winner is picked on noise-prone "
+                  "figures. The test column is the evidence.", ""]
+    if not any(r["test"] for r in rows):
+        lines += ["No held-out test scores (no test split, or `test_size: -1`).", ""]
+    lines += ["| step | strategy | valset score % | test score % | test answers | wall s | model |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "–" if r["score"] is None else f"{r['score']:.1f}"
-        lines.append(f"| {r['step']} | `{r['strategy']}` | {score} | {r['wall_s'] or ''} | {', '.join(r['models'])} |")
+        test = r["test"]
+        held = "–" if test is None else f"{test.score:.1f} (n={test.n})"
+        lines.append(f"| {r['step']} | `{r['strategy']}` | {score} | {held} | {test.describe() if test else ''} "
+                     f"| {r['wall_s'] or ''} | {', '.join(r['models'])} |")
+    for r in rows:
+        if r["test"] and r["test"].one_answer:
+            lines += ["", f"**Warning:** `{r['strategy']}` answers {r['test'].top!r} to "
+                      f"{r['test'].top_count} of {r['test'].answered} test inputs while the labels vary: its score "
+                      "is the share of that one class, not skill."]
     for r in rows:
         extra = r["extra"]
         for t in extra.get("trained", []):

@@ -1,9 +1,11 @@
 """``run(cfg)``: the driver of one optimization run, from launching the pool to the report.
 
 Knows the order of things: connect to Ray, launch the pool, build the program with the pool's
-LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), save the
-winner (``program.json`` + ``best.json``), write the report, and kill the pool whatever happens
-(try/finally, so Ctrl-C leaves no replica behind). Does not know vLLM or training internals.
+LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), score
+every step's program on the held-out test split (``engine.held_out``; stored per step, so a rerun
+does not score again), save the winner (``program.json`` + ``best.json``), write the report, and
+kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind). Does not know
+vLLM or training internals.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dspy
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
+from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, warnings
 from engine.program_io import save_program
 from engine.prompt_step import PromptStep
@@ -40,6 +43,7 @@ class RunOutcome:
     scores: dict[str, float | None]
     failed: bool
     wall_s: float
+    test: dict[str, HeldOut]  # strategy prefix -> its program on the test split (empty: not scored)
 
 
 def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
@@ -64,12 +68,44 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     optimizer = BetterTogether(
         spec.metric,
         p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
-        w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads))
+        w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads,
+                     exclude_demos=cfg.exclude_demos))
     with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
                                  seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
                                  fingerprint=cfg.fingerprint())
+
+
+def held_out_examples(cfg: RunConfig, splits: Splits) -> list:
+    """The test examples a run scores its steps on (``cfg.test_size``: 0 all, -1 none)."""
+    if cfg.test_size < 0:
+        return []
+    if not splits.test:
+        logger.warning("program %r has no test split: no held-out scores (a valset score is what the "
+                       "optimizer selected on, not evidence)", cfg.program)
+    return list(splits.test[: cfg.test_size or None])
+
+
+def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module) -> dict[str, HeldOut]:
+    """Every step's program (``best.candidate_programs``) on ``test``; stored results of the same
+    size are reused. Returns strategy prefix -> ``HeldOut``."""
+    if not test:
+        return {}
+    store = RunStore(cfg.run_dir)
+    records = {r.strategy: r for r in store.steps()}
+    done = {s: HeldOut.from_dict(r.test) for s, r in records.items() if r.test and r.test.get("n") == len(test)}
+    todo = [c for c in best.candidate_programs if c.strategy not in done and c.strategy in records]
+    if todo:
+        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+            results = score_held_out([c.program for c in todo], test, spec.metric, num_threads=cfg.threads)
+        for candidate, result in zip(todo, results):
+            store.write_test(records[candidate.strategy].name, result.as_dict())
+            done[candidate.strategy] = result
+    for strategy, result in done.items():
+        logger.info("held-out test '%s': %.1f%% of %d (%s)", strategy or "baseline", result.score, result.n,
+                    result.describe())
+    return done
 
 
 def run(cfg: RunConfig) -> RunOutcome:
@@ -90,6 +126,7 @@ def run(cfg: RunConfig) -> RunOutcome:
     try:
         pool.launch()
         best = compile_strategy(cfg, spec, pool, splits)
+        test = score_steps(cfg, spec, held_out_examples(cfg, splits), best)
     finally:
         pool.kill()
         if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
@@ -102,11 +139,13 @@ def run(cfg: RunConfig) -> RunOutcome:
     models = {name: pred.lm.model for name, pred in best.named_predictors()}
     store.write_best(BestRecord(
         cfg.program, cfg.program_args, cfg.model, best.best_strategy, top.score, models,
-        {m: adapters[m] for m in models.values() if m in adapters}, best.flag_compilation_error_occurred))
+        {m: adapters[m] for m in models.values() if m in adapters}, best.flag_compilation_error_occurred,
+        test[best.best_strategy].score if best.best_strategy in test else None))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
-                 best.best_strategy, best.flag_compilation_error_occurred)
+                 best.best_strategy, best.flag_compilation_error_occurred,
+                 valset_size=len(splits.dev[: cfg.val_size or None]))
     if cfg.storage:
         push(run_dir, cfg.storage)
     scores = {c.strategy: c.score for c in best.candidate_programs}
     return RunOutcome(run_dir, best.best_strategy, top.score, scores, best.flag_compilation_error_occurred,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, test)

@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/run.json                 the run's fingerprint (program, model, strategy, settings)
     RUN_DIR/00_baseline/             program.json (dspy JSON, no LM), step.json (score, model ids, …)
     RUN_DIR/01_p/  02_w/  03_p/      the same, plus candidates / traces.parquet / ray_train/ / metrics
+    RUN_DIR/NN_key/test.json         the step's program on the held-out test split (``engine.held_out``)
     RUN_DIR/adapters/<slug>-<hash>/  LoRA adapters (folder name: ``actors.finetune.adapter_dir_name``)
     RUN_DIR/best.json, program.json  the winner (written when the run ends)
     RUN_DIR/report.md, scores.png    written at the end
@@ -53,6 +54,7 @@ class StepRecord:
     adapters: list[AdapterRef]
     extra: dict
     path: Path
+    test: dict | None = None  # test.json: written after the run's last step, None until then
 
     @property
     def name(self) -> str:
@@ -71,6 +73,7 @@ class BestRecord:
     models: dict[str, str]  # predictor -> model id (base or adapter)
     adapters: dict[str, Path]  # adapter id -> absolute path
     failed_step: bool
+    test_score: float | None = None  # the winner on the held-out test split (None: not scored)
 
 
 class RunStore:
@@ -134,7 +137,7 @@ class RunStore:
         return StepRecord(int(index), "" if key == "baseline" else key, data["strategy"], data["score"],
                           dict(data["models"]), [AdapterRef(a["name"], self._abs(a["path"]))
                                                  for a in data.get("adapters", [])],
-                          data.get("extra", {}), path)
+                          data.get("extra", {}), path, _read_json(path / "test.json"))
 
     def steps(self) -> list[StepRecord]:
         """Every completed step, in order."""
@@ -165,6 +168,13 @@ class RunStore:
         tmp.rename(final)
         return self.completed(index, key)
 
+    def write_test(self, name: str, result: dict) -> None:
+        """Record step ``name``'s held-out test result (``test.json``, written whole or not at all)."""
+        path = self.root / name / "test.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.rename(path)
+
     def load(self, record: StepRecord, fresh: dspy.Module) -> dspy.Module:
         """The step's program: ``fresh`` (a new instance of the program) with the saved state."""
         return load_program(fresh, record.path / "program.json")
@@ -176,7 +186,7 @@ class RunStore:
         data = {"program": best.program, "program_args": best.program_args, "base_model": best.base_model,
                 "strategy": best.strategy, "score": best.score, "models": best.models,
                 "adapters": {name: self._rel(path) for name, path in best.adapters.items()},
-                "failed_step": best.failed_step}
+                "failed_step": best.failed_step, "test_score": best.test_score}
         tmp = self.root / "best.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.rename(self.root / "best.json")
@@ -194,7 +204,7 @@ class RunStore:
         return BestRecord(data["program"], dict(data.get("program_args", {})), data["base_model"],
                           data.get("strategy", ""), data.get("score"), dict(data["models"]),
                           {name: self._abs(p) for name, p in data.get("adapters", {}).items()},
-                          bool(data.get("failed_step", False)))
+                          bool(data.get("failed_step", False)), data.get("test_score"))
 
     def adapter_paths(self) -> dict[str, Path]:
         """Every adapter any completed step used: id -> absolute path."""
@@ -213,6 +223,10 @@ class RunStore:
             return self.root / path
         moved = self.adapters / path.name  # an older run dir, moved since: its adapters came along
         return moved if not path.exists() and moved.exists() else path
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def copy_steps(source: str | Path, target: str | Path, count: int) -> None:

@@ -23,6 +23,7 @@ import dspy
 from engine import strategy as strategies
 from engine.config import RunConfig
 from engine.evaluate import evaluate_many
+from engine.held_out import score_held_out
 from engine.run import compile_strategy, make_pool
 from engine.run_store import copy_steps
 from programs.base import ProgramSpec, Splits, resolve
@@ -62,6 +63,7 @@ class Cell:
     reason: str | None
     run_dir: str
     wall_s: float
+    held_out: dict | None = None  # ``HeldOut.as_dict()``: the test answers' diversity
 
 
 def normalize(names: tuple[str, ...] | list[str]) -> list[str]:
@@ -133,7 +135,8 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
                              if settings.get(k) != (data.get("settings") or {}).get(k))
             raise ValueError(f"{done} holds a score made with other settings ({', '.join(changed)}); "
                              "use a new --out or the same settings to resume")
-        return Cell(name, cfg.seed, data["test_score"], data["dev_score"], data["reason"], str(run_dir), data["wall_s"])
+        return Cell(name, cfg.seed, data["test_score"], data["dev_score"], data["reason"], str(run_dir), data["wall_s"],
+                    data.get("held_out"))
     steps = [] if name == VANILLA else name.split(strategies.SEP)
     blocked = next((failed[p] for p in (strategies.prefix(steps, i) for i in range(1, len(steps) + 1)) if p in failed),
                    None)
@@ -158,9 +161,9 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
                 return _finish(settings, Cell(name, cfg.seed, None, None, failed[first_missing], str(run_dir),
                                     time.perf_counter() - started), done)
             program, dev_score = final.program, final.score
-        test_score = evaluate_many([program], test, spec.metric, num_threads=cfg.threads,
-                                   desc=f"evaluate '{name}' on test")[0]
-    cell = Cell(name, cfg.seed, test_score, dev_score, None, str(run_dir), time.perf_counter() - started)
+        (held,) = score_held_out([program], test, spec.metric, num_threads=cfg.threads, desc=f"'{name}' on test")
+    cell = Cell(name, cfg.seed, held.score, dev_score, None, str(run_dir), time.perf_counter() - started,
+                held.as_dict())
     return _finish(settings, cell, done)
 
 
@@ -169,7 +172,7 @@ def _finish(settings: dict, cell: Cell, path: Path) -> Cell:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"test_score": cell.test_score, "dev_score": cell.dev_score, "reason": cell.reason,
-                               "wall_s": cell.wall_s, "settings": settings}, indent=2))
+                               "wall_s": cell.wall_s, "held_out": cell.held_out, "settings": settings}, indent=2))
     tmp.rename(path)
     return cell
 

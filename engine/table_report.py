@@ -1,7 +1,8 @@
 """The paper-table files: ``table.md``, ``table.csv``, ``table.json`` and ``table.png``.
 
 Layout as in the paper's tables: one row per strategy, the mean test score over seeds and one
-column per seed; a cell without a score shows "–" and its reason is listed under the table.
+column per seed; a cell without a score shows "–" and its reason is listed under the table; a
+cell whose program answers one thing to every test input (``HeldOut.one_answer``) is marked.
 Knows only ``Cell`` rows; matplotlib (Agg) is imported lazily. Does not run anything.
 """
 
@@ -12,6 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
+from engine.held_out import HeldOut
 from engine.table import Cell
 
 DASH = "–"
@@ -21,10 +23,13 @@ def summarize(cells: list[Cell]) -> list[dict]:
     """Per strategy, in first-seen order: per-seed test scores, their mean and std, and reasons."""
     rows: dict[str, dict] = {}
     for c in cells:
-        row = rows.setdefault(c.strategy, {"strategy": c.strategy, "scores": {}, "reasons": {}})
+        row = rows.setdefault(c.strategy, {"strategy": c.strategy, "scores": {}, "reasons": {}, "one_answer": {}})
         row["scores"][c.seed] = c.test_score
         if c.reason:
             row["reasons"][c.seed] = c.reason
+        held = HeldOut.from_dict(c.held_out) if c.held_out else None
+        if held is not None and held.one_answer:
+            row["one_answer"][c.seed] = held.describe()
     for row in rows.values():
         got = [v for v in row["scores"].values() if v is not None]
         row["mean"] = round(statistics.fmean(got), 2) if got else None
@@ -67,6 +72,8 @@ def _markdown(rows: list[dict], seeds: list[int], title: str) -> str:
             value = row["scores"].get(s)
             reason = row["reasons"].get(s)
             mark = f" [{notes.setdefault(reason, len(notes) + 1)}]" if reason else ""
+            one = row["one_answer"].get(s)
+            mark += f" [{notes.setdefault(f'answers one thing: {one}', len(notes) + 1)}]" if one else ""
             cells.append(_num(value, DASH) + mark)
         lines.append(f"| `{row['strategy']}` | {mean} | " + " | ".join(cells) + " |")
     if notes:

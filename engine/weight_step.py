@@ -1,12 +1,17 @@
 """``WeightStep``: the paper's BootstrapFinetune — traces, vanilla-prompt chat data, LoRA, new model id.
 
-Knows the step's data flow: bootstrap traces on the trainset with the current prompts, in
-parallel; keep only runs that pass the metric; turn every predictor call into a chat row with the
-*vanilla* prompt (no demos); write them as Parquet in the step dir; then hand them to
+Knows the step's data flow: bootstrap traces on the trainset with the current prompts (or with
+``teacher=``, a program with the same predictors, e.g. on a stronger model), in parallel, an
+example never seeing itself among the demos; keep only runs that pass the metric; turn every predictor call into a chat row; write them as Parquet
+in the step dir; then hand them to
 ``actors.finetune`` (Ray Train LoRA, the ``relaunch``/``hotswap`` lifecycle, unique adapter ids)
 through the program's own LM — its ``TandemProvider``, as dspy's BootstrapFinetune reaches its
 backend through ``lm.finetune`` — and point the predictors at the new ids. One adapter for the LM
 (multitask, the default) or one per predictor (``multitask=False``, as dspy's BootstrapFinetune).
+The returned program's prompts are what its adapter was trained on: ``exclude_demos=True`` (the
+default, the paper's) trains on the *vanilla* prompt and returns the program without demos (a
+later ``p`` step adds demos back, on the tuned LM); ``exclude_demos=False`` (dspy 3.4.1's default)
+trains on the prompts with the program's demos and keeps them.
 Zero passing traces is an error that says so and why. Does not know strategies or the run dir
 layout beyond the ``step_dir`` and ``adapter_root`` it is given.
 """
@@ -43,6 +48,8 @@ class WeightStep(Teleprompter):
         lifecycle: 'relaunch' or 'hotswap' (see ``actors.finetune``).
         num_threads: concurrent LM calls while bootstrapping.
         multitask: one adapter shared by all predictors (default) or one per predictor.
+        exclude_demos: train on vanilla prompts and return the program without demos (default,
+            the paper's); False trains with the program's demos in the prompt and keeps them.
 
     Example:
         >>> step = WeightStep(metric, LoraTrainConfig(epochs=2), lifecycle="relaunch")  # doctest: +SKIP
@@ -50,7 +57,7 @@ class WeightStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
-                 num_threads: int = 16, multitask: bool = True):
+                 num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True):
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -58,29 +65,37 @@ class WeightStep(Teleprompter):
         self.lifecycle = lifecycle
         self.num_threads = num_threads
         self.multitask = multitask
+        self.exclude_demos = exclude_demos
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None,
                 step_dir: str | Path | None = None, adapter_root: str | Path | None = None,
                 step_index: int = 0) -> dspy.Module:
-        """Fine-tune on ``trainset`` traces; ``teacher``/``valset`` are accepted and unused (as in dspy).
+        """Fine-tune on ``trainset`` traces (of ``teacher`` when given); ``valset`` is unused (as in dspy).
 
         Args:
             student: the program; every predictor uses the LM of one pool (``pool.lm()``).
             trainset: examples to bootstrap traces on.
+            teacher: a program with the student's predictors (names) whose passing traces are the
+                training data, as in dspy's BootstrapFinetune; default the student itself.
             step_dir: where the traces Parquet and Ray Train's files go (default a new temp dir).
             adapter_root: where the adapters go (default ``step_dir``).
             step_index: the step's position in its strategy (names the adapter versions ``ft-NN``).
 
         Raises:
             NoTrainingDataError: no training example passed the metric.
+            ValueError: a teacher whose predictors are not the student's.
             engine.evaluate.TooManyErrors: bootstrapping hit ``max_errors`` errors.
         """
         provider = provider_of(student)
+        if isinstance(teacher, list):  # dspy's BetterTogether passes a list
+            teacher = teacher[0] if teacher else None
+        source = _check_teacher(teacher, student) if teacher is not None else student
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
-        result = bootstrap(student, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap traces")
-        rows = chat_rows(student, result.traces)
+        result = bootstrap(source, trainset, self.metric, num_threads=self.num_threads, exclude_own_demo=True,
+                           desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""))
+        rows = chat_rows(student, result.traces, with_demos=not self.exclude_demos)
         if not rows:
             raise NoTrainingDataError(
                 f"no passing traces: the program passed the metric on 0 of {result.attempted} training examples "
@@ -99,13 +114,25 @@ class WeightStep(Teleprompter):
                                           adapter_root=adapter_root or step_dir, prefix=f"ft-{step_index:02d}",
                                           storage=(step_dir / "ray_train").resolve())
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
-                         "lifecycle": self.lifecycle,
+                         "lifecycle": self.lifecycle, "teacher": teacher is not None,
+                         "exclude_demos": self.exclude_demos,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
                                       "train_metrics": r.metrics} for tag, r in trained.items()]}
         tuned = student.deepcopy()
         for name, pred in tuned.named_predictors():
             pred.lm = pred.lm.copy(model=trained[name if not self.multitask else ""].name)
+            if self.exclude_demos:
+                pred.demos = []  # the prompt the adapter was trained on
         return tuned
+
+
+def _check_teacher(teacher: dspy.Module, student: dspy.Module) -> dspy.Module:
+    """``teacher`` if its predictors are the student's (by name: traces map call by call)."""
+    theirs, ours = [n for n, _ in teacher.named_predictors()], [n for n, _ in student.named_predictors()]
+    if sorted(theirs) != sorted(ours):
+        raise ValueError(f"the teacher's predictors {theirs} are not the student's {ours}: the weight step maps "
+                         "a teacher's calls to the student's predictors by name")
+    return teacher
 
 
 def provider_of(program: dspy.Module) -> TandemProvider:

@@ -104,7 +104,9 @@ def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program
 
     app = FastAPI(title=f"Tandem: {winner.program}", version=winner.version,
                   description=f"The winning program of run `{winner.run_dir.name}` (strategy "
-                              f"`{winner.strategy or 'baseline'}`, validation score {winner.score}).")
+                              f"`{winner.strategy or 'baseline'}`, validation score {winner.score}"
+                              + (f", held-out test score {winner.test['score']} on {winner.test['n']} examples"
+                                 if winner.test else "") + ").")
 
     async def one(item) -> Prediction:
         out, usage = await run_program(item.model_dump())

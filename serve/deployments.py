@@ -117,7 +117,9 @@ class ProgramServer:
     def program_info(self) -> dict:
         w = self.winner
         return {
-            "program": w.program, "strategy": w.strategy, "validation_score": w.score, "base_model": w.base_model,
+            "program": w.program, "strategy": w.strategy, "validation_score": w.score,
+            "test_score": w.test["score"] if w.test else None, "test_examples": w.test["n"] if w.test else None,
+            "base_model": w.base_model,
             "model": w.model, "models": w.models, "adapters": sorted(w.adapters), "program_version": w.version,
             "predictors": {name: {"instructions": pred.signature.instructions,
                                   "inputs": list(pred.signature.input_fields),

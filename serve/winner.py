@@ -48,6 +48,7 @@ class Winner:
     version: str  # sha256 prefix of program.json: changes whenever the served program does
     program_file: Path
     settings: dict = field(default_factory=dict)  # the run's run.json: engine settings the LM was optimized with
+    test: dict | None = None  # the program on the held-out test split (``engine.held_out``), if scored
 
     @property
     def max_lora_rank(self) -> int:
@@ -78,12 +79,13 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
     best, settings = store.best(), store.settings()
     program_file = root / "program.json"
     strategy, score, models, recorded = best.strategy, best.score, best.models, best.adapters
+    test = next((r.test for r in store.steps() if r.strategy == best.strategy), None)
     if step is not None:
         record = store.step(step)
         if record is None:
             raise RunDirError(f"{root} has no completed step {step!r}; completed: {[r.name for r in store.steps()]}")
         program_file = record.path / "program.json"
-        strategy, score, models = record.strategy, record.score, record.models
+        strategy, score, models, test = record.strategy, record.score, record.models, record.test
         recorded = {a.name: a.path for a in record.adapters}
     adapters = {}
     for model in set(models.values()) - {best.base_model}:
@@ -94,7 +96,7 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
         adapters[model] = str(path)
     return Winner(root, best.program, best.base_model, strategy, score, dict(models), dict(best.program_args),
                   adapters, int(settings.get("max_tokens", 512)), int(settings.get("max_model_len", 2048)),
-                  hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file, settings)
+                  hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file, settings, test)
 
 
 def build_program(winner: Winner) -> dspy.Module:

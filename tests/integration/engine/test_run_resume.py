@@ -3,7 +3,7 @@
 The run is the session's shared one (``tests/integration/iris_run.py``): the driver was killed once
 the first prompt step was stored; the rerun on the same run dir must have skipped the stored steps,
 fine-tuned, relaunched the replicas with the adapter, and finished with the report, chart and
-winning program.
+winning program, each step scored on held-out test examples.
 """
 
 import json
@@ -37,8 +37,15 @@ def test_killed_run_resumes_and_finishes(iris_smollm2_run):
     top = max(r["score"] for r in records)
     assert best["score"] == top  # the winner is the best on the valset, the earliest of equals
     assert best["strategy"] == next(r["strategy"] for r in records if r["score"] == top)
+    tests = {name: json.loads((run_dir / name / "test.json").read_text()) for name in steps}
+    assert all(t["n"] == 12 and t["parse_failures"] + t["errors"] + t["answered"] <= 12 for t in tests.values())
+    assert all(t["errors"] == 0 and t["field"] == "answer" and t["gold_distinct"] == 3 for t in tests.values())
+    winner = next(name for name, r in zip(steps, records) if r["strategy"] == best["strategy"])
+    assert best["test_score"] == tests[winner]["score"] and tests[winner]["answered"] > 0
+    assert re.search(r"^\| (\(baseline\)|p|p -> w|p -> w -> p) +\| [\d.]+ +\| [\d.]+ +\| ", out, flags=re.M), out[-2000:]
     report = (run_dir / "report.md").read_text()
-    assert len(re.findall(r"^\| \d\d_\w+ \| `", report, flags=re.M)) == 4  # a row per step
+    assert len(re.findall(r"^\| \d\d_\w+ \| `.*\(n=12\)", report, flags=re.M)) == 4  # a row per step, tested
+    assert "the valset has 8 examples (under 30)" in report
     assert (run_dir / "scores.png").stat().st_size > 1000
     program = json.loads((run_dir / "program.json").read_text())
     assert program["predict"]["lm"] is None

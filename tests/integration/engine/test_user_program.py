@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from tests.integration.ports import free_port
 from tests.integration.processes import left_behind, marked_env, new_mark
 
 pytestmark = pytest.mark.integration
@@ -121,6 +121,13 @@ def test_own_program_and_hub_id_train_an_adapter_under_the_run_dir(first_run):
     assert rows and all(json.loads(r["messages"])[-1]["content"] for r in rows)
     passing = {r["example_index"] for r in rows}
     assert 0 < len(passing) < 8  # only the traces that passed the metric
+    # the user's 12 test examples, held out: each step scored on them, the one-answer program named
+    tests = [json.loads((run_dir / name / "test.json").read_text()) for name in ("00_baseline", "01_p", "02_w")]
+    assert all(t["n"] == 12 and t["top"] == "forty two" and t["gold_distinct"] == 12 for t in tests)
+    report = (run_dir / "report.md").read_text()
+    assert "answers 'forty two' to 12 of 12 test inputs while the labels vary" in report
+    assert "the valset has 4 examples (under 30)" in report
+    assert "forty two' 12/12" in out and "test score % (n=12)" in out
 
 
 def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(first_run, home):
@@ -137,7 +144,7 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     assert {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")} == stored
 
     hidden = run_dir.rename(run_dir.with_name("first-hidden"))  # what is served comes from the moved copy only
-    port = _free_port()
+    port = free_port()
     mark = new_mark()
     server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark, TANDEM_SERVE_TOKEN="s3cret")
     try:
@@ -167,12 +174,6 @@ def _with_model(model: str) -> list[str]:
     return [model if prev == "--model" else flag for prev, flag in zip(["", *FLAGS], FLAGS)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -188,7 +189,7 @@ def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float
 
 def test_serve_once_deploys_and_stops(first_run, home):
     mark = new_mark()
-    proc = _tandem(home, ["serve", str(first_run[0]), "--port", str(_free_port()), "--once"], mark)
+    proc = _tandem(home, ["serve", str(first_run[0]), "--port", str(free_port()), "--once"], mark)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "serving " in out, out[-4000:]
     assert left_behind(mark) == []
@@ -200,7 +201,7 @@ def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home)
 
     run_dir, _ = first_run
     config = yaml.safe_load((Path.cwd() / "serve" / "serve_config.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     config["applications"][0]["args"].update(run_dir=str(run_dir), lm_max_replicas=1)
     (home / "serve_config.yaml").write_text(yaml.safe_dump(config))

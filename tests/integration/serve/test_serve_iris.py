@@ -1,32 +1,29 @@
 """Serve a real run dir over real HTTP: Ray Serve on CPU, vLLM-CPU, the run's LoRA adapter.
 
-The run dir is the session's SmolLM2-135M Iris run (``p -> w -> p``, shared with the resume test); its
-``02_w`` step (the fine-tuned program, whatever won) is served, so the LM deployment runs the LoRA adapter. Every route is
+The run dir is the session's SmolLM2-135M Iris run (``p -> w -> p``, shared with the resume test); of
+its steps on the fine-tuned LM (``02_w``, ``03_p``) the one with the best valset score is served,
+whatever won, so the LM deployment runs the LoRA adapter and some answers parse. Every route is
 called with an HTTP client (and the OpenAI SDK); answers are checked against the same program
 and LM called in process on a separate pool (greedy decoding: identical outputs).
 """
 
-import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import dspy
 import httpx
 import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
+from engine.run_store import RunStore
 from programs import iris
 from serve.app import ServeConfig, start, stop
 from serve.deployments import STOP
 from serve.winner import build_program, load_winner
+from tests.integration.ports import free_port
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,16 @@ def run_dir(iris_smollm2_run):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, run_dir):
-    cfg = ServeConfig(run_dir=str(run_dir), step="02_w", port=_free_port(), token=TOKEN)
+def step(run_dir):
+    """The best step on the fine-tuned LM (ties: the earlier)."""
+    tuned = [r for r in RunStore(run_dir).steps() if r.adapters]
+    assert [r.name for r in tuned] == ["02_w", "03_p"]
+    return max(tuned, key=lambda r: (r.score, -r.index)).name
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, run_dir, step):
+    cfg = ServeConfig(run_dir=str(run_dir), step=step, port=free_port(), token=TOKEN)
     start(cfg)
     yield cfg
     stop(cfg)
@@ -51,9 +56,9 @@ def http(server):
 
 
 @pytest.fixture(scope="module")
-def local(server, run_dir):
-    """The winning program and LM in process, on a pool of its own (the server holds the other core)."""
-    winner = load_winner(run_dir, "02_w")
+def local(server, run_dir, step):
+    """The served program and LM in process, on a pool of its own (the server holds the other core)."""
+    winner = load_winner(run_dir, step)
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len,
                                                         num_cpus=1, max_lora_rank=winner.max_lora_rank),
                                   num_replicas=1, name="serve-check"))
@@ -75,25 +80,30 @@ def _in_process(program, inputs):
     return {"reasoning": prediction.reasoning, "answer": prediction.answer}
 
 
-def test_the_fine_tuned_step_is_served_with_its_adapter(http, run_dir):
-    winner = load_winner(run_dir, "02_w")
-    assert winner.strategy == "p -> w" and winner.model.startswith("smollm2-135m-instruct:ft-02-")
+def test_the_fine_tuned_step_is_served_with_its_adapter(http, run_dir, step):
+    winner = load_winner(run_dir, step)
+    assert winner.strategy in ("p -> w", "p -> w -> p") and winner.model.startswith("smollm2-135m-instruct:ft-02-")
     assert list(winner.adapters) == [winner.model]
     info = http.get("/v1/program").json()
     assert info["model"] == winner.model and info["program_version"] == winner.version
     assert info["validation_score"] == winner.score and info["strategy"] == winner.strategy
+    assert info["test_score"] == winner.test["score"] and info["test_examples"] == 12
     assert set(info["input_schema"]["required"]) == {"petal_length", "petal_width", "sepal_length", "sepal_width"}
     assert "answer" in info["output_schema"]["properties"]
 
 
 def test_predict_matches_the_program_in_process(http, local):
+    """Calls go out concurrently, in process and over HTTP (the engines batch them, as in production)."""
     winner, program, _ = local
     examples = iris.load_splits(0).test[:8]
-    expected = [_in_process(program, ex.inputs().toDict()) for ex in examples]
+    inputs = [ex.inputs().toDict() for ex in examples]
+    with ThreadPoolExecutor(2 * len(inputs)) as threads:  # both engines busy at once
+        local_calls = [threads.submit(_in_process, program, x) for x in inputs]
+        http_calls = [threads.submit(http.post, "/v1/predict", json=x) for x in inputs]
+        expected, responses = [f.result() for f in local_calls], [f.result() for f in http_calls]
     parsed = [i for i, e in enumerate(expected) if not isinstance(e, str)]
     assert parsed, f"no answer of the served program parsed, in process either: {expected}"
-    for i, ex in enumerate(examples):
-        r = http.post("/v1/predict", json=ex.inputs().toDict())
+    for i, r in enumerate(responses):
         if i not in parsed:  # the model's answer did not parse, in process too
             assert r.status_code == 502 and r.json()["request_id"], r.text
             continue
@@ -102,7 +112,7 @@ def test_predict_matches_the_program_in_process(http, local):
         assert body["outputs"] == expected[i]
         assert body["model"] == winner.model and body["program_version"] == winner.version
         assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0
-    batch = http.post("/v1/predict", json=[examples[i].inputs().toDict() for i in parsed])
+    batch = http.post("/v1/predict", json=[inputs[i] for i in parsed])
     assert batch.status_code == 200, batch.text
     assert [r["outputs"] for r in batch.json()["results"]] == [expected[i] for i in parsed]
     assert batch.json()["usage"]["completion_tokens"] > 0

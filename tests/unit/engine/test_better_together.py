@@ -180,3 +180,62 @@ def test_resume_skips_completed_steps_and_returns_the_same_program(program, tmp_
     assert [dict(d.items()) for d in second.demos] == [dict(d.items()) for d in first.demos]
     with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
         bt.compile(program, **{**kwargs, "strategy": "p"})
+
+
+def stock_bfrs():
+    return dspy.BootstrapFewShotWithRandomSearch(metric, num_candidate_programs=2, max_bootstrapped_demos=2,
+                                                 max_labeled_demos=2, num_threads=2)
+
+
+def test_dspy_labeled_few_shot_as_a_step_with_run_dir_resumes(program, tmp_path):
+    bt = BetterTogether(metric, p=dspy.LabeledFewShot(k=3))  # compile(student, *, trainset, sample): no valset
+    kwargs = dict(trainset=data(12), valset=data(6, 100), strategy="p", seed=0, run_dir=str(tmp_path))
+    first = bt.compile(program, **kwargs)
+    assert [(c.strategy, c.score) for c in first.candidate_programs] == [("p", 100.0), ("", 0.0)]
+    assert len(first.demos) == 3 and first.lm.model == "scripted"  # LabeledFewShot's reset_copy dropped it
+    calls = program.engine.calls
+    second = bt.compile(program, **kwargs)
+    assert program.engine.calls == calls  # the stored steps were not run again
+    assert [dict(d.items()) for d in second.demos] == [dict(d.items()) for d in first.demos]
+    assert second.lm.model == "scripted"
+
+
+def test_dspy_bfrs_as_steps_with_run_dir_records_its_candidates_and_resumes(program, tmp_path):
+    bt = BetterTogether(metric, p=stock_bfrs())  # no dspy.settings.lm: the step runs on the program's LM
+    kwargs = dict(trainset=data(12), valset=data(6, 100), strategy="p -> p", seed=0, run_dir=str(tmp_path),
+                  optimizer_compile_args={"p": {"restrict": [-1, 0, 1]}})  # a bootstrapped, `_compiled` winner
+    first = bt.compile(program, provide_traceback=True, **kwargs)
+    assert first.flag_compilation_error_occurred is False  # the second BFRS got an uncompiled copy
+    assert [c.strategy for c in first.candidate_programs] == ["p", "p -> p", ""]
+    assert first.candidate_programs[0].score == 100.0 and first.lm is not None and first._compiled is True
+    for step in ("01_p", "02_p"):
+        candidates = json.loads((tmp_path / step / "step.json").read_text())["extra"]["candidates"]
+        assert sorted(c["seed"] for c in candidates) == ["-1", "0", "1"]
+        assert all(isinstance(c["score"], float) for c in candidates)
+    calls = program.engine.calls
+    second = bt.compile(program, **kwargs)
+    assert program.engine.calls == calls
+    assert [(c.strategy, c.score) for c in second.candidate_programs] == \
+           [(c.strategy, c.score) for c in first.candidate_programs]
+
+
+def test_dspy_bfrs_after_a_weight_step_scores_with_the_tuned_lm(program, tmp_path):
+    tuned_lm, _ = scripted_lm("scripted:ft-01", smart=True)
+    base = program.engine
+    best = BetterTogether(metric, p=stock_bfrs(), w=Swap(tuned_lm)).compile(
+        program, trainset=data(12), valset=data(6, 100), strategy="w -> p", seed=0, run_dir=str(tmp_path))
+    assert base.calls == 6  # the baseline only: BFRS's reset copies ran on the tuned LM, not settings.lm
+    candidates = json.loads((tmp_path / "02_p" / "step.json").read_text())["extra"]["candidates"]
+    assert {c["seed"]: c["score"] for c in candidates}["-3"] == 100.0
+    assert best.lm.model == "scripted:ft-01"
+
+
+def test_compile_accepts_provide_traceback_like_dspy(program):
+    import inspect
+
+    stock = inspect.signature(dspy.BetterTogether.compile).parameters
+    ours = inspect.signature(BetterTogether.compile).parameters
+    assert set(stock) <= set(ours)
+    best = BetterTogether(metric, p=p_step()).compile(program, trainset=data(12), valset=data(6, 100),
+                                                      strategy="p", provide_traceback=False)
+    assert best.best_strategy == "p"

@@ -69,7 +69,7 @@ def test_key_value_flags():
 
 def test_table_command_takes_no_single_run_flags():
     args = build_parser().parse_args(["table", "--strategies", "vanilla,p", "--seeds", "1", "--data-arg", "a=1"])
-    assert args.strategies == "vanilla,p" and args.seeds == 1 and args.data_arg == ["a=1"]
+    assert args.strategies == "vanilla,p" and args.seeds == (0,) and args.data_arg == ["a=1"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["table", "--strategy", "p"])
 

@@ -3,9 +3,11 @@
 Knows: the paper's LoRA defaults (r=32, alpha=64, dropout 0, q/k attention, 5 epochs, lr 1e-5,
 effective batch 8, bf16 where the device has it), turning chat rows into token ids with the
 model's chat template and loss only on the completion (the assistant turn), length-bucketed
-micro-batches so padding stays small, gradient accumulation to reach the effective batch, and
-saving the adapter as a Ray Train checkpoint. Workers run DDP, or — for models whose weights do
-not fit one device — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
+micro-batches so padding stays small, gradient accumulation to the effective batch (each step's
+loss is the token mean over its whole window on all ranks; ``actors.lora_optim`` holds the step:
+token counts, clipping, warmup and lr schedule), and saving the adapter as a Ray Train checkpoint.
+Workers run DDP (``no_sync`` inside a window), or — for models whose weights do not fit one device
+— DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
 ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
 dataset of ``messages`` (JSON) rows (see ``read_rows``).
 Faults become clear errors (``actors.lora_guards`` holds the checks, their messages and the
@@ -39,6 +41,9 @@ from typing import Any, Iterable
 from actors.lora_guards import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, RowCheck, check_cluster,
                                 cluster_now, learnable, non_finite_message, run_config, start_timeout, wait_message,
                                 worker_resources)
+from actors.lora_optim import (SCHEDULES, TrainLog, clip_and_step, completion_tokens, current_lr, deepspeed_config,
+                               finite_on_every_rank, gathered, optimizer_steps, scheduler, sum_on_every_rank,
+                               weights_held, window_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,12 @@ class LoraTrainConfig:
         "help": "seconds the workers wait for busy CPUs/GPUs to free up before the step fails"})
     max_failures: int = field(default=1, metadata={
         "help": "times a training run whose worker died or raised is started again (from scratch); 0 = never"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "clip the gradient's global L2 norm to this before each optimizer step; 0 = no clipping"})
+    warmup_ratio: float = field(default=0.03, metadata={
+        "help": "share of the optimizer steps over which the lr rises linearly to lr (rounded up; 0 = none)"})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "lr after warmup: 'cosine' (to 0 after the last step), 'linear' (to 0) or 'constant'"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -88,6 +99,24 @@ class LoraTrainConfig:
             raise ValueError(f"resource_wait_s must be a finite number of seconds > 0, got {self.resource_wait_s}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 = off) and warmup_ratio in [0, 1), got "
+                             f"{self.max_grad_norm} and {self.warmup_ratio}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        """The effective batch must be a whole number of micro-batches on every worker."""
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size % per_step:
+            low, high = per_step * max(1, self.batch_size // per_step), per_step * (self.batch_size // per_step + 1)
+            near = " or ".join(str(b) for b in sorted({low, high}))
+            micro = [m for m in range(self.micro_batch_size, 0, -1) if self.batch_size % (m * self.num_workers) == 0]
+            fix = f"set batch_size to {near}" + (f", or micro_batch_size to {micro[0]}" if micro else "")
+            raise ValueError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size} x "
+                f"num_workers={self.num_workers} = {per_step} (the sequences one accumulation step takes): {fix}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +192,9 @@ class _Worker:
     model: Any = None
     engine: Any = None  # the DeepSpeed engine under ZeRO
     optim: Any = None
+    sched: Any = None  # the lr schedule (torch LambdaLR); DeepSpeed steps it under ZeRO
     accum: int = 1
+    steps: int = 0  # optimizer steps taken
     pad: int = 0
     held: float = 1.0
     keep_alive: Any = None  # ZeRO-3's HfDeepSpeedConfig (transformers holds only a weakref)
@@ -196,7 +227,7 @@ def train_loop(config: dict) -> dict:
         return {"failed": type(exc).__name__, "message": str(exc)}
     out = config.get("out_dir") or tempfile.mkdtemp(prefix="tandem-adapter-")
     unwrapped = worker.model.module if hasattr(worker.model, "module") else worker.model
-    with _gathered(unwrapped, cfg.zero_stage):  # ZeRO-3: every rank joins the gather of the adapter
+    with gathered(unwrapped, cfg.zero_stage):  # ZeRO-3: every rank joins the gather of the adapter
         if worker.rank == 0:
             unwrapped.save_pretrained(out)
             Path(out, "train_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -238,7 +269,7 @@ def _start_worker(cfg: LoraTrainConfig, config: dict, in_ray: bool) -> _Worker:
 
 
 def _build_model(w: _Worker, model_path: str) -> None:
-    """The peft model, its optimizer, and the DDP wrapper or DeepSpeed engine, on ``w``."""
+    """The peft model, its optimizer and lr schedule, and the DDP wrapper or DeepSpeed engine, on ``w``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -246,7 +277,7 @@ def _build_model(w: _Worker, model_path: str) -> None:
     cfg = w.cfg
     torch.manual_seed(cfg.seed)
     bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and w.device.type == "cuda" and torch.cuda.is_bf16_supported())
-    w.accum = max(1, cfg.batch_size // (cfg.micro_batch_size * w.world))
+    w.accum = cfg.batch_size // (cfg.micro_batch_size * w.world)  # exact: LoraTrainConfig checks it divides
     ds_config = deepspeed_config(cfg, w.accum, bf16) if cfg.zero_stage else None
     if cfg.zero_stage == 3:  # transformers loads each weight straight into its shard (zero.Init)
         from transformers.integrations import HfDeepSpeedConfig
@@ -258,105 +289,87 @@ def _build_model(w: _Worker, model_path: str) -> None:
     w.model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                               target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
     w.optim = torch.optim.AdamW([p for p in w.model.parameters() if p.requires_grad], lr=cfg.lr)
-    if ds_config:
+    schedule = scheduler(cfg, optimizer_steps(len(w.data), cfg.micro_batch_size, w.accum, cfg.epochs))
+    if ds_config:  # DeepSpeed clips (gradient_clipping) and steps the schedule at each boundary itself
         import deepspeed
 
-        w.engine, w.optim, _, _ = deepspeed.initialize(model=w.model, optimizer=w.optim, config=ds_config)
-    elif w.in_ray and w.world > 1:
-        import ray.train.torch
+        w.engine, w.optim, _, w.sched = deepspeed.initialize(model=w.model, optimizer=w.optim, config=ds_config,
+                                                             lr_scheduler=schedule)
+    else:
+        w.sched = schedule(w.optim)
+        if w.in_ray and w.world > 1:
+            import ray.train.torch
 
-        w.model = ray.train.torch.prepare_model(w.model, move_to_device=False)
+            w.model = ray.train.torch.prepare_model(w.model, move_to_device=False)
     w.held = weights_held(w.model)  # fixed once DeepSpeed has partitioned (or not)
 
 
 def _epochs(w: _Worker) -> dict:
-    """Train ``w.cfg.epochs`` passes; report each but the last to Ray Train; the final metrics."""
-    cfg, history, tokens_total, steps, started = w.cfg, [], 0, 0, time.perf_counter()
+    """Train ``w.cfg.epochs`` passes; report each but the last to Ray Train; the final metrics.
+
+    Each optimizer step's gradient is that of the token-mean loss over its window: the sum of every
+    completion token's loss over the window's micro-batches on every rank, divided by their count
+    (all-reduced once per epoch); DDP and ZeRO average over ranks, hence the factor ``world``.
+    """
+    cfg, started, log = w.cfg, time.perf_counter(), TrainLog()
     (w.engine or w.model).train()
     for epoch in range(cfg.epochs):
         batches = buckets([len(ids) for ids, _ in w.data], cfg.micro_batch_size, cfg.seed + epoch)
-        epoch_loss, epoch_tokens = 0.0, 0
+        counts = [sum(completion_tokens(w.data[i][1]) for i in batch) for batch in batches]
+        totals = sum_on_every_rank(window_tokens(counts, w.accum), w.world, w.device)
+        loss_sum, seen, lrs, norms = 0.0, 0, [], []
         for step, batch in enumerate(batches):
             boundary = (step + 1) % w.accum == 0 or step == len(batches) - 1
-            ids, labels, mask = _collate([w.data[i] for i in batch], w.pad, w.device)
-            if w.engine is not None:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary
-                w.engine.set_gradient_accumulation_boundary(boundary)
-            loss = (w.engine or w.model)(input_ids=ids, attention_mask=mask, labels=labels).loss
-            value = float(loss.detach())
-            if not _finite_on_every_rank(value, w):  # before backward, so no rank waits in a collective
-                raise NonFiniteLossError(non_finite_message(value, epoch, step, len(batches), cfg.lr))
-            if w.engine is not None:
-                w.engine.backward(loss)
-                w.engine.step()
-            else:
-                (loss / w.accum).backward()
-                if boundary:
-                    w.optim.step()
-                    w.optim.zero_grad(set_to_none=True)
-                    steps += 1
-            n = int(mask.sum())
-            epoch_loss, epoch_tokens = epoch_loss + value * n, epoch_tokens + n
-        tokens_total += epoch_tokens
-        history.append(epoch_loss / max(1, epoch_tokens))
-        metrics = {"epoch": epoch + 1, "loss": history[-1], "tokens": tokens_total,
-                   "tokens_per_s": tokens_total / (time.perf_counter() - started), "examples": len(w.data),
-                   "rows_dropped_no_completion": w.check.dropped,
-                   "optimizer_steps": w.engine.global_steps if w.engine is not None else steps,
+            lr = current_lr(w.sched, w.optim)  # the lr of this window's step (read before DeepSpeed's step moves it)
+            value, tokens = _micro_step(w, [w.data[i] for i in batch], counts[step] * w.world / totals[step // w.accum],
+                                        boundary, (epoch, step, len(batches)))
+            loss_sum, seen = loss_sum + value * counts[step], seen + tokens
+            if boundary:
+                norms.append(_optimizer_step(w))
+                lrs.append(lr)
+        loss_sum, completion = sum_on_every_rank([loss_sum, sum(counts)], w.world, w.device)
+        log.epoch(loss_sum / max(1.0, completion), seen, lrs[-1], norms)
+        metrics = {"epoch": epoch + 1, **log.latest(time.perf_counter() - started), "examples": len(w.data),
+                   "rows_dropped_no_completion": w.check.dropped, "optimizer_steps": w.steps,
                    "zero_stage": cfg.zero_stage, "weights_held": w.held}
         if w.in_ray and epoch < cfg.epochs - 1:
             import ray.train
 
             ray.train.report(metrics)
-    return {**metrics, "loss_history": history, "wall_s": time.perf_counter() - started,
-            "peak_mib": _peak_mib(w.device)}
+    return {**metrics, **log.final(), "wall_s": time.perf_counter() - started, "peak_mib": _peak_mib(w.device)}
 
 
-def _finite_on_every_rank(value: float, w: _Worker) -> bool:
-    """Whether every rank's micro-batch loss is finite (one tiny all-reduce when world > 1)."""
-    finite = math.isfinite(value)
-    if w.world == 1:
-        return finite
+def _micro_step(w: _Worker, items: list, scale: float, boundary: bool, where: tuple) -> tuple[float, int]:
+    """Forward and backward of one micro-batch, its summed token loss times ``scale``; its mean loss and
+    its token count (padding excluded). DDP skips the gradient all-reduce (``no_sync``) but at the
+    window's last micro-batch; DeepSpeed is told the boundary and steps (it acts only there)."""
     import torch
-    import torch.distributed as dist
 
-    flag = torch.tensor([0.0 if finite else 1.0], device=w.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def weights_held(model) -> float:
-    """The share of the model's weights this worker holds (1.0, or about 1/world under ZeRO-3)."""
-    held = total = 0
-    for p in model.parameters():
-        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
-        total += full
-    return held / max(1, total)
-
-
-def deepspeed_config(cfg: LoraTrainConfig, accum: int, bf16: bool) -> dict:
-    """The DeepSpeed config for ``cfg``'s ZeRO stage; it wraps our AdamW, so results match DDP's."""
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW, the same optimizer as the DDP path
-        "zero_force_ds_cpu_optimizer": False,  # offload without compiling DeepSpeedCPUAdam
-        "steps_per_print": 1 << 30,
-    }
+    ids, labels, mask = _collate(items, w.pad, w.device)
+    ddp = isinstance(w.model, torch.nn.parallel.DistributedDataParallel)
+    with w.model.no_sync() if ddp and not boundary else contextlib.nullcontext():
+        if w.engine is not None:
+            w.engine.set_gradient_accumulation_boundary(boundary)
+        loss = (w.engine or w.model)(input_ids=ids, attention_mask=mask, labels=labels).loss
+        value = float(loss.detach())
+        if not finite_on_every_rank(value, w.world, w.device):  # before backward, so no rank waits in a collective
+            raise NonFiniteLossError(non_finite_message(value, *where, w.cfg.lr))
+        if w.engine is not None:
+            w.engine.backward(loss * scale, scale_wrt_gas=False)  # scale already is the window's
+            w.engine.step()
+        else:
+            (loss * scale).backward()
+    return value, int(mask.sum())
 
 
-def _gathered(model, zero_stage: int):
-    """Context in which ZeRO-3's partitioned adapter weights are whole (a no-op otherwise)."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
+def _optimizer_step(w: _Worker) -> float:
+    """Clip, step and schedule at a window's end (DeepSpeed did all three in its step); the gradient's
+    global norm before clipping (NaN when DeepSpeed does not say)."""
+    w.steps += 1
+    if w.engine is not None:
+        norm = w.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+    return clip_and_step(w.model, w.optim, w.sched, w.cfg.max_grad_norm)
 
 
 def _peak_mib(device) -> float:

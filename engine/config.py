@@ -57,8 +57,10 @@ class RunConfig:
         "help": "refuse to start when the cluster's nodes cannot hold the run (false on autoscaling clusters)"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
                                  metadata={"help": "prompt-step budget (3 random + 3 fixed = 6 candidates)"})
-    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(epochs=2, lr=1e-4, cpus_per_worker=2),
-                                  metadata={"help": "LoRA training (paper's r/alpha/targets; epochs 2, lr 1e-4 on CPU)"})
+    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), epochs=2, lr=1e-3, batch_size=4, cpus_per_worker=2),
+        metadata={"help": "LoRA training (paper's r/alpha; on CPU q/k/v/o, 2 epochs, lr 1e-3, batch 4: "
+                          "benchmarks/lora_defaults.py)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
 
     def __post_init__(self) -> None:

@@ -100,8 +100,8 @@ def check(phases: list[Phase], fix: str | None = None) -> None:
 def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
     """The smallest change of the run's flags that makes its plan fit ``nodes``, or None.
 
-    Tries fewer replicas, fewer CPUs per training worker, fewer workers, both of the first two,
-    then the ``relaunch`` lifecycle, in that order.
+    Tries fewer replicas, fewer CPUs per training worker, fewer workers (counts that still divide
+    the effective batch), both of the first two, then the ``relaunch`` lifecycle, in that order.
 
     Example:
         >>> suggest(RunConfig(lifecycle="hotswap"), [Node("10.0.0.1", {"CPU": 2.0})])
@@ -110,7 +110,8 @@ def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
     lora = cfg.lora
     tries: list[dict] = [{"replicas": r} for r in range(cfg.replicas - 1, 0, -1)]
     tries += [{"lora.cpus_per_worker": c} for c in range(lora.cpus_per_worker - 1, 0, -1)]
-    tries += [{"lora.num_workers": w} for w in range(lora.num_workers - 1, 0, -1)]
+    tries += [{"lora.num_workers": w} for w in range(lora.num_workers - 1, 0, -1)
+              if lora.batch_size % (lora.micro_batch_size * w) == 0]  # the effective batch stays exact
     tries += [{"replicas": r, "lora.cpus_per_worker": c} for r in range(cfg.replicas - 1, 0, -1)
               for c in range(lora.cpus_per_worker - 1, 0, -1)]
     tries += [{"lifecycle": "relaunch"}] if cfg.lifecycle != "relaunch" else []

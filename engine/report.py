@@ -56,8 +56,12 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
             m = t["train_metrics"]
             lines += ["", f"Fine-tuning in `{r['step']}` (predictors: {t['predictors']}): {extra['rows']} chat rows "
                       f"from {extra['passing_traces']} passing traces of {extra['attempted']} examples; loss per "
-                      f"epoch {[round(x, 3) for x in m.get('loss_history', [])]}, {m.get('tokens_per_s', 0):.0f} "
-                      f"tokens/s, adapter `{t['adapter']}` ({extra['lifecycle']})."]
+                      f"epoch {[round(x, 3) for x in m.get('loss_history', [])]} (lr "
+                      f"{[float(f'{x:.2g}') for x in m.get('lr_history', [])]}, grad norm "
+                      f"{[round(x, 2) for x in m.get('grad_norm_history', [])]}), {m.get('optimizer_steps')} "
+                      f"optimizer steps, {m.get('tokens_per_s', 0):.0f} tokens/s, adapter `{t['adapter']}` "
+                      f"({extra['lifecycle']}{', trained on vanilla prompts' if extra.get('exclude_demos') else ''}"
+                      f"{', teacher traces' if extra.get('teacher') else ''})."]
         errors = extra.get("errors") or {}
         if errors.get("count"):
             lines += ["", f"Errors in `{r['step']}` (below max_errors, each scored 0): {errors['count']} of "

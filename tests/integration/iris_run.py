@@ -21,8 +21,8 @@ from tests.integration.processes import kill_marked, marked_env, new_mark
 
 CONFIG = {
     "program": "iris", "model": "smollm2-135m-instruct", "strategy": "p -> w -> p", "seed": 0,
-    "train_size": 24, "val_size": 8, "test_size": 12, "replicas": 2, "max_tokens": 200, "threads": 16,
-    "prompt": {"num_candidate_programs": 2, "max_bootstrapped_demos": 2, "max_labeled_demos": 3},
+    "train_size": 16, "val_size": 8, "test_size": 12, "replicas": 2, "max_tokens": 200, "threads": 16,
+    "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 2, "max_labeled_demos": 3},
     "lora": {"rank": 8, "alpha": 16, "epochs": 1, "lr": 1e-4, "cpus_per_worker": 2, "micro_batch_size": 4},
 }
 

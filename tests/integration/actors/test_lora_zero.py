@@ -41,7 +41,7 @@ def test_zero_reaches_the_adapter_ddp_reaches(trained, zero):
     assert weights.keys() == ddp.keys() and all(weights[k].shape == ddp[k].shape for k in ddp)
     for key in (k for k in ddp if "lora_B" in k):  # B starts at 0: all of it is what training moved
         gap = float((weights[key] - ddp[key]).norm() / ddp[key].norm())
-        assert gap < 0.25, f"{zero} {key} is {gap:.0%} away from DDP's"
+        assert gap < 0.01, f"{zero} {key} is {gap:.1%} away from DDP's"  # the same token-mean gradient
     assert metrics["optimizer_steps"] == trained["ddp"][1]["optimizer_steps"] == 3 * 2  # 8 rows a worker
     assert metrics["examples"] == 8 and metrics["loss_history"][-1] < metrics["loss_history"][0]
 

@@ -46,6 +46,8 @@ def test_killed_run_resumes_and_finishes(iris_smollm2_run):
     report = (run_dir / "report.md").read_text()
     assert len(re.findall(r"^\| \d\d_\w+ \| `.*\(n=12\)", report, flags=re.M)) == 4  # a row per step, tested
     assert "the valset has 8 examples (under 30)" in report
+    assert re.search(r"Fine-tuning in `02_w`.*loss per epoch \[[\d.]+\] \(lr \[.+\], grad norm \[.+\]\), \d+ optimizer "
+                     r"steps.*trained on vanilla prompts", report), report
     assert (run_dir / "scores.png").stat().st_size > 1000
     program = json.loads((run_dir / "program.json").read_text())
     assert program["predict"]["lm"] is None

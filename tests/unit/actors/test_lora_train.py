@@ -22,6 +22,9 @@ from actors.lora_train import LoraTrainConfig, buckets, deepspeed_config, learna
     ({"resource_wait_s": 0}, "resource_wait_s must be a finite number of seconds > 0, got 0"),
     ({"resource_wait_s": math.inf}, "resource_wait_s must be a finite number of seconds > 0, got inf"),
     ({"max_failures": -1}, "max_failures must be >= 0, got -1"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of ('cosine', 'linear', 'constant'), got 'step'"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be a finite number >= 0 (0 = off)"),
+    ({"warmup_ratio": 1.0}, "got 1.0 and 1.0"),
 ])
 def test_bad_settings_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -53,6 +56,7 @@ def test_deepspeed_config_keeps_the_effective_batch_and_our_optimizer(stage, off
     assert ds["zero_optimization"]["stage"] == stage
     assert ("offload_optimizer" in ds["zero_optimization"]) is offload
     assert ds["bf16"] == {"enabled": True} and "optimizer" not in ds  # the client AdamW, as with DDP
+    assert ds["gradient_clipping"] == cfg.max_grad_norm == 1.0  # DeepSpeed clips as the DDP path does
 
 
 def test_zero_without_ray_train_workers_is_refused_before_loading_anything():
@@ -116,6 +120,9 @@ class _ScriptedModel:
 
     def train(self):
         return self
+
+    def parameters(self):
+        return [self.weight]
 
 
 def test_a_nan_loss_stops_training_before_its_backward_and_names_where():

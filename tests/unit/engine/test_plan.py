@@ -11,7 +11,7 @@ GPU_NODES = [Node("10.0.0.1", {"CPU": 48.0, "GPU": 4.0}), Node("10.0.0.2", {"CPU
 
 def _gpu(**changes):
     base = dict(replicas=8, gpus_per_replica=1, cpus_per_replica=4,
-                lora=LoraTrainConfig(num_workers=4, use_gpu=True, cpus_per_worker=4))
+                lora=LoraTrainConfig(num_workers=4, micro_batch_size=2, use_gpu=True, cpus_per_worker=4))
     return RunConfig(**{**base, **changes})
 
 
@@ -82,6 +82,14 @@ def test_gpu_replicas_with_cpu_training_are_flagged():
     from engine.plan import warnings
 
     assert warnings(_gpu()) == []
-    (warning,) = warnings(_gpu(lora=LoraTrainConfig(num_workers=4, cpus_per_worker=4)))
+    (warning,) = warnings(_gpu(lora=LoraTrainConfig(num_workers=4, micro_batch_size=2, cpus_per_worker=4)))
     assert "--lora-use-gpu" in warning
     assert warnings(_gpu(strategy="p", lora=LoraTrainConfig())) == []  # no weight step, no training
+
+
+def test_fewer_workers_are_suggested_only_when_they_divide_the_effective_batch():
+    from engine.plan import suggest
+
+    cfg = _gpu(replicas=3, lora=LoraTrainConfig(num_workers=4, micro_batch_size=2, use_gpu=True, cpus_per_worker=4))
+    three_gpus = [Node("10.0.0.1", {"CPU": 48.0, "GPU": 3.0})]
+    assert suggest(cfg, three_gpus) == "--lora-num-workers 2"  # 3 workers x 2 would not make a batch of 8

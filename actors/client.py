@@ -9,6 +9,14 @@ model id, so a new adapter version never gets the old answers. Errors the reques
 to lm15's ``InvalidRequestError`` family (not retried); a pool that lost its replicas maps to
 ``ServerError`` (retried by DSPy). The engines pickle as the pool's name, so a program using
 them can be shipped to Ray workers; they save as JSON through ``dump_state``/``load_state``.
+
+Output constraints: a ``response_format`` (what ``dspy.JSONAdapter`` sets: a JSON schema, or
+JSON mode) becomes ``structured={"json": schema}``; a Tandem adapter passes any other constraint
+(``regex``/``choice``/``grammar``/``json``) as ``lm(..., metadata={STRUCTURED_KEY: {...}})``
+(``metadata`` is the one free-form option dspy's chat-request normalization carries, into
+``Config.extensions``), or, on a typed ``lm15.Request``, as ``Config.extensions[STRUCTURED_KEY]``.
+The engines declare ``supports_response_schema`` and ``supported_params`` (so JSONAdapter sends
+its schema) and ``supports_structured_outputs`` (what ``engine.constrained`` checks).
 Does not start or stop replicas.
 """
 
@@ -28,10 +36,44 @@ from actors.types import Completion, GenerateRequest  # noqa: E402
 
 DEFAULT_MAX_TOKENS = 512
 _FINISH = {"stop": "stop", "length": "length"}
+STRUCTURED_KEY = "tandem_structured"  # a constraint's key in Config.extensions or in its "metadata"
+SUPPORTED_PARAMS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format", "metadata"})
+
+
+def structured_of(config: lm15.Config) -> dict | None:
+    """The output constraint a request's config asks for, in ``GenerateRequest.structured``'s shape.
+
+    Raises:
+        LMRequestError: a ``response_format`` and a Tandem constraint both given, or a constraint
+            that is not a dict.
+    """
+    extensions = config.extensions or {}
+    metadata = extensions.get("metadata")
+    ours = extensions.get(STRUCTURED_KEY)
+    if isinstance(metadata, dict) and STRUCTURED_KEY in metadata:
+        if ours is not None:
+            raise errors.LMRequestError(f"give {STRUCTURED_KEY} once (in extensions or in metadata), not both")
+        ours = metadata[STRUCTURED_KEY]
+    fmt = config.response_format
+    if fmt is not None and ours is not None:
+        raise errors.LMRequestError(f"give one output constraint: response_format or {STRUCTURED_KEY}, not both")
+    if ours is not None:
+        if not isinstance(ours, dict):
+            raise errors.LMRequestError(f"{STRUCTURED_KEY} must be a dict like {{'regex': '...'}}, got {ours!r}")
+        return dict(ours)
+    if fmt is None:
+        return None
+    if fmt.get("type") == "json_schema":
+        return {"json": dict(fmt["schema"])}
+    return {"json": {"type": "object"}}  # json_object: any JSON object
 
 
 def to_generate_request(request: lm15.Request) -> GenerateRequest:
-    """A dspy.lm15 chat request as the pool's request type."""
+    """A dspy.lm15 chat request as the pool's request type, its output constraint included.
+
+    Raises:
+        LMRequestError: a malformed or doubly given constraint (see ``structured_of``).
+    """
     messages = []
     if request.system is not None:
         system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
@@ -43,6 +85,7 @@ def to_generate_request(request: lm15.Request) -> GenerateRequest:
         temperature=0.0 if cfg.temperature is None else cfg.temperature,
         top_p=1.0 if cfg.top_p is None else cfg.top_p,
         max_tokens=cfg.max_tokens or DEFAULT_MAX_TOKENS, stop=tuple(cfg.stop), seed=cfg.seed,
+        structured=structured_of(cfg),
     )
 
 
@@ -79,6 +122,10 @@ def lm15_errors():
 
 class PoolEngine:
     """Sync DSPy engine: ``complete(Request) -> Response`` through the pool's router."""
+
+    supports_response_schema = True  # JSONAdapter sends its schema as response_format
+    supported_params = SUPPORTED_PARAMS
+    supports_structured_outputs = True  # regex/choice/grammar through STRUCTURED_KEY
 
     def __init__(self, router: Router):
         self.router = router

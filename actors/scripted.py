@@ -2,7 +2,9 @@
 
 Knows nothing about language: it "tokenizes" by whitespace and answers with a fixed reply
 (optionally tagged with the adapter that served it) after a short sleep, so concurrency and
-replica loss can be exercised in real Ray actors in milliseconds. Used by unit tests only;
+replica loss can be exercised in real Ray actors in milliseconds. Output constraints are
+accepted; a ``choice`` constraint is honoured (the first choice), a ``regex`` one only when the
+reply happens to match it, ``json``/``grammar`` ones not at all. Used by unit tests only;
 real behaviour is tested on vLLM in ``tests/integration``.
 """
 
@@ -30,6 +32,8 @@ class ScriptedEngine:
     async def generate(self, prompt_ids, request, adapter, request_id):
         await asyncio.sleep(self.delay_s)
         text = self.reply if adapter is None else f"{self.reply}@{adapter.name}"
+        if request.structured is not None and "choice" in request.structured:
+            text = request.structured["choice"][0]
         return [text] * request.n, ["stop"] * request.n, request.n
 
     async def add_adapter(self, adapter: Adapter) -> None:

@@ -2,14 +2,18 @@
 
 Knows how to build ``AsyncLLM`` from a ``ReplicaConfig`` (dtype, LoRA limits, executor and the
 opaque ``engine_kwargs``), turn a ``GenerateRequest`` into prompt token ids with the model's chat
-template and into ``SamplingParams``, and load/unload LoRA adapters with a prefix-cache reset so
-no block computed under other weights is reused. Concurrent ``generate`` calls are batched
-continuously by vLLM. Engine death: vLLM's ``EngineDeadError`` (its EngineCore process is gone,
-and every later call fails) is re-raised as ``actors.errors.EngineDeadError`` and ``dead`` says
-so without a call, so the replica can exit and be restarted by Ray; before the engine is built,
-``TANDEM_ENGINE_WATCHDOG=1`` is set (unless already set) so that the EngineCore process exits when
-the replica's process dies (``actors.engine_watchdog``). Does not know Ray, routing, or request
-statistics (``actors.replica`` does). vLLM is imported lazily, inside the replica process.
+template and into ``SamplingParams`` (a request's ``structured`` constraint becomes vLLM's
+``StructuredOutputsParams``; the backend is the engine's ``structured_outputs_config``, by default
+``STRUCTURED_OUTPUTS``: xgrammar, compact JSON; or a plain dict in ``engine_kwargs`` such as
+``{"backend": "auto"}``; a constraint vLLM refuses is raised as ``LMRequestError``, the engine
+keeps serving), and load/unload LoRA adapters with a prefix-cache reset so no block computed under
+other weights is reused. Concurrent ``generate`` calls are batched continuously by vLLM. Engine
+death: vLLM's ``EngineDeadError`` (its EngineCore process is gone, and every later call fails) is
+re-raised as ``actors.errors.EngineDeadError`` and ``dead`` says so without a call, so the replica
+can exit and be restarted by Ray; before the engine is built, ``TANDEM_ENGINE_WATCHDOG=1`` is set
+(unless already set) so that the EngineCore process exits when the replica's process dies
+(``actors.engine_watchdog``). Does not know Ray, routing, or request statistics
+(``actors.replica`` does). vLLM is imported lazily, inside the replica process.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ import os
 
 from actors import device
 from actors.config import ReplicaConfig
-from actors.errors import EngineDeadError
+from actors.errors import EngineDeadError, LMRequestError
 from actors.types import Adapter, GenerateRequest
 
 logger = logging.getLogger(__name__)
+
+# xgrammar (vLLM's first choice, and what runs on CPU); no whitespace between JSON tokens, as a
+# small model under a JSON schema can otherwise write whitespace until max_tokens (any_whitespace
+# is an engine setting, not a request one, and only xgrammar/guidance take it).
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 class VLLMEngine:
@@ -49,6 +58,11 @@ class VLLMEngine:
         if cfg.enable_lora:
             kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
         kwargs.update(cfg.engine_kwargs)
+        from vllm.config import StructuredOutputsConfig
+
+        structured = kwargs.get("structured_outputs_config", STRUCTURED_OUTPUTS)
+        if isinstance(structured, dict):  # a run config's JSON: vLLM wants the object
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
         from actors.engine_watchdog import WATCHDOG_ENV
 
         os.environ.setdefault(WATCHDOG_ENV, "1")  # inherited by the EngineCore process vLLM spawns
@@ -72,14 +86,15 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=request.n, temperature=request.temperature, top_p=request.top_p,
-            max_tokens=request.max_tokens, stop=list(request.stop) or None, seed=request.seed,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        with _refused_constraints(request):
+            params = SamplingParams(
+                n=request.n, temperature=request.temperature, top_p=request.top_p,
+                max_tokens=request.max_tokens, stop=list(request.stop) or None, seed=request.seed,
+                output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=_structured_outputs(request),
+            )
         lora = LoRARequest(adapter.name, adapter.int_id, adapter.path) if adapter else None
         final = None
-        with _dead_engine_errors():
+        with _dead_engine_errors(), _refused_constraints(request):
             async for out in self._llm.generate(
                     TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora):
                 final = out
@@ -101,6 +116,42 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _structured_outputs(request: GenerateRequest):
+    """The request's constraint as vLLM's ``StructuredOutputsParams`` (None without one)."""
+    if request.structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    (kind, value), = request.structured.items()
+    return StructuredOutputsParams(**{kind: list(value) if kind == "choice" else value})
+
+
+@contextlib.contextmanager
+def _refused_constraints(request: GenerateRequest):
+    """vLLM's refusal of a request's constraint (it does not compile, or uses an unsupported
+    feature) as ``LMRequestError``: the request is wrong, the engine is fine."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    try:
+        yield
+    except VLLMClientError as exc:
+        if request.structured is None:
+            raise
+        raise LMRequestError(f"vLLM refused the output constraint {_describe(request.structured)}: {exc}") from exc
+    except EngineGenerateError as exc:  # a ValueError in vLLM's input processing, wrapped
+        if request.structured is None or not isinstance(exc.__cause__, ValueError):
+            raise
+        raise LMRequestError(
+            f"vLLM refused the output constraint {_describe(request.structured)}: {exc.__cause__}") from exc
+
+
+def _describe(structured: dict) -> str:
+    (kind, value), = structured.items()
+    text = repr(value)
+    return f"{kind}={text[:120] + '...' if len(text) > 120 else text}"
 
 
 @contextlib.contextmanager

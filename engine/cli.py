@@ -19,6 +19,7 @@ import sys
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from engine import strategy as strategies
+from engine.adapters import ADAPTERS
 
 SECTIONS = ("lora", "prompt")  # RunConfig's nested configs: one flag per field each
 
@@ -61,6 +62,7 @@ def _run_config(args: argparse.Namespace):
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
         val_size=args.val_size, test_size=args.test_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
         threads=args.threads, address=args.address, storage=args.storage, exclude_demos=args.exclude_demos,
+        adapter=args.adapter,
         program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
         data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
 
@@ -184,6 +186,9 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
                    "default; -1 = none)")
     r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
     r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
+    r.add_argument("--adapter", choices=ADAPTERS, help="how prompts are written and answers read: chat (DSPy's "
+                   "ChatAdapter, the default), json (JSONAdapter, decoded under its schema) or constrained "
+                   "(ChatAdapter's layout enforced: every answer parses)")
     r.add_argument("--exclude-demos", action=argparse.BooleanOptionalAction, help="weight step: train on vanilla "
                    "prompts and return the program without demos (default, the paper's); --no-exclude-demos "
                    "trains with the program's demos in the prompt and keeps them (dspy's default)")

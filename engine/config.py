@@ -13,6 +13,7 @@ from typing import Any
 
 from actors.lora_train import LoraTrainConfig
 from actors.models import EMBEDDED
+from engine.adapters import ADAPTERS
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class RunConfig:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     max_tokens: int = field(default=200, metadata={"help": "completion tokens per LM call"})
+    adapter: str = field(default="chat", metadata={
+        "help": "how prompts are written and answers read: 'chat' (DSPy's ChatAdapter), 'json' (JSONAdapter, "
+                "decoded under its JSON schema) or 'constrained' (ChatAdapter's layout enforced: every answer "
+                "parses); the same for every step, the training rows, the test scores and the server"})
     threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
     exclude_demos: bool = field(default=True, metadata={
         "help": "weight step: train on vanilla prompts and drop the demos (the paper's); false trains with the "
@@ -64,6 +69,11 @@ class RunConfig:
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
 
     def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
+        if self.adapter == "json" and "w" in (s.strip() for s in self.strategy.split("->")):
+            raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
+                             "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
         if self.lifecycle not in ("relaunch", "hotswap"):
             raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
         if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:

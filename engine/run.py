@@ -18,6 +18,7 @@ from pathlib import Path
 import dspy
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from engine.adapters import make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
 from engine.held_out import HeldOut, score_held_out
@@ -63,14 +64,13 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     ``best_strategy``, ``flag_compilation_error_occurred`` and ``compilation_error``.
     """
     program = spec.program(**cfg.program_args)
-    # ChatAdapter answers end with this marker: stop there instead of generating to max_tokens
-    program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
+    program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
     optimizer = BetterTogether(
         spec.metric,
         p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
         w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads,
                      exclude_demos=cfg.exclude_demos))
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+    with dspy.context(adapter=make_adapter(cfg.adapter)):  # training rows are written by it too
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
                                  seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
@@ -97,7 +97,7 @@ def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module
     done = {s: HeldOut.from_dict(r.test) for s, r in records.items() if r.test and r.test.get("n") == len(test)}
     todo = [c for c in best.candidate_programs if c.strategy not in done and c.strategy in records]
     if todo:
-        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        with dspy.context(adapter=make_adapter(cfg.adapter)):
             results = score_held_out([c.program for c in todo], test, spec.metric, num_threads=cfg.threads)
         for candidate, result in zip(todo, results):
             store.write_test(records[candidate.strategy].name, result.as_dict())

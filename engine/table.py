@@ -21,6 +21,7 @@ from pathlib import Path
 import dspy
 
 from engine import strategy as strategies
+from engine.adapters import make_adapter, stop_for
 from engine.config import RunConfig
 from engine.evaluate import evaluate_many
 from engine.held_out import score_held_out
@@ -144,10 +145,10 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
         return _finish(settings, Cell(name, cfg.seed, None, None, blocked, str(run_dir), 0.0), done)
     if parent is not None:
         _seed_from(run_dir.parent / _slug(parent), run_dir, len(parent.split(strategies.SEP)))
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+    with dspy.context(adapter=make_adapter(cfg.adapter)):
         if name == VANILLA:
             program = spec.program(**cfg.program_args)
-            program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=("[[ ## completed ## ]]",)))
+            program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
             dev_score = evaluate_many([program], splits.dev[: cfg.val_size or None], spec.metric,
                                       num_threads=cfg.threads, desc="evaluate vanilla on dev")[0]
         else:

@@ -24,15 +24,15 @@ from dspy import lm15
 from ray import serve
 
 from actors import device
-from actors.client import lm15_errors, to_generate_request, to_response
+from actors.client import SUPPORTED_PARAMS, lm15_errors, to_generate_request, to_response
 from actors.config import ReplicaConfig
 from actors.replica import LMReplica
 from actors.types import Completion, GenerateRequest
+from engine.adapters import make_adapter, stop_for
 from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
 logger = logging.getLogger(__name__)
 
-STOP = ("[[ ## completed ## ]]",)  # ChatAdapter answers end here; the run used the same stop
 
 
 @serve.deployment(name="lm", max_ongoing_requests=256, health_check_period_s=10)
@@ -62,7 +62,12 @@ class LMServer:
 
 
 class HandleEngine:
-    """DSPy custom engine (async) sending each call to the LM deployment."""
+    """DSPy custom engine (async) sending each call to the LM deployment; takes output constraints
+    as the pool's engine does (JSON schemas, ``engine.constrained``'s regexes)."""
+
+    supports_response_schema = True
+    supported_params = SUPPORTED_PARAMS
+    supports_structured_outputs = True
 
     def __init__(self, handle):
         self.handle = handle
@@ -98,13 +103,14 @@ class ProgramServer:
         self.lm = lm
         self.winner = load_winner(run_dir, step)
         self.program = build_program(self.winner)
+        adapter = self.winner.adapter  # the run's: answers are written and read as during optimization
         for name, pred in self.program.named_predictors():
             pred.lm = dspy.LM(self.winner.models.get(name, self.winner.base_model), engine=SyncHandleEngine(lm),
                               async_engine=HandleEngine(lm), max_tokens=self.winner.max_tokens, temperature=0.0,
-                              stop=STOP, cache=False)
+                              stop=stop_for(adapter), cache=False)
         self.inputs, self.outputs = interface(self.program)
-        self.runner = ProgramRunner(self.program, dspy.ChatAdapter(use_json_adapter_fallback=False),
-                                    [f.name for f in self.outputs], max_threads=max_threads)
+        self.runner = ProgramRunner(self.program, make_adapter(adapter), [f.name for f in self.outputs],
+                                    max_threads=max_threads)
         self.settings = (token, max_body_bytes, max_batch)
 
     async def run_program(self, inputs: dict) -> tuple[dict, dict]:
@@ -117,7 +123,7 @@ class ProgramServer:
     def program_info(self) -> dict:
         w = self.winner
         return {
-            "program": w.program, "strategy": w.strategy, "validation_score": w.score,
+            "program": w.program, "strategy": w.strategy, "adapter": w.adapter, "validation_score": w.score,
             "test_score": w.test["score"] if w.test else None, "test_examples": w.test["n"] if w.test else None,
             "base_model": w.base_model,
             "model": w.model, "models": w.models, "adapters": sorted(w.adapters), "program_version": w.version,

@@ -57,6 +57,11 @@ class Winner:
         return max([8, *ranks])
 
     @property
+    def adapter(self) -> str:
+        """The DSPy adapter the run optimized with (``engine.adapters``; runs before it was a setting: chat)."""
+        return self.settings.get("adapter", "chat")
+
+    @property
     def model(self) -> str:
         """The model id the program's predictors use (the adapter when fine-tuned)."""
         return next(iter(self.models.values()), self.base_model)

@@ -1,14 +1,17 @@
 """A pool of 2 vLLM-CPU replicas on the tiny random Llama: routing, adapters, faults, bad input."""
 
+import json
+import re
 import threading
+import time
 
 import dspy
 import psutil
 import pytest
 import ray
 
-from actors import (AdapterError, ContextLengthError, GenerateRequest, PoolConfig, ReplicaConfig, ReplicaPool,
-                    UnknownModelError)
+from actors import (AdapterError, ContextLengthError, GenerateRequest, LMRequestError, PoolConfig, ReplicaConfig,
+                    ReplicaPool, UnknownModelError)
 from actors.router import wait_healthy
 from tests.integration.conftest import make_adapter
 
@@ -18,7 +21,7 @@ MODEL_ID = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def pool(ray_session, tiny_model):
-    cfg = PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=256, max_lora_rank=16),
+    cfg = PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, max_lora_rank=16),
                      num_replicas=2, name="tiny")
     pool = ReplicaPool(cfg).launch()
     yield pool
@@ -86,14 +89,14 @@ def test_bad_input_fails_clearly_and_pool_keeps_serving(pool, tiny_model, tmp_pa
         pool.load_adapter("too-big", make_adapter(tiny_model, tmp_path / "big", rank=32))
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         pool.load_adapter("missing", str(tmp_path / "does-not-exist"))
-    with pytest.raises(ContextLengthError, match="context length of tiny-llama is 256"):
-        pool.router.submit(GenerateRequest(MODEL_ID, prompt="word " * 400))
+    with pytest.raises(ContextLengthError, match="context length of tiny-llama is 512"):
+        pool.router.submit(GenerateRequest(MODEL_ID, prompt="word " * 800))
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         GenerateRequest(MODEL_ID, prompt="x", n=0)
     lm = pool.lm(cache=False, num_retries=3)
     before = sum(s["requests"] for s in pool.stats())
     with pytest.raises(Exception, match="context length"):
-        lm("word " * 400)
+        lm("word " * 800)
     assert sum(s["requests"] for s in pool.stats()) - before == 1  # a request error is not retried by DSPy
     assert pool.adapters() == []
     assert pool.router.submit(GenerateRequest(MODEL_ID, prompt="still serving", max_tokens=4)).completion_tokens > 0
@@ -103,6 +106,85 @@ def test_sampling_with_n_and_seed(pool):
     req = GenerateRequest(MODEL_ID, prompt="Once upon a time", n=3, temperature=1.0, seed=7, max_tokens=8)
     a, b = pool.router.submit(req), pool.router.submit(req)
     assert len(a.texts) == 3 and a.texts == b.texts  # same seed, same samples on any replica
+
+
+# -- output constraints (vLLM structured outputs): a random model can only write what the constraint allows --
+
+def _chat(prompt, **kw):
+    return GenerateRequest(MODEL_ID, messages=({"role": "user", "content": prompt},), **kw)
+
+
+def test_regex_constraint_holds_on_a_random_model_and_a_bad_one_is_refused(pool):
+    rx = r"(?:yes|no), [0-9]{1,3}\.( [a-z]{1,8}){0,3}"
+    out = pool.router.map([_chat(f"question {i}", max_tokens=32, structured={"regex": rx}) for i in range(8)])
+    assert all(re.fullmatch(rx, c.text) and c.finish_reasons == ("stop",) for c in out), [c.text for c in out]
+    free = pool.router.map([_chat(f"question {i}", max_tokens=32) for i in range(8)])
+    assert not any(re.fullmatch(rx, c.text) for c in free)  # unconstrained, the random model writes anything
+    with pytest.raises(LMRequestError, match="refused the output constraint regex='\\(yes'"):
+        pool.router.submit(_chat("x", structured={"regex": "(yes"}))
+    with pytest.raises(LMRequestError, match="refused the output constraint grammar"):
+        pool.router.submit(_chat("x", structured={"grammar": "root ::= undefined_rule"}))
+    assert pool.router.submit(_chat("still serving", max_tokens=4)).completion_tokens > 0
+
+
+def test_choice_constraint_answers_one_of_the_choices(pool):
+    choices = ["setosa", "versicolor", "virginica"]
+    out = pool.router.map([_chat(f"flower {i}", max_tokens=16, temperature=1.0, seed=i, structured={"choice": choices})
+                           for i in range(8)])
+    assert all(c.text in choices for c in out), [c.text for c in out]
+
+
+def test_constrained_chat_adapter_parses_every_answer_of_a_random_model(pool):
+    from engine.constrained import ConstrainedChatAdapter
+
+    # a ChatAdapter prompt here is ~240-270 tokens; the run's stop string, which the adapter drops
+    lm = pool.lm(max_tokens=160, cache=False, stop=("[[ ## completed ## ]]",))
+    classify = dspy.Predict("question -> answer: Literal['setosa', 'versicolor', 'virginica']")
+    explain = dspy.ChainOfThought("question -> answer: Literal['setosa', 'versicolor', 'virginica']")
+    questions = [f"Petals {i / 2:.1f} cm long: which iris?" for i in range(8)]
+    with dspy.context(lm=lm, adapter=ConstrainedChatAdapter()):
+        answers = [classify(question=q).answer for q in questions]
+        reasoned = [explain(question=q) for q in questions]
+    assert all(a in ("setosa", "versicolor", "virginica") for a in answers), answers
+    assert all(p.answer in ("setosa", "versicolor", "virginica") and p.reasoning.strip() for p in reasoned)
+    outputs = [h["outputs"][0] for h in lm.history]
+    assert len(outputs) == 16 and all(o.rstrip().endswith("[[ ## completed ## ]]") for o in outputs)
+    print(f"\na random model's ChainOfThought answer under the constraint:\n{outputs[-1]}")
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        with pytest.raises(dspy.utils.exceptions.AdapterParseError):  # unconstrained, the same model: no parse
+            classify(question=questions[0])
+
+
+def test_json_schema_response_format_via_jsonadapter_gives_parseable_json(pool):
+    lm = pool.lm(max_tokens=160, cache=False)
+    # bounded values: a random model writes digits or string characters until max_tokens
+    predict = dspy.Predict("question -> answer: Literal['yes', 'no'], sure: bool")
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        preds = [predict(question=f"Is {i} even?") for i in range(4)]
+    assert all(p.answer in ("yes", "no") and isinstance(p.sure, bool) for p in preds)
+    for text in (h["outputs"][0] for h in lm.history):  # the text itself is JSON, on one line, json.dumps's way
+        assert set(json.loads(text)) == {"answer", "sure"} and text == json.dumps(json.loads(text))
+
+
+def test_structured_overhead_is_measured(pool):
+    """Wall time of 16 requests of 32 tokens each, without and with a regex (printed; run with -s)."""
+    rx = "[a-z ]{1000}"  # cannot end within 32 tokens: both runs write exactly 32 tokens per request
+
+    def timed(**kw):
+        started = time.perf_counter()
+        out = pool.router.map([_chat(f"measure {i}", max_tokens=32, **kw) for i in range(16)])
+        assert all(c.completion_tokens == 32 for c in out)
+        return time.perf_counter() - started
+
+    timed(), timed(structured={"regex": rx})  # warm: the regex compiled and cached
+    free = min(timed() for _ in range(3))
+    constrained = min(timed(structured={"regex": rx}) for _ in range(3))
+    started = time.perf_counter()  # a regex never seen before: compiled for this request
+    pool.router.submit(_chat("measure", max_tokens=32, structured={"regex": f"[a-z ]{{{time.time_ns() % 997 + 1001}}}"}))
+    cold = time.perf_counter() - started
+    print(f"\n16 x 32 tokens: free {free:.3f}s, regex {constrained:.3f}s, "
+          f"overhead {(constrained - free) / 16 * 1000:.1f} ms/request; one request with a new regex {cold:.3f}s")
+    assert constrained < 10 * free + 5
 
 
 def _engine_pids(pid):
@@ -136,3 +218,4 @@ def test_replica_killed_during_batch_answers_all_64(pool):
     assert new["pid"] != old["pid"]
     psutil.wait_procs([psutil.Process(p) for p in orphans if psutil.pid_exists(p)], timeout=30)
     assert not [p for p in orphans if psutil.pid_exists(p)], "the killed replica's engine process was orphaned"
+

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
+from engine.adapters import make_adapter, stop_for
 from engine.run_store import RunStore
 from programs import iris
 from serve.app import ServeConfig, start, stop
-from serve.deployments import STOP
 from serve.winner import build_program, load_winner
 from tests.integration.ports import free_port
 
@@ -66,13 +66,13 @@ def local(server, run_dir, step):
     for name, path in winner.adapters.items():
         pool.load_adapter(name, path)
     program = build_program(winner)
-    program.set_lm(pool.lm(winner.model, max_tokens=winner.max_tokens, stop=STOP, cache=False))
+    program.set_lm(pool.lm(winner.model, max_tokens=winner.max_tokens, stop=stop_for(winner.adapter), cache=False))
     yield winner, program, pool
     pool.kill()
 
 
-def _in_process(program, inputs):
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+def _in_process(program, inputs, adapter):
+    with dspy.context(adapter=make_adapter(adapter)):
         try:
             prediction = program(**inputs)
         except Exception as exc:  # a parse failure in process must be a 502 over HTTP
@@ -98,7 +98,7 @@ def test_predict_matches_the_program_in_process(http, local):
     examples = iris.load_splits(0).test[:8]
     inputs = [ex.inputs().toDict() for ex in examples]
     with ThreadPoolExecutor(2 * len(inputs)) as threads:  # both engines busy at once
-        local_calls = [threads.submit(_in_process, program, x) for x in inputs]
+        local_calls = [threads.submit(_in_process, program, x, winner.adapter) for x in inputs]
         http_calls = [threads.submit(http.post, "/v1/predict", json=x) for x in inputs]
         expected, responses = [f.result() for f in local_calls], [f.result() for f in http_calls]
     parsed = [i for i, e in enumerate(expected) if not isinstance(e, str)]

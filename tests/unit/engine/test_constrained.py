@@ -6,13 +6,13 @@ from typing import Literal, Optional
 
 import dspy
 import pytest
-from dspy import lm15
 from dspy.utils.exceptions import AdapterParseError
 
 from actors import client
 from engine.constrained import (ConstrainedChatAdapter, field_budget, fixed_chars, free_text, output_regex,
                                 value_pattern)
 from programs.iris import LABELS, IrisSignature
+from tests.unit.actors.test_client import _Recorder
 
 IRIS = dspy.ChainOfThought(IrisSignature.with_updated_fields("answer", type_=Literal[LABELS])).predict.signature
 STOP = ("[[ ## completed ## ]]",)
@@ -142,21 +142,10 @@ def test_the_regex_is_one_xgrammar_compiles_and_agrees_with_python_re():
         [bool(re.fullmatch(rx, s)) for s in samples] == [True, False, False, False, True]
 
 
-class _Recorder:
-    """A dspy custom engine that records each request and answers with a fixed completion."""
+class _Unconstrained(_Recorder):
+    """An engine that cannot decode under a regex (a hosted API's, say)."""
 
-    def __init__(self, text: str, structured: bool = True):
-        self.text, self.requests = text, []
-        if structured:
-            self.supports_structured_outputs = True
-
-    def complete(self, request):
-        self.requests.append(request)
-        return lm15.Response(id=None, model=request.model, message=lm15.Message.assistant(self.text),
-                             finish_reason="stop", usage=lm15.Usage(input_tokens=1, output_tokens=1))
-
-    def close(self):
-        pass
+    supports_structured_outputs = False
 
 
 def test_each_call_sends_its_regex_to_the_pool_and_drops_stop_strings():
@@ -173,7 +162,7 @@ def test_each_call_sends_its_regex_to_the_pool_and_drops_stop_strings():
 
 
 def test_an_lm_that_cannot_decode_under_a_regex_is_refused():
-    lm = dspy.LM("other", engine=_Recorder("x", structured=False), cache=False)
+    lm = dspy.LM("other", engine=_Unconstrained("x"), cache=False)
     with dspy.context(lm=lm, adapter=ConstrainedChatAdapter()), pytest.raises(ValueError, match="pool_lm"):
         dspy.Predict(TwoStr)(question="q")
 

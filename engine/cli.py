@@ -186,9 +186,9 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
                    "default; -1 = none)")
     r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
     r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
-    r.add_argument("--adapter", choices=ADAPTERS, help="how prompts are written and answers read: chat (DSPy's "
-                   "ChatAdapter, the default), json (JSONAdapter, decoded under its schema) or constrained "
-                   "(ChatAdapter's layout enforced: every answer parses)")
+    r.add_argument("--adapter", choices=ADAPTERS, help="how prompts are written and answers read: constrained "
+                   "(ChatAdapter's layout enforced by the pool: every answer parses; the default), chat (DSPy's "
+                   "ChatAdapter) or json (JSONAdapter, decoded under its schema)")
     r.add_argument("--exclude-demos", action=argparse.BooleanOptionalAction, help="weight step: train on vanilla "
                    "prompts and return the program without demos (default, the paper's); --no-exclude-demos "
                    "trains with the program's demos in the prompt and keeps them (dspy's default)")

@@ -46,7 +46,7 @@ class RunConfig:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     max_tokens: int = field(default=200, metadata={"help": "completion tokens per LM call"})
-    adapter: str = field(default="chat", metadata={
+    adapter: str = field(default="constrained", metadata={
         "help": "how prompts are written and answers read: 'chat' (DSPy's ChatAdapter), 'json' (JSONAdapter, "
                 "decoded under its JSON schema) or 'constrained' (ChatAdapter's layout enforced: every answer "
                 "parses); the same for every step, the training rows, the test scores and the server"})

@@ -24,7 +24,7 @@ def test_the_setting_is_checked_is_a_flag_and_is_part_of_the_fingerprint():
     with pytest.raises(ValueError, match="adapter must be one of \\['chat', 'json', 'constrained'\\], got 'xml'"):
         RunConfig(adapter="xml")
     assert _run_config(build_parser().parse_args(["run", "--adapter", "constrained"])).adapter == "constrained"
-    assert RunConfig().adapter == "chat" and RunConfig().fingerprint()["adapter"] == "chat"
+    assert RunConfig().adapter == "constrained" and RunConfig().fingerprint()["adapter"] == "constrained"
     with pytest.raises(ValueError, match="adapter 'json' cannot write the weight step's training rows"):
         RunConfig(adapter="json", strategy="p -> w")
     assert RunConfig(adapter="json", strategy="p -> p").adapter == "json"

@@ -42,6 +42,24 @@ def make_adapter(name: str) -> dspy.Adapter:
     raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {name!r}")
 
 
+def check_fits(name: str, program: "dspy.Module", max_tokens: int) -> None:
+    """Fail before anything starts when adapter ``name`` cannot answer ``program`` in ``max_tokens``
+    (``constrained`` needs room for every output field's header and some text per free field).
+
+    Raises:
+        ValueError: names the predictor, the fixed characters and what to raise.
+    """
+    if name != "constrained":
+        return
+    from engine.constrained import field_budget
+
+    for pred_name, pred in program.named_predictors():
+        try:
+            field_budget(pred.signature, max_tokens)
+        except ValueError as exc:
+            raise ValueError(f"adapter 'constrained', predictor {pred_name!r}: {exc} (or use --adapter chat)") from None
+
+
 def stop_for(name: str) -> tuple[str, ...]:
     """The stop strings of the LM a run with adapter ``name`` calls (none where the answer's end
     is not ChatAdapter's marker, or where a grammar ends it)."""

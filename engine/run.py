@@ -18,7 +18,7 @@ from pathlib import Path
 import dspy
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
-from engine.adapters import make_adapter, stop_for
+from engine.adapters import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
 from engine.held_out import HeldOut, score_held_out
@@ -112,6 +112,7 @@ def run(cfg: RunConfig) -> RunOutcome:
     """Run the strategy on the configured program and model; see the module docstring."""
     started = time.perf_counter()
     spec = resolve(cfg.program)
+    check_fits(cfg.adapter, spec.program(**cfg.program_args), cfg.max_tokens)
     splits = spec.splits(cfg.seed, **cfg.data_args)
     pool = make_pool(cfg)
     if cfg.plan_check:

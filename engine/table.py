@@ -21,7 +21,7 @@ from pathlib import Path
 import dspy
 
 from engine import strategy as strategies
-from engine.adapters import make_adapter, stop_for
+from engine.adapters import check_fits, make_adapter, stop_for
 from engine.config import RunConfig
 from engine.evaluate import evaluate_many
 from engine.held_out import score_held_out
@@ -101,6 +101,7 @@ def plan(names: list[str]) -> list[tuple[str, str | None]]:
 def run_table(cfg: TableConfig) -> list[Cell]:
     """Run every strategy on every seed on one pool; return the cells (see the module docstring)."""
     spec = resolve(cfg.run.program)
+    check_fits(cfg.run.adapter, spec.program(**cfg.run.program_args), cfg.run.max_tokens)
     root = Path(cfg.out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     pool = make_pool(cfg.run, name="table")

@@ -87,7 +87,8 @@ def test_a_small_iris_run_succeeds_and_an_impossible_one_fails_fast(head, tmp_pa
     config = tmp_path / "iris_small.yaml"
     config.write_text(yaml.safe_dump({
         "program": "iris", "model": "tiny-llama", "strategy": "p", "train_size": 6, "val_size": 3, "replicas": 1,
-        "max_tokens": 16, "threads": 8, "run_dir": str(tmp_path / "run"), "storage": (tmp_path / "store").as_uri(),
+        "max_tokens": 16, "adapter": "chat", "threads": 8, "run_dir": str(tmp_path / "run"),
+        "storage": (tmp_path / "store").as_uri(),
         "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 1, "max_labeled_demos": 2}}))
     head.submit("tandem-small", "run", "--config", str(config))
     status, logs = head.wait("tandem-small", 600)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def test_tiny_table(ray_session, tiny_model, tmp_path):
     run = RunConfig(model=tiny_model, replicas=1, cpus_per_replica=1, train_size=6, val_size=3, max_tokens=16,
-                    threads=8, prompt=PromptConfig(num_candidate_programs=1, max_bootstrapped_demos=1,
+                    adapter="chat", threads=8, prompt=PromptConfig(num_candidate_programs=1, max_bootstrapped_demos=1,
                                                    max_labeled_demos=2), lora=tiny_train_config())
     cfg = TableConfig(run=run, strategies=("vanilla", "p", "w", "w -> p", "p -> p"), seeds=(0,), out_dir=str(tmp_path / "t"),
                       test_size=4)

@@ -69,7 +69,7 @@ def metric(example, prediction, trace=None):
     return int(example.question.split()[2]) % 2 == 0  # half the examples pass, whatever the model says
 '''
 FLAGS = ["--program", "userprog", "--model", HUB_ID, "--strategy", "p -> w", "--replicas", "1",
-         "--train-size", "8", "--val-size", "4", "--max-tokens", "8", "--threads", "8",
+         "--train-size", "8", "--val-size", "4", "--max-tokens", "8", "--adapter", "chat", "--threads", "8",
          "--prompt-num-candidate-programs", "1", "--lora-rank", "8", "--lora-alpha", "16", "--lora-epochs", "1",
          "--lora-lr", "1e-3", "--lora-cpus-per-worker", "1", "--lora-max-seq-len", "256"]
 

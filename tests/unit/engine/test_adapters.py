@@ -52,3 +52,17 @@ def test_a_run_dir_names_its_adapter_for_the_server(tmp_path):
                 adapters={}, max_tokens=8, max_model_len=64, version="v", program_file=tmp_path / "program.json")
     assert Winner(**base, settings=store.settings()).adapter == "json"
     assert Winner(**base, settings={}).adapter == "chat"  # a run dir from before the setting
+
+
+def test_a_constrained_run_whose_max_tokens_cannot_hold_the_answer_fails_before_starting(caplog):
+    from engine.adapters import check_fits
+    from engine.cli import main
+    from programs import iris
+
+    with pytest.raises(ValueError, match="adapter 'constrained', predictor 'predict.predict'|adapter 'constrained', "
+                                         "predictor 'predict'"):
+        check_fits("constrained", iris.Program(), 16)
+    check_fits("constrained", iris.Program(), 200)
+    check_fits("chat", iris.Program(), 16)
+    assert main(["run", "--max-tokens", "16", "--run-dir", "/nonexistent/never-made"]) == 1
+    assert "max_tokens=16 leaves no room for the free-text fields" in caplog.text and "--adapter chat" in caplog.text

@@ -160,7 +160,22 @@ def evaluate_many(programs: Sequence[dspy.Module], examples: Sequence[dspy.Examp
     """
     if not examples:
         return [None] * len(programs)
+    return [percent(runs) for runs in run_grid(programs, examples, metric, num_threads=num_threads, desc=desc)]
+
+
+def run_grid(programs: Sequence[dspy.Module], examples: Sequence[dspy.Example], metric: Callable, *,
+             num_threads: int = 16, desc: str = "evaluate") -> list[list[Run]]:
+    """Every program on every example in one concurrent ``run_all``; the runs of each program, in order.
+
+    Raises:
+        TooManyErrors: see ``run_all``.
+    """
     jobs = [(p, ex) for p in programs for ex in examples]
     runs = run_all(jobs, metric, num_threads=num_threads, desc=f"{desc} ({len(programs)} x {len(examples)})")
     n = len(examples)
-    return [round(100.0 * sum(r.score for r in runs[i * n:(i + 1) * n]) / n, 2) for i in range(len(programs))]
+    return [runs[i * n:(i + 1) * n] for i in range(len(programs))]
+
+
+def percent(runs: Sequence[Run]) -> float:
+    """The score (0-100, two decimals) of one program's runs, as ``dspy.Evaluate`` reports it."""
+    return round(100.0 * sum(r.score for r in runs) / len(runs), 2)

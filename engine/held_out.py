@@ -4,7 +4,7 @@ varied its answers are.
 A valset score is what the optimizer selected on; only the test split says whether the program
 got better. A score alone can hide a program that answers one class to everything (a third of
 Iris right), so each result also counts the distinct answers of the last output field and the
-share of the most common one, beside the same counts for the gold labels. Knows ``run_all``
+share of the most common one, beside the same counts for the gold labels. Knows ``run_grid``
 (every program x example concurrently, parse failures score 0, errors count against
 ``max_errors``); does not know run dirs or pools.
 """
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import dspy
 
-from engine.evaluate import run_all
+from engine.evaluate import percent, run_grid
 
 ONE_ANSWER_SHARE = 0.9  # a program whose most common answer is at least this share answers "one thing"
 
@@ -78,10 +78,8 @@ def score_held_out(programs: Sequence[dspy.Module], test: Sequence[dspy.Example]
     """
     if not test:
         raise ValueError("the test split is empty")
-    jobs = [(p, ex) for p in programs for ex in test]
-    runs = run_all(jobs, metric, num_threads=num_threads, desc=f"{desc} ({len(programs)} x {len(test)})")
-    n = len(test)
-    return [_summary(programs[i], test, runs[i * n:(i + 1) * n]) for i in range(len(programs))]
+    grid = run_grid(programs, test, metric, num_threads=num_threads, desc=desc)
+    return [_summary(program, test, runs) for program, runs in zip(programs, grid)]
 
 
 def _summary(program: dspy.Module, test: Sequence[dspy.Example], runs) -> HeldOut:
@@ -92,7 +90,7 @@ def _summary(program: dspy.Module, test: Sequence[dspy.Example], runs) -> HeldOu
     gold.pop(None, None)
     top, count = answers.most_common(1)[0] if answers else (None, 0)
     return HeldOut(
-        score=round(100.0 * sum(r.score for r in runs) / len(runs), 2), n=len(runs),
+        score=percent(runs), n=len(runs),
         parse_failures=sum(r.parse_failure for r in runs),
         errors=sum(r.error is not None and not r.parse_failure for r in runs), field=field,
         answered=sum(answers.values()), distinct=len(answers), top=top, top_count=count,

@@ -165,8 +165,7 @@ class ReplicaPool:
             ray.get([h.health.remote() for h, _ in started.values()], timeout=self.cfg.start_timeout_s)
         except BaseException:
             logger.warning("pool %s: start failed; stopping the %d replica(s) started", self.cfg.name, len(started))
-            for handle, pg in started.values():
-                _stop(handle, pg)
+            _stop(*started.values())
             raise
         self._replicas.update(started)
         self._publish()
@@ -223,16 +222,15 @@ class ReplicaPool:
         if num_replicas > len(current):
             free = (r for r in range(10**6) if r not in self._replicas)
             self._start([next(free) for _ in range(num_replicas - len(current))])
-        for rank in current[num_replicas:]:
-            handle, pg = self._replicas.pop(rank)
-            self._publish()
-            _stop(handle, pg)
+        leaving = [self._replicas.pop(rank) for rank in current[num_replicas:]]
+        if leaving:
+            self._publish()  # the router stops sending to them first
+            _stop(*leaving)
 
     def kill(self) -> None:
         """Stop every replica and its engine, remove the placement groups and the state actor."""
         replicas, self._replicas = self._replicas, {}
-        for handle, pg in replicas.values():
-            _stop(handle, pg)
+        _stop(*replicas.values())
         self._close_state(kill=True)
 
     def relaunch(self, adapter: Adapter | None = None) -> None:
@@ -340,10 +338,21 @@ def _call(handle, method: str, *args, timeout_s: float = 900.0):
             time.sleep(0.5)
 
 
-def _stop(handle, pg) -> None:
-    try:
-        ray.get(handle.shutdown.remote(), timeout=60)
-    except Exception as exc:  # already dead: nothing to shut down, still kill and free below
-        logger.debug("replica shutdown skipped: %s", exc)
-    ray.kill(handle, no_restart=True)
-    remove_placement_group(pg)
+def _stop(*replicas: tuple, timeout_s: float = 60.0) -> None:
+    """Shut the ``(handle, placement group)`` replicas' engines down, all at once (a pool of 64 stops
+    in the time of one), then kill the actors and free their placement groups."""
+    pending = {}
+    for handle, _ in replicas:
+        try:
+            pending[handle.shutdown.remote()] = handle
+        except Exception as exc:  # already dead: nothing to shut down, still kill and free below
+            logger.debug("replica shutdown skipped: %s", exc)
+    deadline = time.monotonic() + timeout_s
+    for ref in pending:
+        try:
+            ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # died meanwhile, or hangs: it is killed below either way
+            logger.debug("replica shutdown skipped: %s", exc)
+    for handle, pg in replicas:
+        ray.kill(handle, no_restart=True)
+        remove_placement_group(pg)

@@ -7,13 +7,17 @@ One raw example (from scikit-learn's copy of Fisher's data)::
 Data: the 150 flowers of ``sklearn.datasets.load_iris``, shuffled by ``seed`` and split into
 train / dev / test of 50 each. Metric: exact match after lower-casing and stripping punctuation,
 with the species name alone (``"Iris-setosa"`` and ``"setosa."`` count as ``setosa``).
-Knows DSPy only.
+The answer is a ``Literal`` of the three species: DSPy's prompt names them, and under Tandem's
+``constrained`` adapter the model can only answer one of them (with ``chat`` an answer that is
+not one of them fails to parse). Knows DSPy only.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from typing import Literal
+
 import dspy
 
 from programs.base import Splits
@@ -28,7 +32,7 @@ class IrisSignature(dspy.Signature):
     petal_width: float = dspy.InputField()
     sepal_length: float = dspy.InputField()
     sepal_width: float = dspy.InputField()
-    answer: str = dspy.OutputField(desc="one of: setosa, versicolor, virginica")
+    answer: Literal["setosa", "versicolor", "virginica"] = dspy.OutputField()
 
 
 def Program() -> dspy.Module:  # noqa: N802 - a factory named like the module it builds

@@ -36,7 +36,7 @@ dspy.configure(adapter=_ReadsSetosa())
 
 
 SMALLER = {"max_tokens=150": "max_tokens=16", "splits.train[:30]": "splits.train[:12]",
-           "splits.dev[:15]": "splits.dev[:6]"}
+           "splits.dev[:15]": "splits.dev[:6]", "num_candidate_programs=6": "num_candidate_programs=2"}
 
 
 @pytest.fixture(scope="module")

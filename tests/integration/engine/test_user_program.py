@@ -2,14 +2,14 @@
 
 The program is written here, outside ``programs/``: two predictors, only ``forward()``. The model
 is the tiny random Llama laid out as the hub id ``acme/tiny-chat`` in a temporary HF cache, read
-offline (``HF_HUB_OFFLINE=1``). ``tandem run --strategy "p -> w"`` must train an adapter that lives
-under the run dir (flat folder, relative path), from the rows of both predictors of the traces
-that pass the metric; the run dir, pulled from ``--storage`` into an empty dir elsewhere, resumes
+offline (``HF_HUB_OFFLINE=1``). ``tandem run --strategy "p -> w"``, stopped by SIGTERM in its
+weight step (exit 143, nothing left running) and rerun, must train an adapter that lives under the
+run dir (flat folder, relative path), from the rows of both predictors of the traces that pass the
+metric; the run dir, pulled from ``--storage`` into an empty dir elsewhere, resumes
 with nothing recomputed and is served by ``tandem serve`` (every route answers; the token from
 ``$TANDEM_SERVE_TOKEN``) until SIGTERM, which exits 143 leaving no process behind; ``--once`` and
-``serve run`` with the shipped ``serve/serve_config.yaml`` deploy it too;
-a run (on a relative checkpoint path) stopped by SIGTERM in its weight step exits 143, leaves
-nothing running and resumes; Ctrl-C (SIGINT) in the prompt step exits 130 leaving nothing.
+``serve run`` with the shipped ``serve/serve_config.yaml`` deploy it too; Ctrl-C (SIGINT) in the
+prompt step of a run on a relative checkpoint path exits 130 leaving nothing.
 """
 
 import json
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -102,14 +103,46 @@ def _tandem(home: Path, args: list[str], mark: str | None = None, **env: str) ->
 
 @pytest.fixture(scope="module")
 def first_run(home):
-    proc = _tandem(home, ["run", *FLAGS, "--run-dir", "runs/first"])
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-    return home / "runs" / "first", out
+    """The stranger's first run: stopped by SIGTERM in its weight step (exit 143, nothing left
+    running, the prompt step kept, no half-written weight step), then rerun to the end."""
+    run_dir = home / "runs" / "first"
+    mark = new_mark()
+    proc = _tandem(home, ["run", *FLAGS, "--run-dir", "runs/first"], mark)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "02_w.tmp").exists():  # the weight step has begun
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "the weight step did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stopped, _ = proc.communicate(timeout=180)
+    again = _tandem(home, ["run", *FLAGS, "--run-dir", "runs/first"])
+    out, _ = again.communicate(timeout=900)
+    return FirstRun(run_dir, out, again.returncode, stopped, proc.returncode, left_behind(mark))
+
+
+@dataclass(frozen=True)
+class FirstRun:
+    run_dir: Path
+    out: str  # what the rerun printed
+    returncode: int
+    stopped_out: str  # what the run stopped by SIGTERM printed
+    stopped_returncode: int
+    stopped_left: list  # processes of the stopped run still alive after it exited
+
+
+def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(first_run):
+    assert first_run.stopped_returncode == 143, first_run.stopped_out[-4000:]
+    assert "stopped (stopped by SIGTERM)" in first_run.stopped_out
+    assert first_run.stopped_left == []
+    assert first_run.returncode == 0, first_run.out[-4000:]
+    assert "01_p (p): done in an earlier run" in first_run.out
+    (adapter,) = json.loads((first_run.run_dir / "02_w" / "step.json").read_text())["adapters"]
+    assert [p.name for p in (first_run.run_dir / "adapters").iterdir()] == [Path(adapter["path"]).name]
 
 
 def test_own_program_and_hub_id_train_an_adapter_under_the_run_dir(first_run):
-    run_dir, out = first_run
+    assert first_run.returncode == 0, first_run.out[-4000:]
+    run_dir, out = first_run.run_dir, first_run.out
     w = json.loads((run_dir / "02_w" / "step.json").read_text())
     (adapter,) = w["adapters"]
     assert adapter["name"].startswith(f"{HUB_ID}:ft-02-")
@@ -132,7 +165,7 @@ def test_own_program_and_hub_id_train_an_adapter_under_the_run_dir(first_run):
 
 def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(first_run, home):
     """The run dir reaches a new machine through `--storage`: pulled into an empty dir elsewhere."""
-    run_dir, _ = first_run
+    run_dir = first_run.run_dir
     store = home / "store"
     shutil.copytree(run_dir, store)  # as a run with `--storage` leaves it
     stored = {p.name: (p / "step.json").read_text() for p in store.glob("0*_*")}
@@ -189,7 +222,7 @@ def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float
 
 def test_serve_once_deploys_and_stops(first_run, home):
     mark = new_mark()
-    proc = _tandem(home, ["serve", str(first_run[0]), "--port", str(free_port()), "--once"], mark)
+    proc = _tandem(home, ["serve", str(first_run.run_dir), "--port", str(free_port()), "--once"], mark)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "serving " in out, out[-4000:]
     assert left_behind(mark) == []
@@ -199,7 +232,7 @@ def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home)
     """`serve run serve/serve_config.yaml` as its comments say: the shipped file with the run dir and port set."""
     import yaml
 
-    run_dir, _ = first_run
+    run_dir = first_run.run_dir
     config = yaml.safe_load((Path.cwd() / "serve" / "serve_config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -218,38 +251,13 @@ def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home)
     assert left_behind(mark) == []
 
 
-def test_sigterm_in_the_weight_step_stops_cleanly_and_the_run_resumes(home):
-    """The model here is a relative checkpoint path (`ckpt/tiny-chat`): the same shape as a hub id."""
-    shutil.copytree(next((home / "hf" / "hub").glob("models--*/snapshots/*")), home / "ckpt" / "tiny-chat")
-    flags = _with_model("ckpt/tiny-chat")
-    run_dir = home / "runs" / "stopped"
-    mark = new_mark()
-    proc = _tandem(home, ["run", *flags, "--run-dir", str(run_dir)], mark)
-    deadline = time.monotonic() + 600
-    while not (run_dir / "02_w.tmp").exists():  # the weight step has begun
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "the weight step did not start"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 143, out[-4000:]
-    assert "stopped (stopped by SIGTERM)" in out
-    assert left_behind(mark) == []
-    assert (run_dir / "01_p" / "step.json").is_file() and not (run_dir / "02_w").exists()
-
-    again = _tandem(home, ["run", *flags, "--run-dir", str(run_dir)])
-    out, _ = again.communicate(timeout=900)
-    assert again.returncode == 0, out[-4000:]
-    assert "01_p (p): done in an earlier run" in out
-    (adapter,) = json.loads((run_dir / "02_w" / "step.json").read_text())["adapters"]
-    assert adapter["name"].startswith("ckpt/tiny-chat:ft-02-") and adapter["path"].startswith("adapters/")
-    assert [p.name for p in (run_dir / "adapters").iterdir()] == [Path(adapter["path"]).name]
-
-
 def test_sigint_in_the_prompt_step_stops_cleanly(home):
+    """The model here is a relative checkpoint path (`ckpt/tiny-chat`), which the replicas, started
+    in other working dirs, must still find."""
+    shutil.copytree(next((home / "hf" / "hub").glob("models--*/snapshots/*")), home / "ckpt" / "tiny-chat")
     run_dir = home / "runs" / "interrupted"
     mark = new_mark()
-    proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(run_dir)], mark)
+    proc = _tandem(home, ["run", *_with_model("ckpt/tiny-chat"), "--run-dir", str(run_dir)], mark)
     deadline = time.monotonic() + 600
     while not (run_dir / "00_baseline" / "step.json").exists():
         assert proc.poll() is None, proc.stdout.read()[-4000:]

@@ -10,7 +10,6 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.state import list_actors, list_placement_groups
 
 from actors import LMReplica, PoolConfig, ReplicaConfig, ReplicaPool, connect
 from actors.router import wait_healthy
@@ -18,6 +17,7 @@ from actors.errors import (AdapterError, ContextLengthError, EngineDeadError, Po
                            UnknownModelError)
 from actors.scripted import ScriptedEngine, scripted_factory
 from actors.types import GenerateRequest
+from tests.ray_state import alive_actors, created_placement_groups
 from tests.unit.actors import faulty_engines as faulty
 
 
@@ -51,13 +51,11 @@ def _adapter(tmp_path, name, rank=8):
 
 
 def _alive(kind, pool_name):
-    if kind == "actors":
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if pool_name in (a.name or "")]
-    return [p for p in list_placement_groups() if p.state == "CREATED"]
+    return alive_actors(pool_name) if kind == "actors" else created_placement_groups()
 
 
 def _created_pgs():
-    return {p.placement_group_id for p in list_placement_groups() if p.state == "CREATED"}
+    return {p.placement_group_id for p in created_placement_groups()}
 
 
 def _assert_nothing_left(pool_name, pgs_before, timeout_s=15.0):

@@ -43,8 +43,15 @@ class BootstrapResult:
 
 
 def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Callable, *,
-              num_threads: int = 16, desc: str = "bootstrap", exclude_own_demo: bool = False) -> BootstrapResult:
+              num_threads: int = 16, desc: str = "bootstrap", exclude_own_demo: bool = False,
+              max_rounds: int = 1) -> BootstrapResult:
     """Run ``program`` on every example at once and keep the traces whose metric passes.
+
+    With ``max_rounds`` > 1, the examples that have not passed yet are run again, up to
+    ``max_rounds`` runs each, as dspy's ``BootstrapFewShot(max_rounds=...)`` does: round ``r`` > 0
+    samples at temperature 1.0 with ``rollout_id=r`` (a fresh cache entry) and ``seed=r`` (the same
+    samples on a rerun). dspy swaps only ``dspy.settings.lm``; here every predictor's own LM is
+    swapped too, since a Tandem program's predictors carry their pool's LM.
 
     Args:
         program: the program to run (its predictors name the trace's calls).
@@ -55,24 +62,53 @@ def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Ca
         exclude_own_demo: run an example that is among ``program``'s demos with a copy whose demos
             leave it out (``demo != example``, as dspy's ``_bootstrap_one_example``), so no example
             sees its own answer; the other examples share ``program``.
+        max_rounds: runs per example at most (1: greedy once, the paper's BootstrapFinetune).
 
     Raises:
         engine.evaluate.TooManyErrors: ``max_errors`` runs failed with something other than a parse failure.
+        ValueError: ``max_rounds`` < 1.
     """
-    programs = [_without_demo(program, ex) if exclude_own_demo else program for ex in examples]
-    names = {id(pred): name for prog in {id(p): p for p in programs}.values()
-             for name, pred in prog.named_predictors()}
-    runs = run_all(list(zip(programs, examples)), metric, num_threads=num_threads, trace=True, desc=desc)
-    traces = []
-    for run in runs:
-        if run.error or not run.score:
-            continue
-        calls = tuple((names[id(pred)], dict(inputs), dict(outputs.items()))
-                      for pred, inputs, outputs in run.trace if id(pred) in names)
-        traces.append(Trace(run.example_index, examples[run.example_index], calls))
-    errors = [r.error for r in runs if r.error]
-    logger.info("%s: %d of %d examples passed (%d failed to run)", desc, len(traces), len(runs), len(errors))
-    return BootstrapResult(traces, len(runs), len(errors), errors[:5])
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    passed: dict[int, Trace] = {}
+    errors: list[str] = []
+    todo = list(range(len(examples)))
+    for round_idx in range(max_rounds):
+        source = program if round_idx == 0 else _sampling(program, round_idx)
+        programs = [_without_demo(source, examples[i]) if exclude_own_demo else source for i in todo]
+        names = {id(pred): name for prog in {id(p): p for p in programs}.values()
+                 for name, pred in prog.named_predictors()}
+        label = desc if round_idx == 0 else f"{desc} (round {round_idx + 1})"
+        runs = run_all(list(zip(programs, [examples[i] for i in todo])), metric, num_threads=num_threads,
+                       trace=True, desc=label)
+        for run in runs:
+            index = todo[run.example_index]
+            if run.error:
+                errors.append(run.error)
+            elif run.score:
+                calls = tuple((names[id(pred)], dict(inputs), dict(outputs.items()))
+                              for pred, inputs, outputs in run.trace if id(pred) in names)
+                passed[index] = Trace(index, examples[index], calls)
+        todo = [i for i in todo if i not in passed]
+        if not todo:
+            break
+    traces = [passed[i] for i in sorted(passed)]
+    rounds = f" in up to {max_rounds} rounds" if max_rounds > 1 else ""
+    logger.info("%s: %d of %d examples passed%s (%d runs failed to run)", desc, len(traces), len(examples), rounds,
+                len(errors))
+    return BootstrapResult(traces, len(examples), len(errors), errors[:5])
+
+
+def _sampling(program: dspy.Module, round_idx: int) -> dspy.Module:
+    """A copy of ``program`` whose LMs sample (temperature 1.0) a fresh, seeded rollout ``round_idx``."""
+    copy = program.deepcopy()
+    sample = {"rollout_id": round_idx, "temperature": 1.0, "seed": round_idx}
+    for pred in copy.predictors():
+        lm = pred.lm or dspy.settings.lm
+        if lm is None:
+            raise ValueError("bootstrapping rounds need an LM: set one on the predictors or with dspy.configure")
+        pred.lm = lm.copy(**sample)
+    return copy
 
 
 def _without_demo(program: dspy.Module, example: dspy.Example) -> dspy.Module:

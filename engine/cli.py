@@ -62,7 +62,8 @@ def _run_config(args: argparse.Namespace):
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
         val_size=args.val_size, test_size=args.test_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
         threads=args.threads, address=args.address, storage=args.storage, exclude_demos=args.exclude_demos,
-        adapter=args.adapter,
+        w_rounds=args.w_rounds,
+        adapter=args.adapter, tracking=args.tracking, tracking_uri=args.tracking_uri,
         program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
         data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
 
@@ -94,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     n = next(iter(outcome.test.values())).n if outcome.test else 0
     print(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", ""), rows))
     print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
+    if outcome.tracked is not None:
+        print(f"tracking: {outcome.tracked.describe()}")
     if outcome.failed:
         logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
         return 2
@@ -192,9 +195,16 @@ def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
     r.add_argument("--exclude-demos", action=argparse.BooleanOptionalAction, help="weight step: train on vanilla "
                    "prompts and return the program without demos (default, the paper's); --no-exclude-demos "
                    "trains with the program's demos in the prompt and keeps them (dspy's default)")
+    r.add_argument("--w-rounds", type=int, help="weight step: runs per training example at most while collecting "
+                   "traces; rounds after the first sample at temperature 1.0 (dspy's max_rounds; default 1, the "
+                   "paper's single greedy pass)")
     r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
     r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--storage", help="copy the run dir here at the end and resume from it (path or s3://, gs:// URI)")
+    r.add_argument("--tracking", action=argparse.BooleanOptionalAction, help="log the run to MLflow when it ends "
+                   "(default; --no-tracking: off)")
+    r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<run dir's parent>/mlflow.db, which `mlflow ui --backend-store-uri` opens)")
     r.add_argument("--program-arg", action="append", metavar="KEY=VALUE",
                    help="argument of the program's Program() (repeatable; e.g. retriever=bm25:corpus.jsonl)")
     r.add_argument("--data-arg", action="append", metavar="KEY=VALUE",

@@ -2,7 +2,8 @@
 
 Knows the fields and their defaults (the embedded default: Iris on SmolLM2-135M, 2 vLLM-CPU
 replicas, ``p -> w -> p`` on a budget that fits 2 cores), YAML loading with unknown keys refused
-by name, and the fingerprint a resumed run must match. Does not run anything.
+by name, and the fingerprint a resumed run must match (where a run is tracked is not part of it).
+Does not run anything.
 """
 
 from __future__ import annotations
@@ -54,10 +55,17 @@ class RunConfig:
     exclude_demos: bool = field(default=True, metadata={
         "help": "weight step: train on vanilla prompts and drop the demos (the paper's); false trains with the "
                 "program's demos in the prompt and keeps them (dspy's BootstrapFinetune default)"})
+    w_rounds: int = field(default=1, metadata={
+        "help": "weight step: runs per training example at most while collecting traces; rounds after the first "
+                "sample at temperature 1.0 (dspy's BootstrapFewShot max_rounds); 1 = greedy once (the paper's)"})
     lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
     storage: str | None = field(default=None, metadata={
         "help": "copy the run dir here when the run ends and resume from it (path or s3://, gs://, file:// URI)"})
+    tracking: bool = field(default=True, metadata={
+        "help": "log the run to MLflow when it ends: params, metrics and artifacts per step, the winner"})
+    tracking_uri: str | None = field(default=None, metadata={
+        "help": "MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run dir's parent>/mlflow.db"})
     plan_check: bool = field(default=True, metadata={
         "help": "refuse to start when the cluster's nodes cannot hold the run (false on autoscaling clusters)"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
@@ -78,14 +86,16 @@ class RunConfig:
             raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
         if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:
             raise ValueError("train_size/val_size must be >= 0, replicas and threads >= 1")
+        if self.w_rounds < 1:
+            raise ValueError(f"w_rounds must be >= 1, got {self.w_rounds}")
         if self.test_size < -1:
             raise ValueError(f"test_size must be >= 0 (0 = all) or -1 (none), got {self.test_size}")
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share (not where it runs or is stored, the thread count, or
-        the test size: held-out results record their size and are redone when it changes)."""
+        """Settings a resumed run must share (not where it runs, is stored or tracked, the thread count,
+        or the test size: held-out results record their size and are redone when it changes)."""
         data = asdict(self)
-        for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size"):
+        for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size", "tracking", "tracking_uri"):
             data.pop(key)
         return data
 

@@ -55,7 +55,8 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
         for t in extra.get("trained", []):
             m = t["train_metrics"]
             lines += ["", f"Fine-tuning in `{r['step']}` (predictors: {t['predictors']}): {extra['rows']} chat rows "
-                      f"from {extra['passing_traces']} passing traces of {extra['attempted']} examples; loss per "
+                      f"from {extra['passing_traces']} passing traces of {extra['attempted']} examples"
+                      f"{_rounds(extra.get('max_rounds', 1))}; loss per "
                       f"epoch {[round(x, 3) for x in m.get('loss_history', [])]} (lr "
                       f"{[float(f'{x:.2g}') for x in m.get('lr_history', [])]}, grad norm "
                       f"{[round(x, 2) for x in m.get('grad_norm_history', [])]}), {m.get('optimizer_steps')} "
@@ -91,3 +92,7 @@ def _chart(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _rounds(max_rounds: int) -> str:
+    return f" (up to {max_rounds} runs each, sampled after the first)" if max_rounds > 1 else ""

@@ -4,15 +4,16 @@ Knows the order of things: connect to Ray, launch the pool, build the program wi
 LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), score
 every step's program on the held-out test split (``engine.held_out``; stored per step, so a rerun
 does not score again), save the winner (``program.json`` + ``best.json``), write the report, and
-kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind). Does not know
-vLLM or training internals.
+kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind); then mirror the
+run dir into MLflow (``engine.tracking``; also after a failure, never failing the run itself).
+Does not know vLLM or training internals.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dspy
@@ -28,6 +29,7 @@ from engine.prompt_step import PromptStep
 from engine.report import write_report
 from engine.run_store import BestRecord, RunStore
 from engine.storage import pull, push
+from engine.tracking import TrackedRun, track_run_or_warn
 from engine.weight_step import WeightStep
 from programs.base import ProgramSpec, Splits, resolve
 
@@ -45,6 +47,7 @@ class RunOutcome:
     failed: bool
     wall_s: float
     test: dict[str, HeldOut]  # strategy prefix -> its program on the test split (empty: not scored)
+    tracked: TrackedRun | None = None  # where MLflow has it (None: tracking off or failed, with a warning)
 
 
 def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
@@ -69,7 +72,7 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
         spec.metric,
         p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
         w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads,
-                     exclude_demos=cfg.exclude_demos))
+                     exclude_demos=cfg.exclude_demos, max_rounds=cfg.w_rounds))
     with dspy.context(adapter=make_adapter(cfg.adapter)):  # training rows are written by it too
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
@@ -110,6 +113,15 @@ def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module
 
 def run(cfg: RunConfig) -> RunOutcome:
     """Run the strategy on the configured program and model; see the module docstring."""
+    try:
+        outcome = _run(cfg)
+    except Exception:
+        track_run_or_warn(cfg)  # what the failed run left (its completed steps), then its error
+        raise
+    return replace(outcome, tracked=track_run_or_warn(cfg))
+
+
+def _run(cfg: RunConfig) -> RunOutcome:
     started = time.perf_counter()
     spec = resolve(cfg.program)
     check_fits(cfg.adapter, spec.program(**cfg.program_args), cfg.max_tokens)

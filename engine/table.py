@@ -7,7 +7,8 @@ in the paper, not the best prefix), the test-set evaluation, and that a strategy
 failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a score. Each
 strategy's test score is stored beside its run (``test.json``, with the settings that made it), so
 a rerun with the same output dir and settings resumes; other settings are refused. The table files
-are written by ``engine.table_report``. Does not know vLLM or training.
+are written by ``engine.table_report``; the finished table is logged to MLflow (``engine.tracking``:
+one parent run, a nested run per cell). Does not know vLLM or training.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from engine.evaluate import evaluate_many
 from engine.held_out import score_held_out
 from engine.run import compile_strategy, make_pool
 from engine.run_store import copy_steps
+from engine.tracking import track_table_or_warn
 from programs.base import ProgramSpec, Splits, resolve
 
 logger = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ def run_table(cfg: TableConfig) -> list[Cell]:
                 logger.info("table: seed %d, %s -> test %s", seed, name, cells[-1].test_score)
     finally:
         pool.kill()
+    track_table_or_warn(cfg, cells)  # a failure is one warning: the cells stand
     return cells
 
 

@@ -50,6 +50,8 @@ class WeightStep(Teleprompter):
         multitask: one adapter shared by all predictors (default) or one per predictor.
         exclude_demos: train on vanilla prompts and return the program without demos (default,
             the paper's); False trains with the program's demos in the prompt and keeps them.
+        max_rounds: runs per training example at most while collecting traces (1, the default, is
+            the paper's single greedy pass; see ``engine.bootstrap.bootstrap``).
 
     Example:
         >>> step = WeightStep(metric, LoraTrainConfig(epochs=2), lifecycle="relaunch")  # doctest: +SKIP
@@ -57,7 +59,7 @@ class WeightStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
-                 num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True):
+                 num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1):
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -66,6 +68,7 @@ class WeightStep(Teleprompter):
         self.num_threads = num_threads
         self.multitask = multitask
         self.exclude_demos = exclude_demos
+        self.max_rounds = max_rounds
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None,
@@ -94,7 +97,8 @@ class WeightStep(Teleprompter):
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
         result = bootstrap(source, trainset, self.metric, num_threads=self.num_threads, exclude_own_demo=True,
-                           desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""))
+                           desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""),
+                           max_rounds=self.max_rounds)
         rows = chat_rows(student, result.traces, with_demos=not self.exclude_demos)
         if not rows:
             raise NoTrainingDataError(
@@ -115,7 +119,7 @@ class WeightStep(Teleprompter):
                                           storage=(step_dir / "ray_train").resolve())
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle, "teacher": teacher is not None,
-                         "exclude_demos": self.exclude_demos,
+                         "exclude_demos": self.exclude_demos, "max_rounds": self.max_rounds,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
                                       "train_metrics": r.metrics} for tag, r in trained.items()]}
         tuned = student.deepcopy()

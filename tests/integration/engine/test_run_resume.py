@@ -51,3 +51,31 @@ def test_killed_run_resumes_and_finishes(iris_smollm2_run):
     assert (run_dir / "scores.png").stat().st_size > 1000
     program = json.loads((run_dir / "program.json").read_text())
     assert program["predict"]["lm"] is None
+
+
+def test_the_resumed_run_is_tracked_in_mlflow_beside_its_run_dir(iris_smollm2_run):
+    """The default store: sqlite beside the run dir; a parent run, a nested run per step, the
+    weight step's loss per epoch, the winner as a model (the killed first run logged nothing)."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir, out = iris_smollm2_run.run_dir, iris_smollm2_run.out
+    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("tandem")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`tandem.kind` = 'run'")
+    assert parent.data.tags["tandem.run_dir"] == str(run_dir) and parent.info.status == "FINISHED"
+    assert parent.data.params["strategy"] == "p -> w -> p" and parent.data.params["lora.epochs"] == "1"
+    best = json.loads((run_dir / "best.json").read_text())
+    assert parent.data.metrics["best_valset_score"] == best["score"]
+    children = {r.data.tags["tandem.step"]: r for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert sorted(children) == ["00_baseline", "01_p", "02_w", "03_p"]
+    step = json.loads((run_dir / "02_w" / "step.json").read_text())
+    (trained,) = step["extra"]["trained"]
+    losses = [m.value for m in client.get_metric_history(children["02_w"].info.run_id, "train.loss")]
+    assert losses == pytest.approx(trained["train_metrics"]["loss_history"])
+    assert children["02_w"].data.metrics["test_score"] == json.loads((run_dir / "02_w" / "test.json").read_text())["score"]
+    artifacts = {a.path for a in client.list_artifacts(children["02_w"].info.run_id)}
+    assert {"step.json", "test.json", "traces.parquet", "adapter"} <= artifacts
+    assert "program" in {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -38,19 +38,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import field_validator
+
 from actors.lora_guards import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, RowCheck, check_cluster,
                                 cluster_now, learnable, non_finite_message, run_config, start_timeout, wait_message,
                                 worker_resources)
 from actors.lora_optim import (SCHEDULES, TrainLog, clip_and_step, completion_tokens, current_lr, deepspeed_config,
                                finite_on_every_rank, gathered, optimizer_steps, scheduler, sum_on_every_rank,
                                weights_held, window_tokens)
+from actors.typed_config import typed_config
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@typed_config
 class LoraTrainConfig:
-    """LoRA and optimisation settings; defaults are the paper's."""
+    """LoRA and optimisation settings; defaults are the paper's; values typed by field (``actors.typed_config``)."""
 
     rank: int = field(default=32, metadata={"help": "LoRA rank r"})
     alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
@@ -62,7 +65,8 @@ class LoraTrainConfig:
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per worker per forward pass"})
     max_seq_len: int = field(default=1024, metadata={
         "help": "truncate longer sequences; rows whose prompt alone fills it are dropped"})
-    bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPUs that have it), 'yes', 'no'"})
+    bf16: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPUs that have it), 'yes', 'no'",
+                                                "choices": ("auto", "yes", "no")})
     seed: int = field(default=0, metadata={"help": "shuffle and init seed"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP, or ZeRO with zero_stage)"})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker (torch threads on CPU)"})
@@ -79,10 +83,16 @@ class LoraTrainConfig:
     warmup_ratio: float = field(default=0.03, metadata={
         "help": "share of the optimizer steps over which the lr rises linearly to lr (rounded up; 0 = none)"})
     lr_schedule: str = field(default="cosine", metadata={
-        "help": "lr after warmup: 'cosine' (to 0 after the last step), 'linear' (to 0) or 'constant'"})
+        "help": "lr after warmup: 'cosine' (to 0 after the last step), 'linear' (to 0) or 'constant'",
+        "choices": SCHEDULES})
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, value: Any) -> Any:
+        """YAML 1.1 reads ``bf16: yes`` / ``no`` as a bool."""
+        return ("yes" if value else "no") if isinstance(value, bool) else value
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "num_workers",
                      "cpus_per_worker"):
             if getattr(self, name) < 1:

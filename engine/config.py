@@ -1,23 +1,25 @@
 """``RunConfig``: everything one ``tandem run`` needs, from flags and/or a YAML file.
 
-Knows the fields and their defaults (the embedded default: Iris on SmolLM2-135M, 2 vLLM-CPU
-replicas, ``p -> w -> p`` on a budget that fits 2 cores), YAML loading with unknown keys refused
-by name, and the fingerprint a resumed run must match (where a run is tracked is not part of it).
-Does not run anything.
+Knows the fields, their types, help and defaults (the embedded default: Iris on SmolLM2-135M, 2
+vLLM-CPU replicas, ``p -> w -> p`` on a budget that fits 2 cores), YAML loading with values typed by
+field (``lr: 1e-5`` is a float) and unknown keys or bad values refused by name at load time
+(``actors.typed_config``), and the fingerprint a resumed run must match (where a run is tracked is
+not part of it). The CLI's flags are made from these fields. Does not run anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any
 
 from actors.lora_train import LoraTrainConfig
 from actors.models import EMBEDDED
+from actors.typed_config import from_mapping, typed_config
 from engine.adapters import ADAPTERS
 
 
-@dataclass(frozen=True)
+@typed_config
 class PromptConfig:
     """Prompt-step budget (paper: 6 candidates, <= 3 demos per module)."""
 
@@ -26,28 +28,32 @@ class PromptConfig:
     max_labeled_demos: int = field(default=3, metadata={"help": "demos per predictor in all"})
 
 
-@dataclass(frozen=True)
+@typed_config
 class RunConfig:
     """One optimization run."""
 
     program: str = field(default="iris", metadata={"help": "iris, gsm8k, hotpotqa, or 'package.module[:Factory]'"})
-    program_args: dict = field(default_factory=dict, metadata={"help": "keyword arguments of the program's Program()"})
-    data_args: dict = field(default_factory=dict, metadata={"help": "keyword arguments of its load_splits() (paths, sizes)"})
+    program_args: dict = field(default_factory=dict, metadata={
+        "help": "keyword arguments of the program's Program() (e.g. retriever=bm25:corpus.jsonl)"})
+    data_args: dict = field(default_factory=dict, metadata={
+        "help": "keyword arguments of its load_splits(): paths, sizes (e.g. path=/data/gsm8k)"})
     model: str = field(default=EMBEDDED, metadata={"help": "built-in name, HF checkpoint dir or hub id"})
     strategy: str = field(default="p -> w -> p", metadata={"help": "steps joined by ' -> '"})
-    run_dir: str = field(default="runs/iris-smollm2", metadata={"help": "where steps, adapters and report go"})
+    run_dir: str = field(default="runs/iris-smollm2", metadata={
+        "help": "where steps, adapters and report go; a rerun with the same dir resumes"})
     seed: int = field(default=0, metadata={"help": "data split, shuffles and candidates"})
     train_size: int = field(default=30, metadata={"help": "training examples used (0 = all)"})
     val_size: int = field(default=15, metadata={"help": "validation examples used (0 = all)"})
     test_size: int = field(default=0, metadata={
         "help": "held-out test examples every step's program is scored on at the end (0 = all, -1 = none)"})
     replicas: int = field(default=2, metadata={"help": "vLLM replicas"})
-    cpus_per_replica: float = field(default=1, metadata={"help": "CPUs per replica"})
-    gpus_per_replica: float = field(default=0, metadata={"help": "GPUs per replica (0 = CPU path)"})
+    cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per replica"})
+    gpus_per_replica: float = field(default=0.0, metadata={"help": "GPUs per replica (0 = CPU path)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     max_tokens: int = field(default=200, metadata={"help": "completion tokens per LM call"})
     adapter: str = field(default="constrained", metadata={
+        "choices": ADAPTERS,
         "help": "how prompts are written and answers read: 'chat' (DSPy's ChatAdapter), 'json' (JSONAdapter, "
                 "decoded under its JSON schema) or 'constrained' (ChatAdapter's layout enforced: every answer "
                 "parses); the same for every step, the training rows, the test scores and the server"})
@@ -58,14 +64,16 @@ class RunConfig:
     w_rounds: int = field(default=1, metadata={
         "help": "weight step: runs per training example at most while collecting traces; rounds after the first "
                 "sample at temperature 1.0 (dspy's BootstrapFewShot max_rounds); 1 = greedy once (the paper's)"})
-    lifecycle: str = field(default="relaunch", metadata={"help": "'relaunch' or 'hotswap' after fine-tuning"})
+    lifecycle: str = field(default="relaunch", metadata={
+        "help": "'relaunch' or 'hotswap' after fine-tuning", "choices": ("relaunch", "hotswap")})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
     storage: str | None = field(default=None, metadata={
         "help": "copy the run dir here when the run ends and resume from it (path or s3://, gs://, file:// URI)"})
     tracking: bool = field(default=True, metadata={
         "help": "log the run to MLflow when it ends: params, metrics and artifacts per step, the winner"})
     tracking_uri: str | None = field(default=None, metadata={
-        "help": "MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run dir's parent>/mlflow.db"})
+        "help": "MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run dir's parent>/mlflow.db "
+                "(which `mlflow ui --backend-store-uri` opens)"})
     plan_check: bool = field(default=True, metadata={
         "help": "refuse to start when the cluster's nodes cannot hold the run (false on autoscaling clusters)"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
@@ -105,29 +113,16 @@ class RunConfig:
 
 
 def load_yaml(path: str | Path) -> RunConfig:
-    """A ``RunConfig`` from YAML; nested ``prompt:`` and ``lora:`` sections.
+    """A ``RunConfig`` from YAML; nested ``prompt:`` and ``lora:`` sections; values typed by field.
 
     Raises:
-        ValueError: unknown keys (named, with the valid ones) or a malformed file.
+        ValueError: a malformed file, unknown keys (named, with the valid ones) or values of the
+            wrong type (``run.yaml: replicas: input should be a valid integer (got 'two')``).
     """
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    nested = {"prompt": PromptConfig, "lora": LoraTrainConfig}
-    for key, cls in nested.items():
-        if key in data:
-            _check_keys(data[key], cls, f"{path}: {key}")
-            data[key] = cls(**data[key])
-    _check_keys(data, RunConfig, str(path))
-    return RunConfig(**data)
-
-
-def _check_keys(data: Any, cls: type, where: str) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping")
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(valid)}")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    return from_mapping(RunConfig, {} if data is None else data, str(path))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dspy
 
+from actors.typed_config import typed_config
 from engine import strategy as strategies
 from engine.adapters import check_fits, make_adapter, stop_for
 from engine.config import RunConfig
@@ -37,9 +38,9 @@ VANILLA = strategies.VANILLA
 KEYS = ("p", "w")
 
 
-@dataclass(frozen=True)
+@typed_config
 class TableConfig:
-    """One table: a run config (program, model, budget) applied to every strategy and seed."""
+    """One table: a run config (program, model, budget) applied to every strategy and seed; values typed by field."""
 
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "program, model and budget"})
     strategies: tuple[str, ...] = field(default=strategies.PAPER, metadata={"help": "rows of the table"})

@@ -11,17 +11,18 @@ comes from the config or ``$TANDEM_SERVE_TOKEN``. Does not know the HTTP routes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from actors.typed_config import from_mapping, typed_config
 
 TOKEN_ENV = "TANDEM_SERVE_TOKEN"
 
 
-@dataclass(frozen=True)
+@typed_config
 class ServeConfig:
-    """How to serve one run dir."""
+    """How to serve one run dir; values typed by field (``actors.typed_config``)."""
 
     run_dir: str = field(metadata={"help": "a finished run dir (best.json, program.json)"})
     step: str | None = field(default=None, metadata={"help": "serve this step's program (e.g. 02_w), not the winner"})
@@ -34,8 +35,8 @@ class ServeConfig:
     max_batch: int = field(default=64, metadata={"help": "most inputs in one /v1/predict list"})
     lm_replicas: int = field(default=1, metadata={"help": "LM replicas at start (autoscaling minimum)"})
     lm_max_replicas: int = field(default=1, metadata={"help": "autoscaling maximum"})
-    lm_target_ongoing_requests: float = field(default=32, metadata={"help": "autoscaling target per LM replica"})
-    lm_cpus: float = field(default=1, metadata={"help": "CPUs per LM replica"})
+    lm_target_ongoing_requests: float = field(default=32.0, metadata={"help": "autoscaling target per LM replica"})
+    lm_cpus: float = field(default=1.0, metadata={"help": "CPUs per LM replica"})
     lm_gpus: float | None = field(default=None, metadata={
         "help": "GPUs per LM replica (per tensor-parallel worker); default the run's gpus_per_replica (0 = CPU)"})
 
@@ -49,23 +50,13 @@ class ServeConfig:
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
-        """From builder args (strings from ``serve run k=v`` or typed values from YAML), by field type.
+        """From builder args (strings from ``serve run k=v`` or typed values from YAML), typed by field.
 
         Raises:
-            ValueError: unknown keys (named with the valid ones) or values of the wrong type.
+            ValueError: unknown keys (named with the valid ones) or values of the wrong type, one line
+                each (``serve args: port: input should be a valid integer (got 'eighty')``).
         """
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(types))
-        if unknown:
-            raise ValueError(f"unknown serve args {unknown}; valid: {sorted(types)}")
-        typed = {}
-        for key, value in args.items():
-            kind = {"int": int, "float": float}.get(str(types[key]).removesuffix(" | None"))
-            try:
-                typed[key] = kind(value) if kind and value is not None else value
-            except (TypeError, ValueError):
-                raise ValueError(f"serve arg {key}={value!r} must be of type {types[key]}") from None
-        return cls(**typed)
+        return from_mapping(cls, args, "serve args")
 
     @property
     def url(self) -> str:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.integration.ports import free_port
-from tests.integration.processes import left_behind, marked_env, new_mark
+from tests.integration.processes import kill_marked, left_behind, marked_env, new_mark
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,14 @@ def _start(home: Path, argv: list[str], mark: str | None = None, **env: str) -> 
     """``argv`` run in ``home`` with the user's module on the path and the offline HF cache."""
     env = marked_env(mark or new_mark(), PYTHONPATH=f"{home}{os.pathsep}{Path.cwd()}", HF_HOME=str(home / "hf"),
                      HF_HUB_OFFLINE="1", **env)
-    return subprocess.Popen(argv, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the child, as in a terminal: a test session started in the background
+    (``cmd &``) ignores SIGINT and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _tandem(home: Path, args: list[str], mark: str | None = None, **env: str) -> subprocess.Popen:
@@ -247,7 +254,11 @@ def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home)
             assert r.status_code == 200 and r.json()["outputs"]["answer"] == "forty two", r.text
     finally:
         server.send_signal(signal.SIGINT)
-        server.communicate(timeout=120)
+        try:
+            server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            kill_marked(mark)  # not left running for the rest of the session
+            raise
     assert left_behind(mark) == []
 
 

@@ -17,8 +17,8 @@ def test_builder_args_are_typed_by_field():
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"run_dir": "r", "colour": "x"}, r"unknown serve args \['colour'\]"),
-    ({"run_dir": "r", "port": "eighty"}, "port='eighty' must be of type int"),
+    ({"run_dir": "r", "colour": "x"}, r"serve args: unknown keys \['colour'\]"),
+    ({"run_dir": "r", "port": "eighty"}, r"serve args: port: input should be a valid integer \(got 'eighty'\)"),
     ({"run_dir": "r", "port": 0}, "port must be in"),
     ({"run_dir": "r", "lm_replicas": 0}, ">= 1"),
     ({"run_dir": "r", "route_prefix": "api"}, "must start with '/'"),

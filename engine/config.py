@@ -13,6 +13,7 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any
 
+from actors.finetune import LIFECYCLES
 from actors.lora_train import LoraTrainConfig
 from actors.models import EMBEDDED
 from actors.typed_config import from_mapping, typed_config
@@ -65,7 +66,7 @@ class RunConfig:
         "help": "weight step: runs per training example at most while collecting traces; rounds after the first "
                 "sample at temperature 1.0 (dspy's BootstrapFewShot max_rounds); 1 = greedy once (the paper's)"})
     lifecycle: str = field(default="relaunch", metadata={
-        "help": "'relaunch' or 'hotswap' after fine-tuning", "choices": ("relaunch", "hotswap")})
+        "help": "'relaunch' or 'hotswap' after fine-tuning", "choices": LIFECYCLES})
     address: str | None = field(default=None, metadata={"help": "Ray address; default $RAY_ADDRESS or local"})
     storage: str | None = field(default=None, metadata={
         "help": "copy the run dir here when the run ends and resume from it (path or s3://, gs://, file:// URI)"})
@@ -90,7 +91,7 @@ class RunConfig:
         if self.adapter == "json" and "w" in (s.strip() for s in self.strategy.split("->")):
             raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
                              "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
-        if self.lifecycle not in ("relaunch", "hotswap"):
+        if self.lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
         if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:
             raise ValueError("train_size/val_size must be >= 0, replicas and threads >= 1")

@@ -119,8 +119,6 @@ def _run(args: argparse.Namespace) -> int:
     n = next(iter(outcome.test.values())).n if outcome.test else 0
     print(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", ""), rows))
     print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
-    if outcome.tracked is not None:
-        print(f"tracking: {outcome.tracked.describe()}")
     if outcome.failed:
         logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
         return 2

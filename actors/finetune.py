@@ -16,16 +16,20 @@ Does not know DSPy programs or traces: callers hand it Parquet files of chat row
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
-from actors import models
+from actors import models, progress, usage
 from actors.lora_train import LoraTrainConfig, train_lora
 from actors.pool import ReplicaPool
+
+logger = logging.getLogger(__name__)
 
 LIFECYCLES = ("relaunch", "hotswap")
 T = TypeVar("T")
@@ -80,8 +84,18 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
             version = f"{prefix}-{_slug(tag)}" if tag else prefix
             staging = root / f".staging-{version}"
             data = data if "://" in str(data) else Path(data).resolve()  # workers run in other dirs
-            result = _in_thread(train_lora, train, model_path, str(data), str(staging), storage, name=version)
+            started = time.monotonic()
+            try:
+                with progress.ticking(f"training {version} ({train.num_workers} worker(s), {train.epochs} epoch(s))"):
+                    result = _in_thread(train_lora, train, model_path, str(data), str(staging), storage, name=version)
+            finally:  # a failed fit held its devices too
+                meter = usage.active()
+                if meter is not None:
+                    meter.add_training((time.monotonic() - started) * train.num_workers)
             staged[tag] = (staging, result.metrics)
+            losses = result.metrics.get("loss_history") or []
+            logger.info("trained %s in %.0fs%s", version, time.monotonic() - started,
+                        f": loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} epoch(s)" if losses else "")
 
     if lifecycle == "hotswap":
         train_all()

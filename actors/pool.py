@@ -23,7 +23,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors import device, models
+from actors import device, models, progress
 from actors.config import PoolConfig
 from actors.errors import AdapterError
 from actors.replica import EngineFactory, LMReplica
@@ -84,6 +84,8 @@ class ReplicaPool:
         self._router: Router | None = None
         self._generation = 0
         self._provider = None
+        self._up_since: dict[int, float] = {}  # rank -> when its start began (replica-seconds)
+        self._replica_s = 0.0  # replica-seconds of replicas already stopped
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -159,18 +161,24 @@ class ReplicaPool:
         """Start replicas ``ranks`` and wait until all are healthy; on failure stop every one started."""
         self._generation += 1
         started: dict[int, tuple] = {}
+        began = time.monotonic()
+        ranks = list(ranks)
         try:
-            for rank in ranks:
-                started[rank] = self._start_one(rank)
-            ray.get([h.health.remote() for h, _ in started.values()], timeout=self.cfg.start_timeout_s)
+            with progress.bar(f"pool {self.cfg.name}: starting {len(ranks)} replica(s)", len(ranks), "replica") as bar:
+                for rank in ranks:
+                    started[rank] = self._start_one(rank)
+                health = [h.health.remote() for h, _ in started.values()]
+                _wait_all(health, time.monotonic() + self.cfg.start_timeout_s, bar)
         except BaseException:
             logger.warning("pool %s: start failed; stopping the %d replica(s) started", self.cfg.name, len(started))
             _stop(*started.values())
+            self._replica_s += len(started) * (time.monotonic() - began)
             raise
         self._replicas.update(started)
+        self._up_since.update({rank: began for rank in started})
         self._publish()
-        logger.info("pool %s: %d replica(s) of %s ready", self.cfg.name, len(self._replicas),
-                    self.cfg.replica.model)
+        logger.info("pool %s: %d replica(s) of %s ready (%.0fs)", self.cfg.name, len(self._replicas),
+                    self.cfg.replica.model, time.monotonic() - began)
 
     def _start_one(self, rank: int) -> tuple:
         rcfg = self.cfg.replica
@@ -226,12 +234,23 @@ class ReplicaPool:
         if leaving:
             self._publish()  # the router stops sending to them first
             _stop(*leaving)
+            self._down(current[num_replicas:])
 
     def kill(self) -> None:
         """Stop every replica and its engine, remove the placement groups and the state actor."""
         replicas, self._replicas = self._replicas, {}
         _stop(*replicas.values())
+        self._down(list(replicas))
         self._close_state(kill=True)
+
+    def _down(self, ranks) -> None:
+        now = time.monotonic()
+        self._replica_s += sum(now - self._up_since.pop(rank, now) for rank in ranks)
+
+    def replica_seconds(self) -> float:
+        """Replica-seconds so far: each replica from the start of its launch until it was stopped (or now)."""
+        now = time.monotonic()
+        return self._replica_s + sum(now - t for t in self._up_since.values())
 
     def relaunch(self, adapter: Adapter | None = None) -> None:
         """Kill and start the replicas again (freeing accelerators meanwhile), serving ``adapter`` too."""
@@ -310,6 +329,16 @@ class ReplicaPool:
 
             self._provider = TandemProvider(self)
         return self._provider
+
+
+def _wait_all(refs: list, deadline: float, bar) -> None:
+    """``ray.get`` of every ref, counting each on ``bar`` as it finishes; ``GetTimeoutError`` at ``deadline``."""
+    while refs:
+        ready, refs = ray.wait(refs, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise GetTimeoutError(f"{len(refs)} replica(s) not ready in time")
+        ray.get(ready)
+        bar.update(len(ready))
 
 
 def _check_fits(bundles: list[dict], replicas: int) -> None:

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from actors import usage
+
 from engine import strategy as strategies
 from engine.evaluate import collect_errors, evaluate_many
 from engine.prompt_step import Candidate, PromptStep
@@ -156,15 +158,19 @@ class BetterTogether(Teleprompter):
                         "baseline", record.score)
             candidates.append(Candidate(program, record.score, prefix))
             return program
-        started = time.perf_counter()
+        started, before = time.perf_counter(), usage.now()
         with collect_errors() as errors:
             program = run()
             score = evaluate_many([program], valset, self.metric, num_threads=threads,
                                   desc=f"evaluate '{prefix or 'baseline'}'")[0] if valset else None
-        logger.info("step '%s': score %s (%.0fs)", prefix or "baseline", score, time.perf_counter() - started)
+        spent = usage.now() - before if before is not None else None
+        logger.info("step '%s': score %s (%.0fs%s)", prefix or "baseline", score, time.perf_counter() - started,
+                    f"; {spent.describe()}" if spent else "")
         candidates.append(Candidate(program, score, prefix))
         if store:
             extra = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors.as_dict()}
+            if spent is not None:
+                extra["costs"] = spent.as_dict()
             optimizer = self.optimizers.get(key)
             if isinstance(optimizer, WeightStep):
                 extra.update(optimizer.last_run)

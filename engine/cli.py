@@ -12,15 +12,18 @@ a finished run dir with Ray Serve until Ctrl-C (``serve.app``). Does not know vL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 # The CLI connects to Ray explicitly; a Ray call from a thread left over after a stop must fail,
 # not start a second local Ray (read when ray is first imported).
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
+from engine import console
 from engine import strategy as strategies
 
 ONE_RUN = ("strategy", "run_dir", "seed")  # RunConfig fields ``table`` sets per cell: no flags there
@@ -106,19 +109,25 @@ def _pairs(items: list[str]) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from actors.usage import Costs
     from engine.run import run
+    from engine.run_store import RunStore
 
     cfg = _run_config(args)
     logger.info("run: %s on %s, strategy '%s', run dir %s", cfg.program, cfg.model, cfg.strategy, cfg.run_dir)
     outcome = run(cfg)
+    spent = {r.strategy: Costs.from_dict(r.extra["costs"]).describe()
+             for r in RunStore(outcome.run_dir).steps() if r.extra.get("costs")}
     rows = []
     for s, v in sorted(outcome.scores.items(), key=lambda kv: len(kv[0])):
         test = outcome.test.get(s)
         rows.append((s or "(baseline)", "-" if v is None else f"{v:.1f}", "-" if test is None else f"{test.score:.1f}",
-                     "" if test is None else test.describe(), "best" if s == outcome.best_strategy else ""))
+                     "" if test is None else test.describe(), spent.get(s, ""),
+                     "best" if s == outcome.best_strategy else ""))
     n = next(iter(outcome.test.values())).n if outcome.test else 0
-    print(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", ""), rows))
-    print(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
+    console.echo(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", "step spent",
+                              ""), rows))
+    console.echo(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
     if outcome.failed:
         logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
         return 2
@@ -147,7 +156,7 @@ def _table(args: argparse.Namespace) -> int:
 
     run_cfg = _run_config(args)
     names = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER
-    out = args.out or f"runs/table-{run_cfg.program.replace(':', '-').replace('.', '-')}"
+    out = _table_out(args, run_cfg)
     cfg = TableConfig(run=run_cfg, strategies=names, seeds=args.seeds, out_dir=out,
                       test_size=max(0, run_cfg.test_size))
     logger.info("table: %s on %s, %d strategies x seeds %s into %s", run_cfg.program, run_cfg.model,
@@ -156,9 +165,13 @@ def _table(args: argparse.Namespace) -> int:
     title = f"{run_cfg.program} on {run_cfg.model} ({len(cfg.seeds)} seeds)"
     paths = write_table(cells, out, title, {"run": vars(run_cfg), "strategies": list(names),
                                             "seeds": list(cfg.seeds)})
-    print(paths["md"].read_text())
-    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    console.echo(paths["md"].read_text())
+    console.echo(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _table_out(args: argparse.Namespace, run_cfg) -> str:
+    return args.out or f"runs/table-{run_cfg.program.replace(':', '-').replace('.', '-')}"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -172,10 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
                       lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus)
     connect(args.address)
     start(cfg)
-    print(f"serving {cfg.run_dir} at {cfg.url}  (docs: {cfg.url}/docs; Ctrl-C stops)\n"
-          f"  curl -s {cfg.url}/v1/program\n"
-          f"  curl -s -X POST {cfg.url}/v1/predict -H 'content-type: application/json' -d '{{...inputs...}}'",
-          flush=True)
+    console.echo(f"serving {cfg.run_dir} at {cfg.url}  (docs: {cfg.url}/docs; Ctrl-C stops)\n"
+                 f"  curl -s {cfg.url}/v1/program\n"
+                 f"  curl -s -X POST {cfg.url}/v1/predict -H 'content-type: application/json' -d '{{...inputs...}}'")
     if args.once:
         stop(cfg)
         return 0
@@ -272,7 +284,9 @@ def _comma_tuple(value: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything here (Ray, vLLM, DSPy, Serve logs) with debug logging; by default "
+                        "run/table/serve print a short log and write everything to RUN_DIR/logs/")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list, pull (materialize) or verify built-in models")
@@ -324,18 +338,38 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop_on_signals()
+    log_file = None if args.verbose else _log_file(args)
+    with console.quiet(log_file) if log_file else contextlib.nullcontext():
+        where = f" (full log: {log_file})" if log_file else ""
+        try:
+            if log_file:
+                logger.info("full log: %s (-v prints it here)", log_file)
+            return args.func(args)
+        except KeyboardInterrupt as exc:
+            stop = stop_of(exc)
+            logger.error("tandem %s stopped (%s); what was started is shut down%s", args.command, stop, where)
+            return stop.exit_code
+        except Exception as exc:
+            logger.debug("failure", exc_info=True)
+            logger.error("tandem %s failed: %s: %s%s", args.command, type(exc).__name__, exc, where)
+            return 1
+        finally:
+            _shutdown_ray()
+
+
+def _log_file(args: argparse.Namespace) -> Path | None:
+    """Where the quiet console of ``run`` / ``table`` / ``serve`` writes everything (None: no quiet console;
+    also when the config does not load: the command then fails with that error on the terminal)."""
     try:
-        return args.func(args)
-    except KeyboardInterrupt as exc:
-        stop = stop_of(exc)
-        logger.error("tandem %s stopped (%s); what was started is shut down", args.command, stop)
-        return stop.exit_code
-    except Exception as exc:
-        logger.debug("failure", exc_info=True)
-        logger.error("tandem %s failed: %s: %s", args.command, type(exc).__name__, exc)
-        return 1
-    finally:
-        _shutdown_ray()
+        if args.command == "run":
+            return Path(_run_config(args).run_dir) / "logs" / "tandem.log"
+        if args.command == "table":
+            return Path(_table_out(args, _run_config(args))) / "logs" / "tandem.log"
+    except Exception:
+        return None
+    if args.command == "serve":
+        return Path(args.run_dir) / "logs" / "serve.log"
+    return None
 
 
 def _shutdown_ray() -> None:

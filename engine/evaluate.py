@@ -26,6 +26,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
 
+from actors import progress
 from actors.runtime import stopping
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,15 @@ def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, 
         return Run(job_index, None, 0.0, (), message)
 
     executor = ParallelExecutor(num_threads=max(1, num_threads), max_errors=len(jobs) + 1,
-                                disable_progress_bar=not desc, provide_traceback=False)
-    runs = executor.execute(one, list(range(len(jobs))))
+                                disable_progress_bar=not desc or progress.active(), provide_traceback=False)
+    with progress.bar(desc or "runs", total=len(jobs), unit="run") as shown:
+        def counted(job_index: int) -> Run:
+            try:
+                return one(job_index)
+            finally:
+                shown.update()
+
+        runs = executor.execute(counted, list(range(len(jobs))))
     label = desc or "runs"
     if len(errors) >= limit:
         raise TooManyErrors(f"{label}: {len(errors)} runs failed with errors (max_errors={limit}; parse failures "

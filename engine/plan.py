@@ -12,6 +12,7 @@ autoscalers: on a cluster that adds nodes on demand, turn the check off (``plan_
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from actors import ReplicaConfig
@@ -131,6 +132,22 @@ def describe(phases: list[Phase], nodes: list[Node]) -> str:
         lines.append(f"{phase.name}:")
         lines += [f"  {p.what}: {_fmt(_sum(p.bundles))} -> {p.node or 'NO NODE FITS'}" for p in phase.placed]
     return "\n".join(lines)
+
+
+def summary(phases: list[Phase], nodes: list[Node]) -> str:
+    """The plan in one line: the cluster's totals, then each phase's groups and what they take together.
+
+    Example:
+        >>> summary(make_plan(RunConfig(), [Node("10.0.0.1", {"CPU": 2.0})]), [Node("10.0.0.1", {"CPU": 2.0})])
+        'plan on 1 node(s) (2 CPU): prompt steps: 2 replicas, 2 CPU; weight step (relaunch): 1 training worker, 2 CPU'
+    """
+    cluster = _sum(tuple(n.resources for n in nodes))
+    phase = []
+    for p in phases:
+        kinds = Counter(q.what.rsplit(" ", 1)[0] for q in p.placed)
+        groups = " + ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in kinds.items())
+        phase.append(f"{p.name}: {groups}, {_fmt(_sum(tuple(b for q in p.placed for b in q.bundles)))}")
+    return f"plan on {len(nodes)} node(s) ({_fmt(cluster)}): " + "; ".join(phase)
 
 
 def _place(groups: list[tuple[str, tuple[dict, ...]]], nodes: list[Node]) -> tuple[Placed, ...]:

@@ -112,8 +112,9 @@ class PromptStep(Teleprompter):
         scores = evaluate_many([c for _, c in candidates], valset, self.metric, num_threads=self.num_threads,
                                desc="prompt candidates")
         ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))  # ties keep the earlier
-        for i in range(len(candidates)):
-            logger.info("candidate seed %d: %.1f", candidates[i][0], scores[i])
+        logger.info("prompt candidates (seed: valset score): %s; best seed %d",
+                    ", ".join(f"{seed}: {score:.1f}" for (seed, _), score in zip(candidates, scores)),
+                    candidates[ranked[0]][0])
         best = candidates[ranked[0]][1]
         best.candidate_programs = [Candidate(candidates[i][1], scores[i], str(candidates[i][0])) for i in ranked]
         return best

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actors.usage import Costs
 from engine.held_out import HeldOut
 from engine.run_store import RunStore
 
@@ -37,14 +38,14 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
                   "figures. The test column is the evidence.", ""]
     if not any(r["test"] for r in rows):
         lines += ["No held-out test scores (no test split, or `test_size: -1`).", ""]
-    lines += ["| step | strategy | valset score % | test score % | test answers | wall s | model |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| step | strategy | valset score % | test score % | test answers | wall s | spent | model |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "–" if r["score"] is None else f"{r['score']:.1f}"
         test = r["test"]
         held = "–" if test is None else f"{test.score:.1f} (n={test.n})"
         lines.append(f"| {r['step']} | `{r['strategy']}` | {score} | {held} | {test.describe() if test else ''} "
-                     f"| {r['wall_s'] or ''} | {', '.join(r['models'])} |")
+                     f"| {r['wall_s'] or ''} | {_spent(r['extra'])} | {', '.join(r['models'])} |")
     for r in rows:
         if r["test"] and r["test"].one_answer:
             lines += ["", f"**Warning:** `{r['strategy']}` answers {r['test'].top!r} to "
@@ -67,6 +68,13 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
         if errors.get("count"):
             lines += ["", f"Errors in `{r['step']}` (below max_errors, each scored 0): {errors['count']} of "
                       f"{errors['runs']} runs; first: {'; '.join(errors['first'][:2])}"]
+    store = RunStore(run_dir)
+    best = store.best() if (store.root / "best.json").is_file() else None
+    if best is not None and best.costs:
+        lines += ["", f"Spent by this invocation (steps done in an earlier run not included): "
+                  f"{Costs.from_dict(best.costs).describe()}; of that, scoring on the test split: "
+                  f"{Costs.from_dict(best.test_costs).describe()}. LM calls count every call a program made, "
+                  "cached ones included; tokens only those that reached a replica."]
     lines += ["", "![scores](scores.png)", ""]
     _chart(rows, run_dir / "scores.png")
     path = run_dir / "report.md"
@@ -92,6 +100,11 @@ def _chart(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _spent(extra: dict) -> str:
+    """A step's costs (``step.json``'s ``costs``), or '' for a step stored before costs were counted."""
+    return Costs.from_dict(extra["costs"]).describe() if extra.get("costs") else ""
 
 
 def _rounds(max_rounds: int) -> str:

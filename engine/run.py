@@ -18,12 +18,14 @@ from pathlib import Path
 
 import dspy
 
-from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect, usage
+from actors.usage import Costs
 from engine.adapters import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
+from engine.console import FILE_ONLY
 from engine.held_out import HeldOut, score_held_out
-from engine.plan import check, describe, make_plan, nodes_now, suggest, warnings
+from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
 from engine.program_io import save_program
 from engine.prompt_step import PromptStep
 from engine.report import write_report
@@ -48,6 +50,7 @@ class RunOutcome:
     wall_s: float
     test: dict[str, HeldOut]  # strategy prefix -> its program on the test split (empty: not scored)
     tracked: TrackedRun | None = None  # where MLflow has it (None: tracking off or failed, with a warning)
+    costs: Costs | None = None  # what this invocation spent (steps done in an earlier run not included)
 
 
 def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
@@ -107,7 +110,7 @@ def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module
             done[candidate.strategy] = result
     for strategy, result in done.items():
         logger.info("held-out test '%s': %.1f%% of %d (%s)", strategy or "baseline", result.score, result.n,
-                    result.describe())
+                    result.describe(), extra=FILE_ONLY)  # the console's final table shows them
     return done
 
 
@@ -130,20 +133,26 @@ def _run(cfg: RunConfig) -> RunOutcome:
     if cfg.plan_check:
         nodes = nodes_now()
         phases = make_plan(cfg, nodes)
-        logger.info("plan:\n%s", describe(phases, nodes))
+        logger.info("%s", summary(phases, nodes))
+        logger.info("plan:\n%s", describe(phases, nodes), extra=FILE_ONLY)
         for warning in warnings(cfg):
             logger.warning("plan: %s", warning)
         check(phases, suggest(cfg, nodes))
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)
-    try:
-        pool.launch()
-        best = compile_strategy(cfg, spec, pool, splits)
-        test = score_steps(cfg, spec, held_out_examples(cfg, splits), best)
-    finally:
-        pool.kill()
-        if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
-            push(cfg.run_dir, cfg.storage)  # what was done survives this machine, finished or not
+    with usage.metered(pool) as meter:
+        try:
+            pool.launch()
+            best = compile_strategy(cfg, spec, pool, splits)
+            before_test = meter.costs()
+            test = score_steps(cfg, spec, held_out_examples(cfg, splits), best)
+            test_costs = meter.costs() - before_test
+        finally:
+            pool.kill()
+            if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
+                push(cfg.run_dir, cfg.storage)  # what was done survives this machine, finished or not
+    costs = meter.costs()
+    logger.info("spent: %s (held-out test scoring: %s)", costs.describe(), test_costs.describe())
     run_dir = Path(cfg.run_dir)
     top = best.candidate_programs[0]
     store = RunStore(run_dir)
@@ -153,7 +162,8 @@ def _run(cfg: RunConfig) -> RunOutcome:
     store.write_best(BestRecord(
         cfg.program, cfg.program_args, cfg.model, best.best_strategy, top.score, models,
         {m: adapters[m] for m in models.values() if m in adapters}, best.flag_compilation_error_occurred,
-        test[best.best_strategy].score if best.best_strategy in test else None))
+        test[best.best_strategy].score if best.best_strategy in test else None, costs.as_dict(),
+        test_costs.as_dict()))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
                  best.best_strategy, best.flag_compilation_error_occurred,
                  valset_size=len(splits.dev[: cfg.val_size or None]))
@@ -161,4 +171,4 @@ def _run(cfg: RunConfig) -> RunOutcome:
         push(run_dir, cfg.storage)
     scores = {c.strategy: c.score for c in best.candidate_programs}
     return RunOutcome(run_dir, best.best_strategy, top.score, scores, best.flag_compilation_error_occurred,
-                      time.perf_counter() - started, test)
+                      time.perf_counter() - started, test, costs=costs)

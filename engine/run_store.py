@@ -74,6 +74,8 @@ class BestRecord:
     adapters: dict[str, Path]  # adapter id -> absolute path
     failed_step: bool
     test_score: float | None = None  # the winner on the held-out test split (None: not scored)
+    costs: dict | None = None  # what this invocation spent (``actors.usage.Costs``), test scoring included
+    test_costs: dict | None = None  # of that, scoring the steps on the test split
 
 
 class RunStore:
@@ -186,7 +188,8 @@ class RunStore:
         data = {"program": best.program, "program_args": best.program_args, "base_model": best.base_model,
                 "strategy": best.strategy, "score": best.score, "models": best.models,
                 "adapters": {name: self._rel(path) for name, path in best.adapters.items()},
-                "failed_step": best.failed_step, "test_score": best.test_score}
+                "failed_step": best.failed_step, "test_score": best.test_score, "costs": best.costs,
+                "test_costs": best.test_costs}
         tmp = self.root / "best.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.rename(self.root / "best.json")
@@ -204,7 +207,8 @@ class RunStore:
         return BestRecord(data["program"], dict(data.get("program_args", {})), data["base_model"],
                           data.get("strategy", ""), data.get("score"), dict(data["models"]),
                           {name: self._abs(p) for name, p in data.get("adapters", {}).items()},
-                          bool(data.get("failed_step", False)), data.get("test_score"))
+                          bool(data.get("failed_step", False)), data.get("test_score"), data.get("costs"),
+                          data.get("test_costs"))
 
     def adapter_paths(self) -> dict[str, Path]:
         """Every adapter any completed step used: id -> absolute path."""

@@ -293,7 +293,9 @@ def _log_parent(client, run_id: str, store: RunStore, steps: list[StepRecord], b
     """The run's files, its winner's scores and tags (the report as the run's note), the winner's model."""
     best, n, wall = best or {}, len(steps), sum(float(r.extra.get("wall_s") or 0) for r in steps)
     _log(client, run_id, [("best_valset_score", best.get("score"), n), ("best_test_score", best.get("test_score"), n),
-                          ("steps", n, n), ("steps_wall_s", wall, n)],
+                          ("steps", n, n), ("steps_wall_s", wall, n),
+                          *((k, v, n) for k, v in _flatten({"costs": best.get("costs") or {},
+                                                            "test_costs": best.get("test_costs") or {}}).items())],
          tags={"tandem.best_strategy": best.get("strategy"), "tandem.failed_step": best.get("failed_step"),
                "mlflow.note.content": _read(store.root / "report.md")})  # the note: the run page's description
     for name in ("run.json", "best.json", "program.json", "report.md", "scores.png"):

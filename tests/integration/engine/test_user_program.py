@@ -279,4 +279,6 @@ def test_sigint_in_the_prompt_step_stops_cleanly(home):
     assert proc.returncode == 130, out[-4000:]
     assert left_behind(mark) == [], out[-6000:]
     assert not (run_dir / "02_w").exists() and not (run_dir / "best.json").exists()  # stopped, not finished
-    assert "Started a local Ray" not in out.split("stopped by SIGINT")[-1]  # no thread started another Ray
+    assert f"(full log: {run_dir / 'logs' / 'tandem.log'})" in out  # the last line says where everything is
+    log = (run_dir / "logs" / "tandem.log").read_text()
+    assert log.count("Started a local Ray") == 1, log[-6000:]  # no thread started another Ray after the stop

@@ -102,14 +102,20 @@ def _when_busy(handle, action):
 
 def test_launch_is_idempotent_and_kill_leaves_nothing(ray_local, model_dir):
     pool = _pool(model_dir, "life")
+    began = time.monotonic()
     pool.launch()
     first = {h["pid"] for h in pool.health()}
     pool.launch()  # second launch starts nothing
     assert {h["pid"] for h in pool.health()} == first and len(first) == 2
     assert len(_alive("actors", "life")) == 3  # 2 replicas + state actor
+    time.sleep(0.5)
     pool.kill()
+    up = time.monotonic() - began
     pool.kill()  # idempotent
     assert _alive("actors", "life") == [] and _alive("pgs", "life") == []
+    assert 2 * 0.5 <= pool.replica_seconds() <= 2 * up  # both replicas, from their start until the kill
+    time.sleep(0.2)
+    assert pool.replica_seconds() <= 2 * up  # stopped replicas cost nothing more
 
 
 def test_concurrent_requests_spread_over_replicas(ray_local, model_dir):
@@ -188,7 +194,12 @@ def test_scale_up_and_down(ray_local, model_dir, tmp_path):
         pool.scale(3)
         assert sorted(h["rank"] for h in pool.health()) == [0, 1, 2]
         assert all(h["adapters"] == ["a1"] for h in pool.health())  # new replicas got the adapter
+        grown = pool.replica_seconds()
         pool.scale(1)
+        shrunk = pool.replica_seconds()
+        time.sleep(0.3)
+        assert pool.replica_seconds() - shrunk == pytest.approx(0.3, abs=0.1)  # one replica left running
+        assert shrunk >= grown
         assert [h["rank"] for h in pool.health()] == [0]
         assert len(_alive("actors", "scale")) == 2
         assert pool.router.submit(GenerateRequest("base", prompt="x")).replica == 0  # still answered after scaling

@@ -54,7 +54,7 @@ def test_a_run_dir_names_its_adapter_for_the_server(tmp_path):
     assert Winner(**base, settings={}).adapter == "chat"  # a run dir from before the setting
 
 
-def test_a_constrained_run_whose_max_tokens_cannot_hold_the_answer_fails_before_starting(caplog):
+def test_a_constrained_run_whose_max_tokens_cannot_hold_the_answer_fails_before_starting(caplog, tmp_path):
     from engine.adapters import check_fits
     from engine.cli import main
     from programs import iris
@@ -64,5 +64,8 @@ def test_a_constrained_run_whose_max_tokens_cannot_hold_the_answer_fails_before_
         check_fits("constrained", iris.Program(), 16)
     check_fits("constrained", iris.Program(), 200)
     check_fits("chat", iris.Program(), 16)
-    assert main(["run", "--max-tokens", "16", "--run-dir", "/nonexistent/never-made"]) == 1
+    run_dir = tmp_path / "run"
+    assert main(["run", "--max-tokens", "16", "--run-dir", str(run_dir)]) == 1
     assert "max_tokens=16 leaves no room for the free-text fields" in caplog.text and "--adapter chat" in caplog.text
+    assert [p.name for p in run_dir.iterdir()] == ["logs"]  # no run.json: nothing a rerun would take as started
+    assert f"(full log: {run_dir / 'logs' / 'tandem.log'})" in caplog.text

@@ -74,10 +74,10 @@ def test_table_command_takes_no_single_run_flags():
         build_parser().parse_args(["table", "--strategy", "p"])
 
 
-def test_table_command_refuses_a_bad_strategy_before_starting_anything(caplog):
+def test_table_command_refuses_a_bad_strategy_before_starting_anything(caplog, tmp_path):
     from engine.cli import main
 
-    assert main(["table", "--strategies", "vanilla,p -> x", "--seeds", "1"]) == 1
+    assert main(["table", "--strategies", "vanilla,p -> x", "--seeds", "1", "--out", str(tmp_path)]) == 1
     assert "Strategy contains invalid optimizer keys: ['x']" in caplog.text
 
 

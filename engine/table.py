@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dspy
 
+from actors import usage
 from actors.typed_config import typed_config
 from engine import strategy as strategies
 from engine.adapters import check_fits, make_adapter, stop_for
@@ -109,23 +110,30 @@ def run_table(cfg: TableConfig) -> list[Cell]:
     root.mkdir(parents=True, exist_ok=True)
     pool = make_pool(cfg.run, name="table")
     cells: list[Cell] = []
-    try:
-        pool.launch()
-        for seed in cfg.seeds:
-            splits = spec.splits(seed, **cfg.run.data_args)
-            test = splits.test[: cfg.test_size or None]
-            if not test:
-                raise ValueError(f"program {cfg.run.program!r} has an empty test split for seed {seed}")
-            failed: dict[str, str] = {}  # strategy prefix -> why it has no program
-            for name, parent in plan(list(cfg.strategies)):
-                run_cfg = cfg.run.with_overrides(seed=seed, strategy=name if name != VANILLA else "",
-                                                 run_dir=str(root / f"seed-{seed}" / _slug(name)))
-                cells.append(_cell(run_cfg, spec, pool, splits, test, name, parent, failed))
-                logger.info("table: seed %d, %s -> test %s", seed, name, cells[-1].test_score)
-    finally:
-        pool.kill()
+    with usage.metered(pool) as meter:
+        try:
+            _run_cells(cfg, spec, pool, root, cells)
+        finally:
+            pool.kill()
+    logger.info("table spent: %s", meter.costs().describe())
     track_table_or_warn(cfg, cells)  # a failure is one warning: the cells stand
     return cells
+
+
+def _run_cells(cfg: TableConfig, spec: ProgramSpec, pool, root: Path, cells: list[Cell]) -> None:
+    """Every strategy x seed on the pool, appended to ``cells`` as each finishes."""
+    pool.launch()
+    for seed in cfg.seeds:
+        splits = spec.splits(seed, **cfg.run.data_args)
+        test = splits.test[: cfg.test_size or None]
+        if not test:
+            raise ValueError(f"program {cfg.run.program!r} has an empty test split for seed {seed}")
+        failed: dict[str, str] = {}  # strategy prefix -> why it has no program
+        for name, parent in plan(list(cfg.strategies)):
+            run_cfg = cfg.run.with_overrides(seed=seed, strategy=name if name != VANILLA else "",
+                                             run_dir=str(root / f"seed-{seed}" / _slug(name)))
+            cells.append(_cell(run_cfg, spec, pool, splits, test, name, parent, failed))
+            logger.info("table: seed %d, %s -> test %s", seed, name, cells[-1].test_score)
 
 
 def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, name: str,

@@ -108,4 +108,5 @@ def test_a_small_iris_run_succeeds_and_an_impossible_one_fails_fast(head, tmp_pa
     assert status == "FAILED" and time.monotonic() - started < 120, logs[-2000:]
     last = logs.strip().splitlines()[-1]
     assert "tandem run failed" in last and "replica 0 needs 1 CPU, 1 GPU" in last, logs[-2000:]
-    assert not (tmp_path / "run-gpu").exists()  # failed before anything was written
+    assert [p.name for p in (tmp_path / "run-gpu").iterdir()] == ["logs"]  # failed before any step was written
+    assert f"(full log: {tmp_path / 'run-gpu' / 'logs' / 'tandem.log'})" in last

@@ -53,6 +53,37 @@ def test_killed_run_resumes_and_finishes(iris_smollm2_run):
     assert program["predict"]["lm"] is None
 
 
+def test_the_console_is_short_and_the_log_has_everything(iris_smollm2_run):
+    """What the resumed run printed is Tandem's own lines and the table; vLLM's, Ray's and Ray
+    Train's output went to RUN_DIR/logs/tandem.log, which both invocations appended to."""
+    run_dir, out = iris_smollm2_run.run_dir, iris_smollm2_run.out
+    lines = out.splitlines()
+    assert len(lines) < 40, out
+    assert not any(noise in out for noise in ("EngineCore", "(LMReplica", "RayTrainWorker", "Started a local Ray"))
+    assert f"full log: {run_dir / 'logs' / 'tandem.log'}" in out
+    log = (run_dir / "logs" / "tandem.log").read_text()
+    assert log.count("Started a local Ray") == 2  # the killed run's and the resumed run's
+    assert "EngineCore" in log and "RayTrainWorker" in log and "step 'p -> w -> p'" in log
+
+
+def test_each_step_and_the_run_say_what_they_spent(iris_smollm2_run):
+    run_dir = iris_smollm2_run.run_dir
+    spent = {name: json.loads((run_dir / name / "step.json").read_text())["extra"]["costs"]
+             for name in ("00_baseline", "01_p", "02_w", "03_p")}
+    assert spent["00_baseline"]["lm_calls"] == 8  # one call per valset example
+    assert all(s["requests"] + s["cache_hits"] == s["lm_calls"] for s in spent.values())
+    assert all(s["prompt_tokens"] > 0 and s["completion_tokens"] > 0 for s in spent.values())  # a fresh DSPy cache
+    assert spent["02_w"]["train_device_s"] > 0 and spent["02_w"]["replica_s"] > 0  # trained, then relaunched
+    assert spent["03_p"]["train_device_s"] == 0 and spent["03_p"]["lm_calls"] > spent["00_baseline"]["lm_calls"]
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["test_costs"]["lm_calls"] == 4 * 12  # every step's program on the 12 test examples
+    this_run = ("02_w", "03_p")  # the resumed invocation's; best.json counts this invocation only
+    assert best["costs"]["lm_calls"] == sum(spent[s]["lm_calls"] for s in this_run) + best["test_costs"]["lm_calls"]
+    assert best["costs"]["replica_s"] > spent["02_w"]["replica_s"]  # the launch before the first step counts too
+    assert re.search(r"^\| p -> w +\|.*\| \d+ LM calls \(\d+ cached\), [\d.k]+\+[\d.k]+ tokens, \d+ replica-s, "
+                     r"\d+ train device-s +\|", iris_smollm2_run.out, flags=re.M), iris_smollm2_run.out
+
+
 def test_the_resumed_run_is_tracked_in_mlflow_beside_its_run_dir(iris_smollm2_run):
     """The default store: sqlite beside the run dir; a parent run, a nested run per step, the
     weight step's loss per epoch, the winner as a model (the killed first run logged nothing)."""
@@ -79,3 +110,5 @@ def test_the_resumed_run_is_tracked_in_mlflow_beside_its_run_dir(iris_smollm2_ru
     artifacts = {a.path for a in client.list_artifacts(children["02_w"].info.run_id)}
     assert {"step.json", "test.json", "traces.parquet", "adapter"} <= artifacts
     assert "program" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert children["02_w"].data.metrics["costs.train_device_s"] == step["extra"]["costs"]["train_device_s"]
+    assert parent.data.metrics["costs.lm_calls"] == best["costs"]["lm_calls"] > 0

@@ -44,9 +44,15 @@ class ReplicaConfig:
     max_restarts: int = _help("times Ray restarts a dead replica actor (-1 = always)", 3)
     engine_kwargs: Mapping[str, Any] = _help(
         "extra vllm AsyncEngineArgs fields, passed through unchanged", default_factory=dict)
+    resources: Mapping[str, float] = _help(
+        "custom Ray resources each replica reserves (in its first bundle), e.g. {'inference': 1} to place "
+        "replicas only on nodes started with --resources '{\"inference\": N}'", default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine_kwargs", dict(self.engine_kwargs))  # a private copy
+        object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
+        if {"CPU", "GPU", "memory"} & set(self.resources):
+            raise ValueError("resources is for custom resources; set CPUs and GPUs with num_cpus / num_gpus")
         if self.max_lora_rank not in _LORA_RANKS:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be one of {_LORA_RANKS} (vLLM's rule)")
         for name in ("max_model_len", "max_loras", "tensor_parallel_size"):

@@ -18,10 +18,12 @@ def is_gpu(cfg: ReplicaConfig) -> bool:
 
 
 def bundles(cfg: ReplicaConfig) -> list[dict[str, float]]:
-    """Placement-group bundles: one per tensor-parallel worker (the first hosts the actor)."""
+    """Placement-group bundles: one per tensor-parallel worker (the first hosts the actor and holds the
+    replica's custom ``resources``, which pin the replica to nodes that offer them)."""
     if not is_gpu(cfg):
-        return [{"CPU": float(cfg.num_cpus)}]
-    return [{"CPU": float(cfg.num_cpus), "GPU": float(cfg.num_gpus)} for _ in range(cfg.tensor_parallel_size)]
+        return [{"CPU": float(cfg.num_cpus), **cfg.resources}]
+    per = {"CPU": float(cfg.num_cpus), "GPU": float(cfg.num_gpus)}
+    return [{**per, **cfg.resources}] + [dict(per) for _ in range(cfg.tensor_parallel_size - 1)]
 
 
 def dtype(cfg: ReplicaConfig) -> str:

@@ -95,8 +95,8 @@ def non_finite_message(value: float, epoch: int, step: int, steps: int, lr: floa
 
 
 def worker_resources(cfg: LoraTrainConfig) -> dict[str, float]:
-    """What one training worker asks Ray for."""
-    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
+    """What one training worker asks Ray for (its custom ``resources`` included)."""
+    return {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {}), **cfg.resources}
 
 
 def check_cluster(cfg: LoraTrainConfig, total: dict, nodes: list[dict] | None = None) -> None:

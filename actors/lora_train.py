@@ -9,7 +9,8 @@ token counts, clipping, warmup and lr schedule), and saving the adapter as a Ray
 Workers run DDP (``no_sync`` inside a window), or — for models whose weights do not fit one device
 — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
 ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
-dataset of ``messages`` (JSON) rows (see ``read_rows``).
+dataset of ``messages`` (JSON) rows (see ``read_rows``); a local file's rows reach the workers
+through the object store, so workers on nodes that cannot see the driver's files train the same.
 Faults become clear errors (``actors.lora_guards`` holds the checks, their messages and the
 errors, which are importable from here too): rows whose prompt fills ``max_seq_len`` (nothing to
 learn; an all-masked micro-batch has loss NaN) are dropped and counted, and if none is left a
@@ -71,6 +72,9 @@ class LoraTrainConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP, or ZeRO with zero_stage)"})
     cpus_per_worker: int = field(default=2, metadata={"help": "CPUs per worker (torch threads on CPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    resources: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "custom Ray resources each worker reserves, e.g. {'training': 1} to place the workers only on "
+                "nodes started with --resources '{\"training\": N}'"})
     zero_stage: int = field(default=0, metadata={
         "help": "DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights; 0 = DDP"})
     zero_offload: bool = field(default=False, metadata={"help": "ZeRO: keep the optimizer state in CPU memory"})
@@ -92,7 +96,12 @@ class LoraTrainConfig:
         """YAML 1.1 reads ``bf16: yes`` / ``no`` as a bool."""
         return ("yes" if value else "no") if isinstance(value, bool) else value
 
+    def __hash__(self) -> int:  # hashable like the other configs, though ``resources`` is a dict
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in vars(self).values()))
+
     def __post_init__(self) -> None:
+        if {"CPU", "GPU", "memory"} & set(self.resources):
+            raise ValueError("resources is for custom resources; set CPUs and GPUs with cpus_per_worker / use_gpu")
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "num_workers",
                      "cpus_per_worker"):
             if getattr(self, name) < 1:
@@ -165,7 +174,7 @@ def learnable_data(tokenizer, rows: list, max_seq_len: int) -> tuple[list[tuple[
     return [_truncate(*encoded[i], max_seq_len) for i in check.keep], check
 
 
-def check_data(model_path: str, data_path: str, max_seq_len: int) -> RowCheck:
+def check_data(model_path: str, data_path, max_seq_len: int) -> RowCheck:
     """``learnable_data``'s check of a Parquet dataset with the model's tokenizer (a Ray task)."""
     from transformers import AutoTokenizer
 
@@ -422,16 +431,33 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> int:
     return len(rows)
 
 
-def read_rows(path: str) -> list[list[dict]]:
-    """The ``messages`` lists of a Parquet file or dir (local path or pyarrow-filesystem URI).
+def read_rows(path) -> list[list[dict]]:
+    """The ``messages`` lists of a Parquet file or dir (local path or pyarrow-filesystem URI), or of
+    rows ``train_lora`` shipped through the object store (an ObjectRef, or the rows themselves).
 
-    Workers read the file themselves rather than through Ray Data: Ray Data's planning and read
+    Workers read the data themselves rather than through Ray Data: Ray Data's planning and read
     tasks each need a CPU, and while the replicas and the training workers hold every core (a
     2-core machine, or a cluster packed on purpose) they never get one.
     """
+    if isinstance(path, list):
+        return path
+    if not isinstance(path, str):  # an ObjectRef of the rows
+        import ray
+
+        return ray.get(path)
     import pyarrow.parquet as pq
 
     return [json.loads(m) for m in pq.read_table(path, columns=["messages"]).column("messages").to_pylist()]
+
+
+def ship(data_path: str):
+    """What the workers read: a URI as it is (each worker reads it), a local file's rows through the
+    object store (a worker on another node cannot see the driver's files)."""
+    if "://" in str(data_path):
+        return str(data_path)
+    import ray
+
+    return ray.put(read_rows(str(data_path)))
 
 
 _FAILURES = {"NoCompletionError": NoCompletionError, "NonFiniteLossError": NonFiniteLossError}
@@ -444,7 +470,8 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
     Args:
         cfg: LoRA and optimisation settings (workers, CPUs/GPUs per worker, waits, retries).
         model_path: local HF checkpoint of the base model (reachable from every worker).
-        data_path: Parquet file or dir with a ``messages`` column (JSON chat lists).
+        data_path: Parquet file or dir with a ``messages`` column (JSON chat lists); a local one is
+            read here and its rows reach the workers through the object store (``ship``).
         out_dir: where the adapter (peft format) is written.
         storage_path: Ray Train storage (local path or a pyarrow-filesystem URI).
         name: the Ray Train run name.
@@ -469,12 +496,13 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
         raise ValueError(f"zero_stage={cfg.zero_stage} needs DeepSpeed, which is not installed here: "
                          "pip install 'tandem[deepspeed]' (or set zero_stage: 0 for DDP)")
     check_cluster(cfg, *cluster_now())
-    check = ray.get(ray.remote(num_cpus=0, max_calls=1)(check_data).remote(model_path, data_path, cfg.max_seq_len))
+    data = ship(data_path)
+    check = ray.get(ray.remote(num_cpus=0, max_calls=1)(check_data).remote(model_path, data, cfg.max_seq_len))
     if not check.keep:
         raise check.error()
     if check.dropped:
         logger.warning(check.warning())
-    result = _fit(cfg, {"train": asdict(cfg), "model_path": model_path, "data_path": data_path}, storage_path, name)
+    result = _fit(cfg, {"train": asdict(cfg), "model_path": model_path, "data_path": data}, storage_path, name)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)

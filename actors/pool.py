@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import ray
@@ -23,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors import device, models, progress
+from actors import adapter_files, device, models, progress
 from actors.config import PoolConfig
 from actors.errors import AdapterError
 from actors.replica import EngineFactory, LMReplica
@@ -276,10 +277,14 @@ class ReplicaPool:
         if not handles:
             raise AdapterError("the pool is not launched; launch it before loading adapters")
         known = set(self.adapters())
+        try:
+            files = ray.put(adapter_files.pack(path))  # each replica writes its own copy: no shared path needed
+        except FileNotFoundError:
+            raise AdapterError(f"adapter {name!r}: {path} is not a peft adapter dir (no adapter_config.json)") from None
         results, errors = [], []
         for handle in handles:
             try:
-                results.append(_call(handle, "load_adapter", name, path))
+                results.append(_call(handle, "load_adapter", name, path, files))
             except Exception as exc:
                 errors.append(exc)
         if errors:
@@ -287,8 +292,9 @@ class ReplicaPool:
                 for handle in handles:
                     _call(handle, "unload_adapter", name)
             raise errors[0]
-        ray.get(self._state.add_adapter.remote(results[0]))
-        return results[0]
+        record = replace(results[0], path=str(Path(path).resolve()), files=files)  # where it came from
+        ray.get(self._state.add_adapter.remote(record))
+        return record
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving an adapter on every replica."""

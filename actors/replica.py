@@ -34,6 +34,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from actors import adapter_files
 from actors.config import ReplicaConfig
 from actors.engine_watchdog import kill_children
 from actors.errors import AdapterError, ContextLengthError, EngineDeadError, UnknownModelError
@@ -96,7 +97,7 @@ class LMReplica:
                 if hasattr(self._engine, "dead"):
                     self._engine_check = asyncio.get_running_loop().create_task(self._check_engine(self._engine))
                 for adapter in await self._pool_adapters():
-                    await self._add(adapter.name, adapter.path)
+                    await self._add(adapter.name, adapter.path, adapter.files)
         return self._engine
 
     async def _check_engine(self, engine: Engine) -> None:
@@ -208,17 +209,29 @@ class LMReplica:
         served = [self.cfg.base_id, *sorted(self._adapters)]
         raise UnknownModelError(f"model {model!r} is not served by this pool; served ids: {served}")
 
-    async def load_adapter(self, name: str, path: str) -> Adapter:
+    async def load_adapter(self, name: str, path: str, files: dict[str, bytes] | None = None) -> Adapter:
         """Load a peft LoRA adapter under ``name``; loading the same name and path again is a no-op.
+
+        Args:
+            name: the model id it is served under.
+            path: its dir; with ``files`` only where it came from (the files are written here, on this
+                node, and loaded from there: ``actors.adapter_files``).
+            files: the adapter's files (``adapter_files.pack``), or None to read ``path`` itself.
 
         Raises:
             AdapterError: LoRA disabled, path missing or not a peft adapter, rank above
                 ``max_lora_rank``, or the name already serves another path.
         """
         await self._ensure_engine()
-        return await self._add(name, path)
+        return await self._add(name, path, files)
 
-    async def _add(self, name: str, path: str) -> Adapter:
+    async def _add(self, name: str, path: str, files=None) -> Adapter:
+        if files is not None:
+            import ray
+
+            if isinstance(files, ray.ObjectRef):  # the pool's record, after a restart
+                files = await files
+            path = str(adapter_files.materialize(files, path))
         path = str(Path(path).resolve())
         known = self._adapters.get(name)
         if known is not None:

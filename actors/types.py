@@ -125,6 +125,7 @@ class Adapter:
     name: str
     path: str
     int_id: int = field(default=0, compare=False)
+    files: Any = field(default=None, compare=False, repr=False)  # ObjectRef of ``adapter_files.pack(path)``
 
 
 class Engine(Protocol):

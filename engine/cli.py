@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     from actors.runtime import stop_of, stop_on_signals
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "table"):
+        _load_torch_first()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop_on_signals()
@@ -355,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             _shutdown_ray()
+
+
+def _load_torch_first() -> None:
+    """Import torch (the weight step's, through Ray Train) before dspy and pyarrow are imported. In a
+    ``ray job`` on a cluster of two Ray nodes on one machine, ``import torch`` after ``import
+    pyarrow.parquet`` (or dspy) killed the driver with "Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so"; imported first, it loads (tests/integration/cluster/test_job_submit.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
 
 
 def _log_file(args: argparse.Namespace) -> Path | None:

@@ -84,6 +84,9 @@ class RunConfig:
         metadata={"help": "LoRA training (paper's r/alpha; on CPU q/k/v/o, 2 epochs, lr 1e-3, batch 4: "
                           "benchmarks/lora_defaults.py)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
+    replica_resources: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "custom Ray resources each replica reserves, to place replicas on the nodes that offer them "
+                "(e.g. inference=1; training workers: lora.resources)"})
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -101,11 +104,14 @@ class RunConfig:
             raise ValueError(f"test_size must be >= 0 (0 = all) or -1 (none), got {self.test_size}")
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share (not where it runs, is stored or tracked, the thread count,
-        or the test size: held-out results record their size and are redone when it changes)."""
+        """Settings a resumed run must share (not where it runs — address, the nodes' custom resources —
+        is stored or tracked, the thread count, or the test size: held-out results record their size and
+        are redone when it changes)."""
         data = asdict(self)
-        for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size", "tracking", "tracking_uri"):
+        for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size", "tracking", "tracking_uri",
+                    "replica_resources"):
             data.pop(key)
+        data["lora"].pop("resources")  # where the workers run, not what they compute
         return data
 
     def with_overrides(self, **changes: Any) -> "RunConfig":

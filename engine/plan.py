@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from actors import ReplicaConfig
 from actors import device
+from actors.lora_guards import worker_resources
 from engine import strategy as strategies
 from engine.config import RunConfig
 
@@ -67,9 +68,9 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
         (['prompt steps', 'weight step (relaunch)'], [])
     """
     rcfg = ReplicaConfig(model=cfg.model, num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica,
-                         tensor_parallel_size=cfg.tensor_parallel_size)
+                         tensor_parallel_size=cfg.tensor_parallel_size, resources=cfg.replica_resources)
     replicas = [(f"replica {r}", tuple(device.bundles(rcfg))) for r in range(cfg.replicas)]
-    worker = {"CPU": float(cfg.lora.cpus_per_worker), **({"GPU": 1.0} if cfg.lora.use_gpu else {})}
+    worker = worker_resources(cfg.lora)
     workers = [(f"training worker {w}", (worker,)) for w in range(cfg.lora.num_workers)]
     phases = [Phase("prompt steps", _place(replicas, nodes))]
     if "w" in strategies.parse(cfg.strategy, ("p", "w")):

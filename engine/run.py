@@ -59,7 +59,8 @@ def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
     return ReplicaPool(PoolConfig(replica=ReplicaConfig(
         model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
         num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
-        max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs), num_replicas=cfg.replicas,
+        max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs, resources=cfg.replica_resources),
+        num_replicas=cfg.replicas,
         name=name))
 
 
@@ -75,7 +76,7 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
         spec.metric,
         p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
         w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads,
-                     exclude_demos=cfg.exclude_demos, max_rounds=cfg.w_rounds))
+                     exclude_demos=cfg.exclude_demos, max_rounds=cfg.w_rounds, storage=cfg.storage))
     with dspy.context(adapter=make_adapter(cfg.adapter)):  # training rows are written by it too
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,

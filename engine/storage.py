@@ -53,7 +53,12 @@ def pull(uri: str, run_dir: str | Path) -> bool:
     fs, base = _fs(uri)
     if fs.get_file_info(f"{base}/run.json").type != pafs.FileType.File:
         return False
-    root.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(base, str(root), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    local = pafs.LocalFileSystem()
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = Path(info.path).relative_to(Path(base))
+        if info.type != pafs.FileType.File or any(part.endswith(".tmp") or part in SKIP for part in rel.parts):
+            continue  # Ray Train's checkpoints (the weight step's, under STORAGE/ray_train/) stay there
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(info.path, str(root / rel), source_filesystem=fs, destination_filesystem=local)
     logger.info("storage: resumed %s from %s", root, uri)
     return True

@@ -52,6 +52,9 @@ class WeightStep(Teleprompter):
             the paper's); False trains with the program's demos in the prompt and keeps them.
         max_rounds: runs per training example at most while collecting traces (1, the default, is
             the paper's single greedy pass; see ``engine.bootstrap.bootstrap``).
+        storage: a URI (or shared path) for Ray Train's checkpoints, ``STORAGE/ray_train/ft-NN``, so
+            that training workers on any node and the driver reach them (a multi-node cluster without
+            a shared filesystem needs one); default the step dir, which only the driver's node sees.
 
     Example:
         >>> step = WeightStep(metric, LoraTrainConfig(epochs=2), lifecycle="relaunch")  # doctest: +SKIP
@@ -59,7 +62,8 @@ class WeightStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
-                 num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1):
+                 num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1,
+                 storage: str | None = None):
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -69,6 +73,7 @@ class WeightStep(Teleprompter):
         self.multitask = multitask
         self.exclude_demos = exclude_demos
         self.max_rounds = max_rounds
+        self.storage = storage
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None,
@@ -116,7 +121,7 @@ class WeightStep(Teleprompter):
                 write_rows([r for r in rows if r["predictor"] == name], path)
         trained = provider.train_adapters(datasets, self.train, lifecycle=self.lifecycle,
                                           adapter_root=adapter_root or step_dir, prefix=f"ft-{step_index:02d}",
-                                          storage=(step_dir / "ray_train").resolve())
+                                          storage=self._train_storage(step_dir, step_index))
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle, "teacher": teacher is not None,
                          "exclude_demos": self.exclude_demos, "max_rounds": self.max_rounds,
@@ -128,6 +133,12 @@ class WeightStep(Teleprompter):
             if self.exclude_demos:
                 pred.demos = []  # the prompt the adapter was trained on
         return tuned
+
+
+    def _train_storage(self, step_dir: Path, step_index: int) -> str | Path:
+        if self.storage is None:
+            return (step_dir / "ray_train").resolve()
+        return f"{self.storage.rstrip('/')}/ray_train/ft-{step_index:02d}"
 
 
 def _check_teacher(teacher: dspy.Module, student: dspy.Module) -> dspy.Module:

@@ -1,12 +1,16 @@
-"""`ray job submit` against a real local head, as the README's cluster section says.
+"""`ray job submit` against a real two-node cluster on this machine, as the README's cluster section says.
 
 A head is started with `ray start --head` on free ports in its own temp dir, with token
 authentication on (Ray 2.60 turns it on for `ray start` whenever a token file exists, and the
-`ray job` CLI then needs `RAY_AUTH_MODE=token` to send it). A small Iris run (the tiny model, one
-prompt step) is submitted with `cluster/runtime_env.local.yaml` and must reach SUCCEEDED having
-joined that cluster (not started its own) and copied its run dir to the configured storage; a job
-asking for GPUs the cluster does not have must fail within seconds with the reason in its last log
-line. The head (every process carrying its test mark) is stopped at the end.
+`ray job` CLI then needs `RAY_AUTH_MODE=token` to send it), offering a custom resource `training`;
+a second node joins it with `ray start --address`, offering `inference`. A stranger's program (a
+module shipped with the job's `py_modules`, not in `programs/`) runs `p -> w` on the tiny model,
+submitted with `cluster/runtime_env.local.yaml`: the replicas must run on the inference node and the
+Ray Train worker on the training node (read back from the cluster's state API), the run dir reached
+only through its `storage:` URI in another dir (Ray Train's checkpoints there too), and the job must
+reach SUCCEEDED having joined that cluster (not started its own). A job asking for GPUs the cluster
+does not have must fail within seconds with the reason in its last log line. Every process carrying
+the test's mark (both nodes) is stopped at the end.
 """
 
 import json
@@ -38,10 +42,10 @@ class Head:
     def __init__(self, address: str, token: str, env: dict):
         self.address, self.token, self.env = address, token, env
 
-    def submit(self, job_id: str, *args: str) -> None:
+    def submit(self, job_id: str, *args: str, runtime_env: Path | None = None) -> None:
         subprocess.run([RAY, "job", "submit", "--address", self.address, "--submission-id", job_id, "--no-wait",
-                        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.local.yaml", "--",
-                        "python", "-m", "engine", *args], cwd=ROOT, env=self.env, check=True,
+                        "--working-dir", ".", "--runtime-env", str(runtime_env or "cluster/runtime_env.local.yaml"),
+                        "--", "python", "-m", "engine", *args], cwd=ROOT, env=self.env, check=True,
                        capture_output=True, timeout=120)
 
     def _get(self, path: str):
@@ -77,33 +81,95 @@ def head(tiny_model):
                      RAY_AUTH_TOKEN_PATH=str(Path(temp) / "token"), **{CHILD_CLEANUP: "1"})
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
+                    "--resources", json.dumps({"training": 1}), "--include-dashboard=true", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--resources",
+                    json.dumps({"inference": 1}), f"--dashboard-agent-listen-port={free_port()}",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     yield Head(f"http://127.0.0.1:{dashboard}", token, env)
     kill_marked(mark)
 
 
-def test_a_small_iris_run_succeeds_and_an_impossible_one_fails_fast(head, tmp_path):
-    config = tmp_path / "iris_small.yaml"
+def _state(head: Head, kind: str) -> list[dict]:
+    """Ray's state API over the dashboard (dead actors included): ``actors`` or ``nodes``."""
+    return head._get(f"/api/v0/{kind}?detail=true&limit=10000")["data"]["result"]["result"]
+
+
+STRANGER = """
+import dspy
+
+
+class Lenient(dspy.ChatAdapter):
+    def parse(self, signature, completion):  # the random tiny model never writes the field markers
+        return {name: "forty two" for name in signature.output_fields}
+
+
+class OneStep(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        with dspy.context(adapter=Lenient()):
+            return self.answer(question=question)
+
+
+def Program():
+    return OneStep()
+
+
+def load_splits(seed=0):
+    rows = [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question") for i in range(30)]
+    return rows[:12], rows[12:18], rows[18:]
+
+
+def metric(example, prediction, trace=None):
+    return int(example.question.split()[2]) % 2 == 0  # half the examples pass, whatever the model says
+"""
+
+
+def test_replicas_and_training_land_on_their_nodes_and_an_impossible_job_fails_fast(head, tmp_path):
+    package = tmp_path / "modules" / "stranger_prog"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(STRANGER)
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.local.yaml").read_text())
+    runtime_env["py_modules"] = [str(package)]  # the user's program travels with the job
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    config = tmp_path / "stranger.yaml"
     config.write_text(yaml.safe_dump({
-        "program": "iris", "model": "tiny-llama", "strategy": "p", "train_size": 6, "val_size": 3, "replicas": 1,
-        "max_tokens": 16, "adapter": "chat", "threads": 8, "run_dir": str(tmp_path / "run"),
-        "storage": (tmp_path / "store").as_uri(),
-        "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 1, "max_labeled_demos": 2}}))
-    head.submit("tandem-small", "run", "--config", str(config))
-    status, logs = head.wait("tandem-small", 600)
+        "program": "stranger_prog", "model": "tiny-llama", "strategy": "p -> w", "train_size": 8, "val_size": 4,
+        "test_size": 4, "replicas": 1, "max_tokens": 8, "adapter": "chat", "threads": 8,
+        "run_dir": str(tmp_path / "run"), "storage": (tmp_path / "store").as_uri(),
+        "replica_resources": {"inference": 1},
+        "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 1, "max_labeled_demos": 2},
+        "lora": {"rank": 8, "alpha": 16, "epochs": 1, "lr": 1e-3, "cpus_per_worker": 1, "max_seq_len": 256,
+                 "resources": {"training": 1}}}))
+    head.submit("tandem-two-nodes", "run", "--config", str(config), runtime_env=tmp_path / "runtime_env.yaml")
+    status, logs = head.wait("tandem-two-nodes", 600)
     assert status == "SUCCEEDED", logs[-3000:]
     assert "joined Ray cluster" in logs and "started a local Ray" not in logs  # the job's cluster, not a new one
-    best = json.loads((tmp_path / "store" / "best.json").read_text())  # the run dir reached the storage
-    scores = {name: json.loads((tmp_path / "store" / name / "step.json").read_text())["score"]
-              for name in ("00_baseline", "01_p")}
-    assert best["program"] == "iris" and best["score"] == max(scores.values())
-    assert best["strategy"] == ("" if scores["00_baseline"] >= scores["01_p"] else "p")  # ties keep the earlier
-    assert (tmp_path / "store" / "01_p" / "step.json").is_file() and (tmp_path / "store" / "report.md").is_file()
+
+    nodes = {n["node_id"]: n["resources_total"] for n in _state(head, "nodes")}
+    inference = next(i for i, r in nodes.items() if "inference" in r)
+    training = next(i for i, r in nodes.items() if "training" in r)
+    actors = _state(head, "actors")
+    replicas = [a for a in actors if a["class_name"] == "LMReplica"]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert len(replicas) == 2 and all(a["node_id"] == inference for a in replicas)  # launched, relaunched
+    assert workers and all(a["node_id"] == training for a in workers)
+
+    store = tmp_path / "store"
+    w = json.loads((store / "02_w" / "step.json").read_text())  # the run dir reached the storage
+    (trained,) = w["extra"]["trained"]
+    assert trained["adapter"].startswith("tiny-llama:ft-02-") and w["extra"]["rows"] > 0
+    assert (store / "adapters" / Path(trained["adapter_path"]).name / "adapter_model.safetensors").is_file()
+    assert list((store / "ray_train" / "ft-02").iterdir())  # Ray Train's checkpoints went to the storage URI
+    assert json.loads((store / "best.json").read_text())["program"] == "stranger_prog"
+    assert not (tmp_path / "run" / "ray_train").exists()
 
     started = time.monotonic()
     head.submit("tandem-gpu", "run", "--config", str(config), "--gpus-per-replica", "1",
-                "--run-dir", str(tmp_path / "run-gpu"))
+                "--run-dir", str(tmp_path / "run-gpu"), runtime_env=tmp_path / "runtime_env.yaml")
     status, logs = head.wait("tandem-gpu", 180)
     assert status == "FAILED" and time.monotonic() - started < 120, logs[-2000:]
     last = logs.strip().splitlines()[-1]

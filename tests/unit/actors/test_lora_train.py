@@ -174,3 +174,26 @@ def test_start_timeout_sets_the_ray_train_variable_only_inside_the_block(monkeyp
             assert os.environ[START_TIMEOUT_ENV] == "7.5"
             raise KeyError("fit failed")
     assert os.environ.get(START_TIMEOUT_ENV) == before
+
+
+def test_local_training_data_travels_by_value_and_uris_are_read_where_they_are(tmp_path):
+    import ray
+
+    from actors import connect
+    from actors.lora_train import read_rows, ship, write_rows
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+             "predictor": "p"} for i in range(3)]
+    write_rows(rows, tmp_path / "rows.parquet")
+    assert ship("s3://bucket/rows.parquet") == "s3://bucket/rows.parquet"  # each worker reads a URI itself
+    started = not ray.is_initialized()
+    connect(num_cpus=1)
+    try:
+        shipped = ship(str(tmp_path / "rows.parquet"))
+        (tmp_path / "rows.parquet").unlink()  # the workers never need the driver's file
+        expected = [r["messages"] for r in rows]
+        assert isinstance(shipped, ray.ObjectRef) and read_rows(shipped) == expected
+        assert ray.get(ray.remote(num_cpus=0)(read_rows).remote(shipped)) == expected  # a task gets the rows
+    finally:
+        if started:
+            ray.shutdown()

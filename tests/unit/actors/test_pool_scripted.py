@@ -3,6 +3,7 @@ launches on real Ray actors with scripted engines."""
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 
@@ -149,7 +150,9 @@ def test_adapters_load_everywhere_and_survive_restart(ray_local, model_dir, tmp_
             pool.load_adapter("base:ft-01", _adapter(tmp_path, "v2"))
         out = pool.router.map([GenerateRequest("base:ft-01", prompt="x") for _ in range(8)])
         assert {c.text for c in out} == {"ok@base:ft-01"} and {c.replica for c in out} == {0, 1}
-        # a crashed replica is restarted by Ray and reloads the pool's adapters from its state
+        # a crashed replica is restarted by Ray and reloads the pool's adapters from its state: from the
+        # files the pool shipped, not from the driver's path (gone now, as on a node that never saw it)
+        shutil.rmtree(path)
         victim = pool._replicas[0][0]
         old_pid = wait_healthy(victim)["pid"]
         ray.kill(victim, no_restart=False)

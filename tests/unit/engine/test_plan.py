@@ -93,3 +93,27 @@ def test_fewer_workers_are_suggested_only_when_they_divide_the_effective_batch()
     cfg = _gpu(replicas=3, lora=LoraTrainConfig(num_workers=4, micro_batch_size=2, use_gpu=True, cpus_per_worker=4))
     three_gpus = [Node("10.0.0.1", {"CPU": 48.0, "GPU": 3.0})]
     assert suggest(cfg, three_gpus) == "--lora-num-workers 2"  # 3 workers x 2 would not make a batch of 8
+
+
+def test_custom_resources_pin_replicas_and_training_workers_to_their_nodes():
+    nodes = [Node("10.0.0.1", {"CPU": 8.0, "GPU": 2.0, "training": 1.0}),
+             Node("10.0.0.2", {"CPU": 8.0, "GPU": 2.0, "inference": 2.0})]
+    cfg = _gpu(replicas=2, lifecycle="hotswap", replica_resources={"inference": 1},
+               lora=LoraTrainConfig(num_workers=1, micro_batch_size=2, use_gpu=True, cpus_per_worker=4,
+                                    resources={"training": 1}))
+    prompt, weight = make_plan(cfg, nodes)
+    assert [p.node for p in prompt.placed] == ["10.0.0.2"] * 2  # not the first node, which has room too
+    assert {p.what: p.node for p in weight.placed}["training worker 0"] == "10.0.0.1"
+    check([prompt, weight])
+    with pytest.raises(ValueError, match="replica 2 needs 4 CPU, 1 GPU, 1 inference on one node"):
+        check(make_plan(cfg.with_overrides(replicas=3), nodes))
+    assert RunConfig(replica_resources={"inference": 1}).fingerprint() == RunConfig().fingerprint()  # where, not what
+
+
+def test_cpus_and_gpus_are_not_custom_resources():
+    with pytest.raises(ValueError, match="resources is for custom resources"):
+        LoraTrainConfig(resources={"GPU": 1})
+    from actors import ReplicaConfig
+
+    with pytest.raises(ValueError, match="resources is for custom resources"):
+        ReplicaConfig(resources={"CPU": 2})

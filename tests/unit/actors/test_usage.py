@@ -5,34 +5,17 @@ import uuid
 
 import dspy
 import pytest
-from dspy import lm15
 
 from actors import usage
 from actors.usage import Costs
 from engine.better_together import BetterTogether
 from engine.evaluate import run_all
 from engine.prompt_step import PromptStep
-
-
-class Echo:
-    """Answers the question back; 7 prompt and 3 completion tokens per call."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def complete(self, request):
-        self.calls += 1
-        question = request.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0]
-        text = f"[[ ## answer ## ]]\n{question.replace('q', 'a')}\n\n[[ ## completed ## ]]"
-        return lm15.Response(id=None, model=request.model, message=lm15.Message.assistant(text),
-                             finish_reason="stop", usage=lm15.Usage(input_tokens=7, output_tokens=3))
+from tests.unit.engine.test_better_together import RuleEngine
 
 
 def _program(cache: bool):
-    engine = Echo()
+    engine = RuleEngine(smart=True)  # right answers; 1 prompt and 1 completion token per call
     program = dspy.Predict("question -> answer")
     program.set_lm(dspy.LM(f"echo-{uuid.uuid4().hex[:8]}", engine=engine, cache=cache))  # a new cache key space
     return program, engine
@@ -55,7 +38,7 @@ def test_calls_from_threads_cache_hits_and_tokens_are_counted():
         costs = meter.costs()
     assert engine.calls == 6
     assert (costs.lm_calls, costs.requests, costs.cache_hits) == (8, 6, 2)
-    assert (costs.prompt_tokens, costs.completion_tokens) == (42, 18)
+    assert (costs.prompt_tokens, costs.completion_tokens) == (6, 6)
     assert usage.active() is None and usage.now() is None  # nothing counts outside the block
 
 
@@ -81,7 +64,7 @@ def test_each_step_records_what_it_spent_and_the_steps_add_up(tmp_path):
     assert steps[0]["lm_calls"] == 4  # the baseline: one call per valset example
     assert steps[1]["lm_calls"] > 4  # bootstrapping + 4 candidates x 4 examples + the winner on the valset
     assert sum(s["lm_calls"] for s in steps) == total.lm_calls == engine.calls
-    assert sum(s["prompt_tokens"] for s in steps) == 7 * engine.calls
+    assert sum(s["prompt_tokens"] for s in steps) == engine.calls
 
 
 def test_costs_subtract_add_and_round_trip_through_json():

@@ -99,12 +99,12 @@ def smollm2_model():
 
 @pytest.fixture(scope="session")
 def iris_smollm2_run(tmp_path_factory, smollm2_model):
-    """The session's one real `tandem run` on SmolLM2 (killed and resumed; see ``iris_run``)."""
-    from tests.integration.iris_run import killed_and_resumed
+    """The session's one real `tandem run` on SmolLM2 (see ``iris_run``)."""
+    from tests.integration.iris_run import finished_run
 
     if ray.is_initialized():  # the CLI starts its own local Ray; free the cores of the test session's
         ray.shutdown()
-    return killed_and_resumed(tmp_path_factory.mktemp("iris-smollm2"))
+    return finished_run(tmp_path_factory.mktemp("iris-smollm2"))
 
 
 def make_adapter(model_dir: str, out_dir, rank: int = 8, seed: int = 0) -> str:

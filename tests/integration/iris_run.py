@@ -1,23 +1,19 @@
-"""The suite's one `tandem run` on SmolLM2-135M (Iris, p -> w -> p, small budget), killed and resumed.
+"""The suite's one `tandem run` on SmolLM2-135M (Iris, p -> w -> p, small budget), through the CLI.
 
-Shared by the resume test (which checks the run) and the serve test (which serves its fine-tuned
-step), so the suite pays for one real run, not two. The driver is killed hard (SIGKILL to its
-process group) once the first prompt step is stored; the rerun on the same run dir must skip the
-stored steps and finish.
+Shared by the run tests (which check the run, its console, costs and MLflow record) and the serve
+test (which serves its fine-tuned step), so the suite pays for one real run, not two. Resuming a
+stopped run is tested on the tiny model (``tests/integration/engine/test_user_program.py``: SIGTERM
+in the weight step, then the same command again).
 """
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from tests.integration.processes import kill_marked, marked_env, new_mark
+from tests.integration.processes import kill_marked, left_behind, marked_env, new_mark
 
 CONFIG = {
     "program": "iris", "model": "smollm2-135m-instruct", "strategy": "p -> w -> p", "seed": 0,
@@ -28,32 +24,22 @@ CONFIG = {
 
 
 @dataclass(frozen=True)
-class KilledAndResumed:
+class FinishedRun:
     run_dir: Path
-    stored_01_p: dict  # 01_p/step.json as the killed run left it
-    out: str  # what the resumed run printed
+    out: str  # what the run printed (its console)
     returncode: int
+    left: list[str]  # processes of the run still alive after it exited (then killed)
 
 
-def _tandem(args: list[str], mark: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine", *args], stdout=subprocess.PIPE, env=marked_env(mark),
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def killed_and_resumed(home: Path) -> KilledAndResumed:
+def finished_run(home: Path) -> FinishedRun:
     run_dir = home / "rundir"
     (home / "iris.yaml").write_text(yaml.safe_dump({**CONFIG, "run_dir": str(run_dir)}))
     mark = new_mark()
-    first = _tandem(["run", "--config", str(home / "iris.yaml")], mark, start_new_session=True)
-    deadline = time.time() + 600
-    while not (run_dir / "01_p" / "step.json").exists():
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.time() < deadline, "first step did not finish in time"
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver dies between steps, without any cleanup
-    first.wait()
-    kill_marked(mark)  # its local Ray and replicas, orphaned; nobody else's
-    stored = json.loads((run_dir / "01_p" / "step.json").read_text())
-    second = _tandem(["run", "--config", str(home / "iris.yaml")], new_mark())
-    out, _ = second.communicate(timeout=1200)
-    return KilledAndResumed(run_dir, stored, out, second.returncode)
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "--config", str(home / "iris.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=marked_env(mark))
+    try:
+        out, _ = proc.communicate(timeout=1200)
+        left = left_behind(mark)
+    finally:
+        kill_marked(mark)  # nothing of a failed or timed-out run is left for the rest of the session
+    return FinishedRun(run_dir, out, proc.returncode, left)

@@ -4,9 +4,10 @@ A head is started with `ray start --head` on free ports in its own temp dir, wit
 authentication on (Ray 2.60 turns it on for `ray start` whenever a token file exists, and the
 `ray job` CLI then needs `RAY_AUTH_MODE=token` to send it), offering a custom resource `training`;
 a second node joins it with `ray start --address`, offering `inference`. A stranger's program (a
-module shipped with the job's `py_modules`, not in `programs/`) runs `p -> w` on the tiny model,
-submitted with `cluster/runtime_env.local.yaml`: the replicas must run on the inference node and the
-Ray Train worker on the training node (read back from the cluster's state API), the run dir reached
+module shipped with the job's `py_modules`, not in `programs/`) runs `p -> w` on the tiny model in the
+`hotswap` lifecycle, submitted with `cluster/runtime_env.local.yaml`: the replica must run on the
+inference node and keep serving while the Ray Train worker trains on the training node (read back
+from the cluster's state API), then serve the adapter it was sent through the object store; the run dir reached
 only through its `storage:` URI in another dir (Ray Train's checkpoints there too), and the job must
 reach SUCCEEDED having joined that cluster (not started its own). A job asking for GPUs the cluster
 does not have must fail within seconds with the reason in its last log line. Every process carrying
@@ -138,7 +139,7 @@ def test_replicas_and_training_land_on_their_nodes_and_an_impossible_job_fails_f
     config = tmp_path / "stranger.yaml"
     config.write_text(yaml.safe_dump({
         "program": "stranger_prog", "model": "tiny-llama", "strategy": "p -> w", "train_size": 8, "val_size": 4,
-        "test_size": 4, "replicas": 1, "max_tokens": 8, "adapter": "chat", "threads": 8,
+        "test_size": 4, "replicas": 1, "max_tokens": 8, "adapter": "chat", "threads": 8, "lifecycle": "hotswap",
         "run_dir": str(tmp_path / "run"), "storage": (tmp_path / "store").as_uri(),
         "replica_resources": {"inference": 1},
         "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 1, "max_labeled_demos": 2},
@@ -155,7 +156,7 @@ def test_replicas_and_training_land_on_their_nodes_and_an_impossible_job_fails_f
     actors = _state(head, "actors")
     replicas = [a for a in actors if a["class_name"] == "LMReplica"]
     workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
-    assert len(replicas) == 2 and all(a["node_id"] == inference for a in replicas)  # launched, relaunched
+    assert len(replicas) == 1 and replicas[0]["node_id"] == inference  # kept serving while the other node trained
     assert workers and all(a["node_id"] == training for a in workers)
 
     store = tmp_path / "store"

@@ -1,6 +1,6 @@
 """Serve a real run dir over real HTTP: Ray Serve on CPU, vLLM-CPU, the run's LoRA adapter.
 
-The run dir is the session's SmolLM2-135M Iris run (``p -> w -> p``, shared with the resume test); of
+The run dir is the session's SmolLM2-135M Iris run (``p -> w -> p``, shared with the run tests); of
 its steps on the fine-tuned LM (``02_w``, ``03_p``) the one with the best valset score is served,
 whatever won, so the LM deployment runs the LoRA adapter and some answers parse. Every route is
 called with an HTTP client (and the OpenAI SDK); answers are checked against the same program
@@ -28,7 +28,7 @@ TOKEN = "test-token"
 
 @pytest.fixture(scope="module")
 def run_dir(iris_smollm2_run):
-    """The session's SmolLM2 run (p -> w -> p on Iris), shared with the resume test."""
+    """The session's SmolLM2 run (p -> w -> p on Iris), shared with the run tests."""
     assert iris_smollm2_run.returncode == 0, iris_smollm2_run.out[-3000:]
     return iris_smollm2_run.run_dir
 

@@ -1,9 +1,9 @@
-"""`tandem run` end to end on SmolLM2-135M (small budget): p -> w -> p, killed and resumed.
+"""`tandem run` end to end on SmolLM2-135M (small budget): p -> w -> p through the CLI.
 
-The run is the session's shared one (``tests/integration/iris_run.py``): the driver was killed once
-the first prompt step was stored; the rerun on the same run dir must have skipped the stored steps,
-fine-tuned, relaunched the replicas with the adapter, and finished with the report, chart and
-winning program, each step scored on held-out test examples.
+The run is the session's shared one (``tests/integration/iris_run.py``): it must have fine-tuned,
+relaunched the replicas with the adapter, and finished with the report, chart and winning program,
+each step scored on held-out test examples, leaving no process behind; its console is short, its
+log has the rest, and every step says what it spent.
 """
 
 import json
@@ -15,12 +15,10 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_killed_run_resumes_and_finishes(iris_smollm2_run):
+def test_the_run_finishes_with_every_step_and_leaves_nothing_running(iris_smollm2_run):
     run_dir, out = iris_smollm2_run.run_dir, iris_smollm2_run.out
     assert iris_smollm2_run.returncode == 0, out[-3000:]
-    assert "00_baseline (baseline): done in an earlier run" in out
-    assert "01_p (p): done in an earlier run" in out
-    assert json.loads((run_dir / "01_p" / "step.json").read_text()) == iris_smollm2_run.stored_01_p  # not redone
+    assert iris_smollm2_run.left == []
 
     steps = sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit())
     assert steps == ["00_baseline", "01_p", "02_w", "03_p"], (steps, out[-3000:])
@@ -54,15 +52,15 @@ def test_killed_run_resumes_and_finishes(iris_smollm2_run):
 
 
 def test_the_console_is_short_and_the_log_has_everything(iris_smollm2_run):
-    """What the resumed run printed is Tandem's own lines and the table; vLLM's, Ray's and Ray
-    Train's output went to RUN_DIR/logs/tandem.log, which both invocations appended to."""
+    """What the run printed is Tandem's own lines and the table; vLLM's, Ray's and Ray Train's
+    output went to RUN_DIR/logs/tandem.log."""
     run_dir, out = iris_smollm2_run.run_dir, iris_smollm2_run.out
     lines = out.splitlines()
     assert len(lines) < 40, out
     assert not any(noise in out for noise in ("EngineCore", "(LMReplica", "RayTrainWorker", "Started a local Ray"))
     assert f"full log: {run_dir / 'logs' / 'tandem.log'}" in out
     log = (run_dir / "logs" / "tandem.log").read_text()
-    assert log.count("Started a local Ray") == 2  # the killed run's and the resumed run's
+    assert log.count("Started a local Ray") == 1
     assert "EngineCore" in log and "RayTrainWorker" in log and "step 'p -> w -> p'" in log
 
 
@@ -77,16 +75,15 @@ def test_each_step_and_the_run_say_what_they_spent(iris_smollm2_run):
     assert spent["03_p"]["train_device_s"] == 0 and spent["03_p"]["lm_calls"] > spent["00_baseline"]["lm_calls"]
     best = json.loads((run_dir / "best.json").read_text())
     assert best["test_costs"]["lm_calls"] == 4 * 12  # every step's program on the 12 test examples
-    this_run = ("02_w", "03_p")  # the resumed invocation's; best.json counts this invocation only
-    assert best["costs"]["lm_calls"] == sum(spent[s]["lm_calls"] for s in this_run) + best["test_costs"]["lm_calls"]
+    assert best["costs"]["lm_calls"] == sum(s["lm_calls"] for s in spent.values()) + best["test_costs"]["lm_calls"]
     assert best["costs"]["replica_s"] > spent["02_w"]["replica_s"]  # the launch before the first step counts too
     assert re.search(r"^\| p -> w +\|.*\| \d+ LM calls \(\d+ cached\), [\d.k]+\+[\d.k]+ tokens, \d+ replica-s, "
                      r"\d+ train device-s +\|", iris_smollm2_run.out, flags=re.M), iris_smollm2_run.out
 
 
-def test_the_resumed_run_is_tracked_in_mlflow_beside_its_run_dir(iris_smollm2_run):
+def test_the_run_is_tracked_in_mlflow_beside_its_run_dir(iris_smollm2_run):
     """The default store: sqlite beside the run dir; a parent run, a nested run per step, the
-    weight step's loss per epoch, the winner as a model (the killed first run logged nothing)."""
+    weight step's loss per epoch, the winner as a model."""
     from mlflow.tracking import MlflowClient
 
     run_dir, out = iris_smollm2_run.run_dir, iris_smollm2_run.out

@@ -52,7 +52,8 @@ class _Shared:
 
 
 @contextlib.contextmanager
-def bar(desc: str, total: int | None = None, unit: str = "it") -> Iterator[_Shared | _Off]:
+def bar(desc: str, total: int | None = None, unit: str = "it", bar_format: str | None = None
+        ) -> Iterator[_Shared | _Off]:
     """A bar for one phase, erased when the phase ends (``total=None``: a counter with elapsed time).
 
     Example:
@@ -63,8 +64,8 @@ def bar(desc: str, total: int | None = None, unit: str = "it") -> Iterator[_Shar
     if stream is None:
         yield _Off()
         return
-    with tqdm(total=total, desc=desc, unit=unit, file=stream, leave=False, dynamic_ncols=True,
-              mininterval=0.2) as progress:
+    with tqdm(total=total, desc=desc, unit=unit, file=stream, leave=False, mininterval=0.2,
+              bar_format=bar_format) as progress:
         yield _Shared(progress)
 
 
@@ -75,7 +76,7 @@ def ticking(desc: str, every_s: float = 1.0) -> Iterator[None]:
         yield
         return
     done = threading.Event()
-    with bar(desc, unit="s") as progress:
+    with bar(desc, bar_format="{desc}: {elapsed}") as progress:
         def tick() -> None:
             while not done.wait(every_s):
                 progress.refresh()

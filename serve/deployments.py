@@ -11,7 +11,9 @@ program's signature, known only once the run dir is read). Any ``dspy.Module`` i
 ``HandleEngine`` awaits the handle) and a sync-only ``forward`` program in a bounded pool of worker
 threads (``max_threads``; the LM's ``SyncHandleEngine`` blocks on ``.remote(...).result()``, which
 Serve allows off the event loop while its router runs in a separate loop — the default; with
-``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` sync-only programs fail). Does not know HTTP details.
+``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` sync-only programs fail). A call whose LM replica dies
+under it (``RayActorError``) is sent again, to a live replica, up to ``RESENDS`` times, then fails as
+``PoolUnavailableError`` (503), as the optimizer's router does. Does not know HTTP details.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import os
 import dspy
 from dspy import lm15
 from ray import serve
+from ray.exceptions import RayActorError
 
 from actors import device
 from actors.client import SUPPORTED_PARAMS, lm15_errors, to_generate_request, to_response
 from actors.config import ReplicaConfig
+from actors.errors import PoolUnavailableError, own_message
 from actors.replica import LMReplica
 from actors.types import Completion, GenerateRequest
 from engine.adapters import make_adapter, stop_for
 from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
 logger = logging.getLogger(__name__)
+RESENDS = 3  # times a request whose LM replica died is sent again
 
 
 
@@ -74,7 +79,12 @@ class HandleEngine:
 
     async def complete(self, request: lm15.Request) -> lm15.Response:
         with lm15_errors():
-            return to_response(await self.handle.generate.remote(to_generate_request(request)))
+            generate = to_generate_request(request)
+            for attempt in range(RESENDS + 1):
+                try:
+                    return to_response(await self.handle.generate.remote(generate))
+                except RayActorError as exc:  # its LM replica died: Serve sends it to a live one
+                    _lost(attempt, exc)
 
     async def aclose(self) -> None:
         """Nothing to close: Serve owns the LM replicas."""
@@ -85,7 +95,21 @@ class SyncHandleEngine(HandleEngine):
 
     def complete(self, request: lm15.Request) -> lm15.Response:  # type: ignore[override]
         with lm15_errors():
-            return to_response(self.handle.generate.remote(to_generate_request(request)).result())
+            generate = to_generate_request(request)
+            for attempt in range(RESENDS + 1):
+                try:
+                    return to_response(self.handle.generate.remote(generate).result())
+                except RayActorError as exc:
+                    _lost(attempt, exc)
+
+
+def _lost(attempt: int, exc: Exception) -> None:
+    """A call met a dying LM replica: send it again (greedy decoding: the same answer), or give up
+    as ``PoolUnavailableError`` (503) after ``RESENDS`` resends, as the optimizer's router does."""
+    if attempt >= RESENDS:
+        raise PoolUnavailableError(f"the LM replicas died under this request {RESENDS + 1} times: "
+                                   f"{type(exc).__name__}: {own_message(exc)}") from exc
+    logger.warning("an LM replica died under a request (%s); sending it again", type(exc).__name__)
 
     def close(self) -> None:
         """Nothing to close."""

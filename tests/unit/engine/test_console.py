@@ -51,3 +51,46 @@ def test_a_second_run_appends_to_the_log(tmp_path):
         subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, timeout=60,
                        check=True)
     assert log.read_text().count("a child process") == 2
+
+
+BARS = textwrap.dedent('''
+    import logging, sys, time
+    from actors import progress
+    from engine import console
+
+    logging.basicConfig(level=logging.INFO)
+    with console.quiet(sys.argv[1]):
+        with progress.bar("evaluate 'p' (6 x 15)", total=30, unit="run") as bar:
+            for _ in range(30):
+                bar.update()
+                time.sleep(0.01)
+        logging.getLogger("engine.run").info("the step's line")
+''')
+
+
+def test_bars_are_drawn_and_erased_on_a_terminal_and_never_written_into_a_pipe(tmp_path):
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", BARS, str(tmp_path / "a.log")], stdin=slave, stdout=slave,
+                            stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=60) == 0
+    screen = seen.decode(errors="replace")
+    assert "evaluate 'p' (6 x 15):" in screen and "/30" in screen  # drawn while the phase ran
+    last = screen.rstrip().splitlines()[-1]
+    assert last.endswith("the step's line") and "evaluate" not in last.split("\r")[-1]  # erased, the line stays
+    piped = subprocess.run([sys.executable, "-c", BARS, str(tmp_path / "b.log")], capture_output=True, text=True,
+                           timeout=60)
+    assert "evaluate" not in piped.stdout + piped.stderr and "the step's line" in piped.stderr
+    assert "evaluate" not in (tmp_path / "b.log").read_text()  # nor into the log

@@ -16,6 +16,13 @@ from actors.models import EMBEDDED
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def custom_resources(resources: Mapping[str, float], instead: str) -> dict[str, float]:
+    """``resources`` as floats, refused when it names CPUs, GPUs or memory (``instead`` says which knobs set those)."""
+    if {"CPU", "GPU", "memory"} & set(resources):
+        raise ValueError(f"resources is for custom resources; set CPUs and GPUs with {instead}")
+    return {k: float(v) for k, v in resources.items()}
+
+
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
     if "default_factory" in kw:
         return field(metadata={"help": text}, **kw)
@@ -50,9 +57,7 @@ class ReplicaConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine_kwargs", dict(self.engine_kwargs))  # a private copy
-        object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
-        if {"CPU", "GPU", "memory"} & set(self.resources):
-            raise ValueError("resources is for custom resources; set CPUs and GPUs with num_cpus / num_gpus")
+        object.__setattr__(self, "resources", custom_resources(self.resources, "num_cpus / num_gpus"))
         if self.max_lora_rank not in _LORA_RANKS:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be one of {_LORA_RANKS} (vLLM's rule)")
         for name in ("max_model_len", "max_loras", "tensor_parallel_size"):

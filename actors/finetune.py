@@ -83,7 +83,6 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
         for tag, data in datasets.items():
             version = f"{prefix}-{_slug(tag)}" if tag else prefix
             staging = root / f".staging-{version}"
-            data = data if "://" in str(data) else Path(data).resolve()  # workers run in other dirs
             started = time.monotonic()
             try:
                 with progress.ticking(f"training {version} ({train.num_workers} worker(s), {train.epochs} epoch(s))"):

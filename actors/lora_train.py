@@ -41,6 +41,7 @@ from typing import Any, Iterable
 
 from pydantic import field_validator
 
+from actors.config import custom_resources
 from actors.lora_guards import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, RowCheck, check_cluster,
                                 cluster_now, learnable, non_finite_message, run_config, start_timeout, wait_message,
                                 worker_resources)
@@ -100,8 +101,7 @@ class LoraTrainConfig:
         return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in vars(self).values()))
 
     def __post_init__(self) -> None:
-        if {"CPU", "GPU", "memory"} & set(self.resources):
-            raise ValueError("resources is for custom resources; set CPUs and GPUs with cpus_per_worker / use_gpu")
+        custom_resources(self.resources, "cpus_per_worker / use_gpu")
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "num_workers",
                      "cpus_per_worker"):
             if getattr(self, name) < 1:

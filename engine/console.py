@@ -27,7 +27,6 @@ OURS = ("tandem", "engine", "actors", "serve", "programs")
 FILE_ONLY = {"console": False}  # ``logger.info(..., extra=FILE_ONLY)``: in the log file, not on the console
 
 _out: IO[str] | None = None  # the terminal's stdout while ``quiet`` runs
-_log_path: Path | None = None
 
 
 class _ConsoleFilter(logging.Filter):
@@ -52,7 +51,7 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
         >>> with quiet("runs/x/logs/tandem.log"):  # doctest: +SKIP
         ...     run(cfg)
     """
-    global _out, _log_path
+    global _out
     path = Path(log_path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -69,14 +68,14 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
     handler.setFormatter(_ConsoleFormatter())
     root = logging.getLogger()
     root.addHandler(handler)
-    _out, _log_path = out, path
+    _out = out
     progress.show_on(err if err.isatty() else None)
     try:
         yield path
     finally:
         progress.show_on(None)
         root.removeHandler(handler)
-        _out, _log_path = None, None
+        _out = None
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
@@ -95,8 +94,3 @@ def echo(text: str) -> None:
     _out.write(text + "\n")
     _out.flush()
     print(text, flush=True)  # fd 1: the log file
-
-
-def log_path() -> Path | None:
-    """The file ``quiet`` writes to (None outside it)."""
-    return _log_path

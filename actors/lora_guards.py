@@ -139,8 +139,9 @@ def wait_message(cfg: LoraTrainConfig, free: dict) -> str:
 
 
 def run_config(cfg: LoraTrainConfig, name: str, storage_path: str):
-    """Ray Train's RunConfig: ``max_failures`` retries of a failed worker group, no retry of one that
-    cannot start (Ray's default, -1, retries a start timeout forever)."""
+    """Ray Train's RunConfig: ``max_failures`` retries of a failed worker group, no retry of a start
+    timeout (``controller_failure_limit`` 0; Ray's default, -1, retries it forever). A worker that dies
+    while the group starts is charged to ``max_failures`` by ``actors.lora_trainer``, not to this limit."""
     from ray.train import FailureConfig, RunConfig
 
     return RunConfig(name=name, storage_path=storage_path,

@@ -9,7 +9,7 @@ token counts, clipping, warmup and lr schedule), and saving the adapter as a Ray
 Workers run DDP (``no_sync`` inside a window), or — for models whose weights do not fit one device
 — DeepSpeed ZeRO (stage 1-3, optional CPU offload of the optimizer state).
 ``train_loop`` is a plain function: benchmarks run it without Ray. Data comes as a Parquet
-dataset of ``messages`` (JSON) rows (see ``read_rows``); a local file's rows reach the workers
+dataset of ``messages`` (JSON) rows (``actors.train_rows``); a local file's rows reach the workers
 through the object store, so workers on nodes that cannot see the driver's files train the same.
 Faults become clear errors (``actors.lora_guards`` holds the checks, their messages and the
 errors, which are importable from here too): rows whose prompt fills ``max_seq_len`` (nothing to
@@ -17,9 +17,9 @@ learn; an all-masked micro-batch has loss NaN) are dropped and counted, and if n
 zero-CPU task says so before any worker starts (``NoCompletionError``); a NaN/inf loss, agreed by
 all ranks per micro-batch, stops them all (``NonFiniteLossError``, no adapter). Both come back as
 rank 0's return value, since Ray Train retries a raised error ``max_failures`` times, which is
-kept for workers that die. Workers the cluster can never hold are refused at once; busy resources
-are waited for ``resource_wait_s`` at most, then ``ResourceWaitTimeout`` names what it waited for
-and what is free.
+kept for workers that die (also while they start: ``actors.lora_trainer`` builds the trainer).
+Workers the cluster can never hold are refused at once; busy resources are waited for
+``resource_wait_s`` at most, then ``ResourceWaitTimeout`` names what it waited for and what is free.
 Does not know DSPy or the pool. torch/peft/transformers are imported inside the workers.
 """
 
@@ -30,24 +30,23 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import field_validator
 
 from actors.config import custom_resources
 from actors.lora_guards import (NoCompletionError, NonFiniteLossError, ResourceWaitTimeout, RowCheck, check_cluster,
-                                cluster_now, learnable, non_finite_message, run_config, start_timeout, wait_message,
-                                worker_resources)
+                                cluster_now, learnable, non_finite_message, start_timeout, wait_message)
 from actors.lora_optim import (SCHEDULES, TrainLog, clip_and_step, completion_tokens, current_lr, deepspeed_config,
                                finite_on_every_rank, gathered, optimizer_steps, scheduler, sum_on_every_rank,
                                weights_held, window_tokens)
+from actors.train_rows import read_rows, ship
 from actors.typed_config import typed_config
 
 logger = logging.getLogger(__name__)
@@ -416,50 +415,6 @@ def _collate(items, pad: int, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> int:
-    """Write chat rows (``messages`` lists plus metadata) as a Parquet file; returns the row count."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = list(rows)
-    table = pa.table({
-        "messages": [json.dumps(r["messages"]) for r in rows],
-        "predictor": [r.get("predictor", "") for r in rows],
-        "example_index": [int(r.get("example_index", -1)) for r in rows],
-    })
-    pq.write_table(table, str(path))
-    return len(rows)
-
-
-def read_rows(path) -> list[list[dict]]:
-    """The ``messages`` lists of a Parquet file or dir (local path or pyarrow-filesystem URI), or of
-    rows ``train_lora`` shipped through the object store (an ObjectRef, or the rows themselves).
-
-    Workers read the data themselves rather than through Ray Data: Ray Data's planning and read
-    tasks each need a CPU, and while the replicas and the training workers hold every core (a
-    2-core machine, or a cluster packed on purpose) they never get one.
-    """
-    if isinstance(path, list):
-        return path
-    if not isinstance(path, str):  # an ObjectRef of the rows
-        import ray
-
-        return ray.get(path)
-    import pyarrow.parquet as pq
-
-    return [json.loads(m) for m in pq.read_table(path, columns=["messages"]).column("messages").to_pylist()]
-
-
-def ship(data_path: str):
-    """What the workers read: a URI as it is (each worker reads it), a local file's rows through the
-    object store (a worker on another node cannot see the driver's files)."""
-    if "://" in str(data_path):
-        return str(data_path)
-    import ray
-
-    return ray.put(read_rows(str(data_path)))
-
-
 _FAILURES = {"NoCompletionError": NoCompletionError, "NonFiniteLossError": NonFiniteLossError}
 
 
@@ -515,14 +470,11 @@ def train_lora(cfg: LoraTrainConfig, model_path: str, data_path: str, out_dir: s
 def _fit(cfg: LoraTrainConfig, loop_config: dict, storage_path: str, name: str):
     """Run ``train_loop`` on Ray Train; its failures and a timed-out resource wait become our errors."""
     import ray
-    from ray.train import ControllerError, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import ControllerError
 
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=worker_resources(cfg)),
-        run_config=run_config(cfg, name, storage_path))
+    from actors.lora_trainer import make_trainer  # also retries workers that die while starting
+
+    trainer = make_trainer(cfg, train_loop, loop_config, storage_path, name)
     with start_timeout(cfg.resource_wait_s):
         try:
             result = trainer.fit()

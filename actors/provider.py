@@ -28,8 +28,9 @@ from dspy.clients.utils_finetune import TrainDataFormat
 
 from actors.client import pool_lm
 from actors.finetune import LIFECYCLES, FinetuneResult, finetune
-from actors.lora_train import LoraTrainConfig, write_rows
+from actors.lora_train import LoraTrainConfig
 from actors.pool import ReplicaPool
+from actors.train_rows import write_rows
 
 logger = logging.getLogger(__name__)
 

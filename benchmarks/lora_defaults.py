@@ -71,7 +71,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors import models
-    from actors.lora_train import LoraTrainConfig, read_rows, train_loop
+    from actors.lora_train import LoraTrainConfig, train_loop
+    from actors.train_rows import read_rows
 
     torch.set_num_threads(args.threads)
     model_path = models.resolve(args.model)

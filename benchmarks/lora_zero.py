@@ -39,7 +39,8 @@ def main() -> None:
         ap.error(f"unknown modes {unknown}; valid: {list(MODES)}")
 
     from actors import connect, models
-    from actors.lora_train import LoraTrainConfig, train_lora, write_rows
+    from actors.lora_train import LoraTrainConfig, train_lora
+    from actors.train_rows import write_rows
     from lora_step import iris_rows  # this folder is on sys.path
 
     connect()  # $RAY_ADDRESS, else a local Ray

@@ -27,7 +27,8 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from actors.finetune import LIFECYCLES
-from actors.lora_train import LoraTrainConfig, write_rows
+from actors.lora_train import LoraTrainConfig
+from actors.train_rows import write_rows
 from actors.pool import ReplicaPool
 from actors.provider import TandemProvider
 from engine.bootstrap import bootstrap, chat_rows

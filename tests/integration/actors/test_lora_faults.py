@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from actors.lora_guards import NoCompletionError, NonFiniteLossError, ResourceWaitTimeout
-from actors.lora_train import train_lora, write_rows
+from actors.lora_train import train_lora
+from actors.train_rows import write_rows
 from tests.integration.conftest import lora_b_moved, tiny_train_config
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,8 @@ shard of the weights. 15 rows, so the two workers' shards are evened out by the 
 import pytest
 from safetensors.torch import load_file
 
-from actors.lora_train import train_lora, write_rows
+from actors.lora_train import train_lora
+from actors.train_rows import write_rows
 from tests.integration.conftest import lora_b_moved, tiny_train_config
 
 pytestmark = pytest.mark.integration

@@ -180,7 +180,7 @@ def test_local_training_data_travels_by_value_and_uris_are_read_where_they_are(t
     import ray
 
     from actors import connect
-    from actors.lora_train import read_rows, ship, write_rows
+    from actors.train_rows import read_rows, ship, write_rows
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
              "predictor": "p"} for i in range(3)]

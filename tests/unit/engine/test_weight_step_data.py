@@ -10,7 +10,8 @@ import dspy
 import pytest
 
 from actors.finetune import FinetuneResult
-from actors.lora_train import LoraTrainConfig, read_rows
+from actors.lora_train import LoraTrainConfig
+from actors.train_rows import read_rows
 from actors.provider import TandemProvider
 from engine.better_together import BetterTogether
 from engine.weight_step import WeightStep

@@ -2,8 +2,12 @@
 
 Routes: ``POST /v1/predict`` (one input object, or a non-empty list of them), ``GET /v1/program``
 (signatures as JSON Schema, strategy, validation score, versions), ``POST /v1/chat/completions``
-(OpenAI-compatible, non-streaming, on the fine-tuned LM), ``GET /healthz``, and FastAPI's
-``/docs`` + ``/openapi.json`` with request/response models built from the program's signature.
+(OpenAI-compatible, non-streaming, on the fine-tuned LM), ``GET /healthz`` (readiness: 200 only once
+the caller's ``ready`` check says the program can answer — its LM replicas are up —, else 503 with a
+JSON body naming what is not ready), and FastAPI's ``/docs`` + ``/openapi.json`` with
+request/response models built from the program's signature. A ``Gate`` counts the requests in
+flight and, once draining (the server is stopping), answers every new request 503 with
+``Retry-After`` while those in flight finish.
 Knows: the request and response models, the status codes (422 bad fields/types/empty list, 413
 body over the limit, 401 missing/wrong bearer token on every route but ``/healthz``, 400 an input
 the LM cannot take, 404 an unknown model id, 502 an answer that does not parse, 503 no LM replica,
@@ -12,7 +16,7 @@ the LM cannot take, 404 an unknown model id, 502 an answer that does not parse, 
 ``.cause`` of Ray's task errors (duck-typed), without ANSI codes, cut to ``MAX_MESSAGE`` characters
 and never a traceback; a 500 says only "internal error while answering" with the root cause's type
 and first line, the full detail going to the log with the request id. Does not import Ray, Serve or
-vLLM: the caller passes ``run_program`` and ``chat`` coroutines. (No ``from __future__ import
+vLLM: the caller passes ``run_program``, ``chat`` and ``ready`` coroutines. (No ``from __future__ import
 annotations`` here: FastAPI reads the routes' annotations, which name models built at run time.)
 """
 
@@ -36,11 +40,13 @@ from serve.winner import Field, Winner
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE = 500  # characters of an error message in a response body
+RETRY_AFTER_S = 5  # Retry-After of a 503 while the server starts or stops
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
 _TRACEBACK = "Traceback (most recent call last)"
 
 RunProgram = Callable[[dict], Awaitable[tuple[dict, dict]]]  # inputs -> (outputs, usage)
 Chat = Callable[[GenerateRequest], Awaitable[Completion]]
+Ready = Callable[[], Awaitable[dict]]  # -> {"ready": bool, ...details for the /healthz body}
 
 
 class ChatMessage(pydantic.BaseModel):
@@ -67,8 +73,8 @@ class ChatRequest(pydantic.BaseModel):
 
 
 def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program_info: dict,
-              run_program: RunProgram, chat: Chat, *, token: str | None = None,
-              max_body_bytes: int = 1_000_000, max_batch: int = 64) -> FastAPI:
+              run_program: RunProgram, chat: Chat, *, ready: Ready | None = None, gate: "Gate | None" = None,
+              token: str | None = None, max_body_bytes: int = 1_000_000, max_batch: int = 64) -> FastAPI:
     """The FastAPI app for one winning program (see the module docstring).
 
     Args:
@@ -77,6 +83,9 @@ def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program
         program_info: JSON for ``GET /v1/program`` besides the schemas (predictors, instructions…).
         run_program: runs the program on one input dict; returns (outputs, token usage).
         chat: sends one request to the LM (base model or adapter id).
+        ready: says whether the program can answer now (``{"ready": bool, ...}``, the rest goes
+            into the ``/healthz`` body); None = always ready.
+        gate: counts requests in flight and refuses new ones while draining; None = a fresh one.
         token: bearer token required on every route but ``/healthz``; None = open.
         max_body_bytes: larger request bodies get 413.
         max_batch: most inputs in one ``/v1/predict`` list.
@@ -154,15 +163,96 @@ def build_api(winner: Winner, inputs: list[Field], outputs: list[Field], program
                       "total_tokens": completion.prompt_tokens + completion.completion_tokens},
         }
 
+    gate = gate or Gate()
+
     @app.get("/healthz")
-    async def healthz() -> dict:
-        """Liveness: answers without a token."""
-        return {"status": "ok", "model": winner.model, "program_version": winner.version}
+    async def healthz():
+        """Readiness, without a token: 200 once the program can answer (its LM replicas are up),
+        503 while they start (the body says how many are ready of how many) or while stopping."""
+        base = {"model": winner.model, "program_version": winner.version, "in_flight": gate.in_flight}
+        if gate.draining:
+            return JSONResponse({**base, "status": "stopping", "error": "the server is stopping"}, 503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            state = dict(await ready()) if ready is not None else {"ready": True}
+        except Exception as exc:  # the readiness check itself failed: not ready, and say why
+            state = {"ready": False,
+                     "error": f"readiness check failed: {type(exc).__name__}: {_message(exc, first_line=True)}"}
+        if not state.pop("ready"):
+            state.setdefault("error", "the program cannot answer yet")
+            return JSONResponse({**base, "status": "starting", **state}, 503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return {**base, "status": "ok", **state}
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if token:
         app.add_middleware(BearerToken, token=token, open_paths=("/healthz",))
+    app.add_middleware(GateMiddleware, gate=gate, open_paths=("/healthz",))  # outermost: counts everything
     return app
+
+
+class Gate:
+    """Requests in flight, and draining: once ``drain`` is called new requests get 503 + Retry-After
+    while those in flight finish (at most ``grace_s``). One per served app (the ingress replica's)."""
+
+    def __init__(self):
+        self.in_flight, self.draining = 0, False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> bool:
+        """Count a new request in; False (refuse it) once draining."""
+        if self.draining:
+            return False
+        self.in_flight += 1
+        self._idle.clear()
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, grace_s: float) -> dict:
+        """Refuse new requests from now on; wait until none is in flight, or ``grace_s`` seconds.
+
+        Returns:
+            ``{"in_flight_at_drain": n, "left": m}`` (``m`` > 0: the grace ran out with m unfinished).
+
+        Example:
+            >>> await gate.drain(15.0)  # doctest: +SKIP
+            {'in_flight_at_drain': 2, 'left': 0}
+        """
+        self.draining = True
+        at_drain = self.in_flight
+        logger.info("draining: %d request(s) in flight, new ones get 503 (grace %.0f s)", at_drain, grace_s)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except asyncio.TimeoutError:
+            logger.warning("drain grace of %.0f s ran out with %d request(s) in flight", grace_s, self.in_flight)
+        return {"in_flight_at_drain": at_drain, "left": self.in_flight}
+
+
+class GateMiddleware:
+    """ASGI middleware: counts each HTTP request but ``open_paths`` through the ``Gate``; 503 + Retry-After
+    (``{"error", "type": "ServerStopping", "request_id"}``) once it drains."""
+
+    def __init__(self, app, gate: Gate, open_paths: tuple[str, ...] = ()):
+        self.app, self.gate, self.open_paths = app, gate, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        if not self.gate.enter():
+            rid = dict(scope["headers"]).get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+            return await JSONResponse(
+                {"error": "the server is stopping and takes no new requests; retry shortly (another replica "
+                          "or its restart)", "type": "ServerStopping", "request_id": rid},
+                503, headers={"Retry-After": str(RETRY_AFTER_S)})(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.leave()
 
 
 def error_response(request: Request, exc: Exception) -> JSONResponse:

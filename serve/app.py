@@ -5,12 +5,14 @@ token, body and batch limits, the LM deployment's autoscaling and resources — 
 tensor parallelism and vLLM ``engine_kwargs`` the run was optimized with), turning it into a
 Serve ``Application`` (``build_app``: the LM deployment bound into the program deployment), the
 builder ``app`` for ``serve run serve.app:app run_dir=RUN_DIR`` and Serve config YAML
-(``import_path: serve.app:app`` + ``args``), and starting/stopping Serve for the CLI. The token
+(``import_path: serve.app:app`` + ``args``), and starting/stopping Serve for the CLI (stopping drains
+first: new requests 503 + Retry-After, those in flight get ``DRAIN_GRACE_S`` seconds to finish). The token
 comes from the config or ``$TANDEM_SERVE_TOKEN``. Does not know the HTTP routes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import field
 from typing import Any
@@ -18,6 +20,9 @@ from typing import Any
 from actors.typed_config import from_mapping, typed_config
 
 TOKEN_ENV = "TANDEM_SERVE_TOKEN"
+DRAIN_GRACE_S = 15.0  # seconds the requests in flight get to finish when the server stops (SIGTERM, Ctrl-C)
+
+logger = logging.getLogger(__name__)
 
 
 @typed_config
@@ -115,9 +120,27 @@ def start(cfg: ServeConfig):
     return serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)
 
 
-def stop(cfg: ServeConfig) -> None:
-    """Delete the application and shut Serve down."""
+def stop(cfg: ServeConfig, grace_s: float = DRAIN_GRACE_S) -> None:
+    """Drain the application, then shut Serve down (what ``tandem serve`` does on SIGTERM / Ctrl-C).
+
+    Draining: the program deployment answers every new request 503 with ``Retry-After`` (not the
+    404 of a deleted route) while the requests in flight finish on the still-running LM deployment,
+    for at most ``grace_s`` seconds; then Serve is shut down as a whole (apps and proxies together,
+    so no window of 404s). A drain that fails (the app already gone) is logged and Serve is shut
+    down anyway. The drain call reaches one program replica through the app handle: the program
+    deployment runs one replica (its default; the LM deployment is what scales).
+
+    Args:
+        cfg: the served config (its ``app_name``).
+        grace_s: most seconds the requests in flight get to finish.
+    """
     from ray import serve
 
-    serve.delete(cfg.app_name)
+    try:
+        drained = serve.get_app_handle(cfg.app_name).drain.remote(grace_s).result(timeout_s=grace_s + 30)
+        logger.info("drained %s: %d request(s) were in flight, %d left unfinished after the grace of %.0f s",
+                    cfg.app_name, drained["in_flight_at_drain"], drained["left"], grace_s)
+    except Exception as exc:  # stopping must go on: the app may be gone or broken already
+        logger.warning("could not drain %s (%s: %s); shutting Serve down anyway", cfg.app_name,
+                       type(exc).__name__, exc)
     serve.shutdown()

@@ -13,11 +13,15 @@ threads (``max_threads``; the LM's ``SyncHandleEngine`` blocks on ``.remote(...)
 Serve allows off the event loop while its router runs in a separate loop — the default; with
 ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` sync-only programs fail). A call whose LM replica dies
 under it (``RayActorError``) is sent again, to a live replica, up to ``RESENDS`` times, then fails as
-``PoolUnavailableError`` (503), as the optimizer's router does. Does not know HTTP details.
+``PoolUnavailableError`` (503), as the optimizer's router does. The program deployment is ready
+(``/healthz`` 200) once one LM replica is RUNNING in Serve's status (``lm_readiness``), and drains
+(``drain``: new requests 503, those in flight finish) before Serve shuts down. Does not know HTTP
+details.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -33,6 +37,7 @@ from actors.errors import PoolUnavailableError, own_message
 from actors.replica import LMReplica
 from actors.types import Completion, GenerateRequest
 from engine.adapters import make_adapter, stop_for
+from serve.api import Gate
 from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
 logger = logging.getLogger(__name__)
@@ -93,6 +98,9 @@ class HandleEngine:
 class SyncHandleEngine(HandleEngine):
     """The same, for DSPy's sync path (worker threads only: ``.result()`` refuses an event loop)."""
 
+    def close(self) -> None:
+        """Nothing to close: Serve owns the LM replicas."""
+
     def complete(self, request: lm15.Request) -> lm15.Response:  # type: ignore[override]
         with lm15_errors():
             generate = to_generate_request(request)
@@ -111,8 +119,29 @@ def _lost(attempt: int, exc: Exception) -> None:
                                    f"{type(exc).__name__}: {own_message(exc)}") from exc
     logger.warning("an LM replica died under a request (%s); sending it again", type(exc).__name__)
 
-    def close(self) -> None:
-        """Nothing to close."""
+
+def lm_readiness(states: dict[str, int]) -> dict:
+    """Whether the LM deployment can answer, from Serve's replica states of it.
+
+    Args:
+        states: replica count by state name, e.g. ``{"RUNNING": 1, "STARTING": 1}``.
+
+    Returns:
+        ``{"ready": one replica RUNNING or more, "lm_replicas_ready": RUNNING, "lm_replicas": all but
+        STOPPING, "lm_replica_states": states}`` (the ``/healthz`` body's details), with ``"error"``
+        when not ready.
+
+    Example:
+        >>> lm_readiness({"STARTING": 2})["error"]
+        '0 of 2 LM replicas ready (replica states: STARTING 2)'
+    """
+    running = states.get("RUNNING", 0)
+    wanted = sum(n for state, n in states.items() if state != "STOPPING")
+    out = {"ready": running > 0, "lm_replicas_ready": running, "lm_replicas": wanted, "lm_replica_states": states}
+    if not out["ready"]:
+        listed = ", ".join(f"{state} {n}" for state, n in sorted(states.items())) or "none yet"
+        out["error"] = f"{running} of {wanted} LM replicas ready (replica states: {listed})"
+    return out
 
 
 @serve.deployment(name="program", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
@@ -136,6 +165,20 @@ class ProgramServer:
         self.runner = ProgramRunner(self.program, make_adapter(adapter), [f.name for f in self.outputs],
                                     max_threads=max_threads)
         self.settings = (token, max_body_bytes, max_batch)
+        self.gate = Gate()
+
+    async def ready(self) -> dict:
+        """Whether the program can answer: an LM replica is RUNNING (Serve's status of the LM deployment)."""
+        status = await asyncio.to_thread(serve.status)  # a controller call: off the event loop
+        app = status.applications.get(self.lm.app_name)
+        deployment = app.deployments.get(self.lm.deployment_name) if app else None
+        states = {str(getattr(k, "value", k)): n for k, n in (deployment.replica_states if deployment else {}).items()}
+        return lm_readiness(states)
+
+    async def drain(self, grace_s: float) -> dict:
+        """Refuse new HTTP requests (503 + Retry-After) and wait up to ``grace_s`` for those in flight
+        (``serve.app.stop`` calls it before shutting Serve down, while the LM deployment still answers)."""
+        return await self.gate.drain(grace_s)
 
     async def run_program(self, inputs: dict) -> tuple[dict, dict]:
         """The program's outputs and per-LM token usage for one input (async or worker-thread path)."""
@@ -162,4 +205,5 @@ class ProgramServer:
 
         token, max_body_bytes, max_batch = self.settings
         return build_api(self.winner, self.inputs, self.outputs, self.program_info(), self.run_program, self.chat,
-                         token=token, max_body_bytes=max_body_bytes, max_batch=max_batch)
+                         ready=self.ready, gate=self.gate, token=token, max_body_bytes=max_body_bytes,
+                         max_batch=max_batch)

@@ -7,9 +7,10 @@ weight step (exit 143, nothing left running) and rerun, must train an adapter th
 run dir (flat folder, relative path), from the rows of both predictors of the traces that pass the
 metric; the run dir, pulled from ``--storage`` into an empty dir elsewhere, resumes
 with nothing recomputed and is served by ``tandem serve`` (every route answers; the token from
-``$TANDEM_SERVE_TOKEN``) until SIGTERM, which exits 143 leaving no process behind; ``--once`` and
-``serve run`` with the shipped ``serve/serve_config.yaml`` deploy it too; Ctrl-C (SIGINT) in the
-prompt step of a run on a relative checkpoint path exits 130 leaving nothing.
+``$TANDEM_SERVE_TOKEN``; ``/healthz`` 503 while its LM loads) until SIGTERM, which drains it (the
+request in flight answered 200, a new one 503 + Retry-After) and exits 143 leaving no process
+behind; ``--once`` and ``serve run`` with the shipped ``serve/serve_config.yaml`` deploy it too;
+Ctrl-C (SIGINT) in the prompt step of a run on a relative checkpoint path exits 130 leaving nothing.
 """
 
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +192,10 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"Authorization": "Bearer s3cret"}) as http:
-            _wait_healthy(server, http)
+            starting = [body for status, body in _wait_healthy(server, http) if status == 503]
+            assert starting, "/healthz never said 503 while the LM replica was loading"  # ~20 s of vLLM start
+            assert starting[0]["status"] == "starting" and starting[0]["lm_replicas_ready"] == 0, starting[0]
+            assert "LM replicas ready" in starting[0]["error"], starting[0]
             assert httpx.get(f"http://127.0.0.1:{port}/v1/program").status_code == 401  # the token from the env
             info = http.get("/v1/program").json()
             assert info["strategy"] == json.loads((moved / "best.json").read_text())["strategy"]  # the winner
@@ -202,29 +207,58 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
             chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                            "max_tokens": 4})
             assert chat.status_code == 200 and chat.json()["model"] == info["model"], chat.text
+            first, late, stopping = _sigterm_with_a_request_in_flight(server, http)
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)  # ignored if it is stopping already
         out, _ = server.communicate(timeout=120)
         hidden.rename(run_dir)
     assert server.returncode == 143, out[-4000:]
     assert left_behind(mark) == []
+    assert first.status_code == 200 and len(first.json()["choices"]) == 4, first.text  # in flight at SIGTERM
+    assert stopping["status"] == "stopping", stopping
+    assert late.status_code == 503 and late.headers["retry-after"], late.text  # not 404 (route deleted) nor 500
+    assert late.json()["type"] == "ServerStopping" and late.json()["request_id"], late.text
+    log = (moved / "logs" / "serve.log").read_text()
+    assert "drained tandem: 1 request(s) were in flight, 0 left unfinished" in log, log[-3000:]
+
+
+def _sigterm_with_a_request_in_flight(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 120):
+    """SIGTERM the server while a long chat completion (4 x 300 tokens, 1-5 s) is in flight, then send one more
+    request while it drains: (the in-flight response, the late response, /healthz's body while stopping)."""
+    long_chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "n": 4, "temperature": 1.0}
+    deadline = time.monotonic() + timeout_s
+    with ThreadPoolExecutor(1) as threads:
+        held = threads.submit(http.post, "/v1/chat/completions", json=long_chat)
+        while http.get("/healthz").json()["in_flight"] < 1:  # the server has the request
+            assert not held.done() and time.monotonic() < deadline, "the long request never was in flight"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        while (health := http.get("/healthz")).status_code == 200:  # until the drain has begun
+            assert not held.done() and time.monotonic() < deadline, "the request ended before the drain began"
+            time.sleep(0.05)
+        late = http.post("/v1/predict", json={"question": "What is 9 + 1?"})
+        return held.result(), late, health.json()
 
 
 def _with_model(model: str) -> list[str]:
     return [model if prev == "--model" else flag for prev, flag in zip(["", *FLAGS], FLAGS)]
 
 
-def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
+def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 300) -> list[tuple[int, dict]]:
+    """Poll /healthz until 200; every (status, body) it answered on the way."""
+    deadline, seen = time.monotonic() + timeout_s, []
     while True:
         assert server.poll() is None, server.stdout.read()[-4000:]
         try:
-            if http.get("/healthz").status_code == 200:
-                return
+            r = http.get("/healthz")
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            seen.append((r.status_code, r.json() if is_json else {}))
+            if r.status_code == 200:
+                return seen
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(2)
+        time.sleep(1)
 
 
 def test_serve_once_deploys_and_stops(first_run, home):

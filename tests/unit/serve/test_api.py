@@ -169,3 +169,81 @@ def test_long_messages_are_cut():
 
     status, message = _status(_ray_error(errors.ContextLengthError("x" * 5000)))
     assert status == 400 and len(message) == MAX_MESSAGE and message.endswith("...")
+
+
+def _app(ready=None, gate=None, run=_run):
+    inputs, outputs = interface(iris.Program())
+    return build_api(_winner(), inputs, outputs, {}, run, _chat, ready=ready, gate=gate)
+
+
+def test_healthz_is_503_naming_the_lm_replicas_until_the_program_can_answer():
+    from serve.deployments import lm_readiness
+
+    states = {"STARTING": 2}
+
+    async def ready():
+        return lm_readiness(states)
+
+    client = TestClient(_app(ready))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    body = r.json()
+    assert body["status"] == "starting" and body["lm_replicas_ready"] == 0 and body["lm_replicas"] == 2
+    assert body["error"] == "0 of 2 LM replicas ready (replica states: STARTING 2)"
+    states.update(RUNNING=1, STARTING=1)  # one replica up (the other still loading): the program can answer
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["lm_replicas_ready"] == 1
+
+
+def test_healthz_is_503_when_the_readiness_check_itself_fails():
+    async def ready():
+        raise ConnectionError("controller unreachable")
+
+    r = TestClient(_app(ready)).get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["error"] == "readiness check failed: ConnectionError: controller unreachable"
+
+
+def test_lm_readiness_counts_running_replicas_of_those_not_stopping():
+    from serve.deployments import lm_readiness
+
+    assert lm_readiness({})["ready"] is False and lm_readiness({})["error"].startswith("0 of 0")
+    after_kill = lm_readiness({"RUNNING": 1, "STARTING": 1, "STOPPING": 1})
+    assert after_kill["ready"] and (after_kill["lm_replicas_ready"], after_kill["lm_replicas"]) == (1, 2)
+
+
+def test_draining_refuses_new_requests_with_503_while_the_one_in_flight_finishes():
+    """The stop sequence of ``serve.app.stop``: drain (503 + Retry-After for new requests, /healthz
+    503 "stopping"), the request already in flight answered 200, drain returns once it is done."""
+    import httpx
+
+    from serve.api import Gate
+
+    async def scenario():
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def held(inputs):  # the request in flight: answers once released
+            entered.set()
+            await release.wait()
+            return await _run(inputs)
+
+        gate = Gate()
+        transport = httpx.ASGITransport(app=_app(gate=gate, run=held))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as http:
+            in_flight = asyncio.create_task(http.post("/v1/predict", json=GOOD))
+            await entered.wait()
+            assert (await http.get("/healthz")).json()["in_flight"] == 1
+            drain = asyncio.create_task(gate.drain(grace_s=600))
+            await asyncio.sleep(0)  # drain has begun: it waits for the request in flight
+            assert gate.draining and not drain.done()
+            late = await http.post("/v1/predict", json=GOOD, headers={"x-request-id": "rid-late"})
+            health = await http.get("/healthz")
+            release.set()
+            return await in_flight, late, health, await drain
+
+    first, late, health, drained = asyncio.run(scenario())
+    assert first.status_code == 200 and first.json()["outputs"]["answer"] == "setosa", first.text
+    assert late.status_code == 503 and late.headers["retry-after"] == "5", late.text
+    assert late.json()["type"] == "ServerStopping" and late.json()["request_id"] == "rid-late"
+    assert health.status_code == 503 and health.json()["status"] == "stopping"
+    assert drained == {"in_flight_at_drain": 1, "left": 0}

@@ -316,6 +316,18 @@ class ReplicaPool:
         """Each replica's health record (waits for restarting replicas)."""
         return [wait_healthy(h) for h, _ in self._replicas.values()]
 
+    def live_replicas(self, timeout_s: float = 60.0) -> int:
+        """How many replicas answer ``health()`` within ``timeout_s`` (a restarting one is waited for;
+        one dead for good, or killed with the pool, does not count)."""
+        count = 0
+        for handle, _ in list(self._replicas.values()):
+            try:
+                wait_healthy(handle, timeout_s)
+                count += 1
+            except Exception as exc:  # dead for good, restarting too long: not live either way
+                logger.info("pool %s: a replica does not answer: %s", self.cfg.name, type(exc).__name__)
+        return count
+
     def stats(self) -> list[dict]:
         """Each replica's request and token counters and latency percentiles."""
         return [_call(h, "stats") for h, _ in self._replicas.values()]

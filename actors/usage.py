@@ -94,6 +94,10 @@ class Meter(BaseCallback):
         self._add(requests=1, prompt_tokens=int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
                   completion_tokens=int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))
 
+    def add(self, spent: Costs) -> None:
+        """Count what was spent elsewhere (an evaluator actor's meter, ``actors.evaluator``); not replica-seconds."""
+        self._add(**{k: v for k, v in dataclasses.asdict(spent).items() if k != "replica_s"})
+
     def add_training(self, device_s: float) -> None:
         self._add(train_device_s=device_s)
 

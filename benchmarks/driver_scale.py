@@ -29,7 +29,7 @@ did); latencies in wall and simulated seconds. Runs in one process on one machin
 actors share its CPUs with the driver (the machine's busy share is reported). Does not measure
 vLLM, GPUs or the network.
 
-    flock /tmp/tandem-heavy.lock python benchmarks/driver_scale.py --programs iris --replicas 1,4,16,32,64
+    flock /tmp/tandem-heavy.lock python benchmarks/driver_scale.py --programs iris,hotpotqa --replicas 1,4,16,32 --evaluators 0,4
 """
 
 from __future__ import annotations
@@ -261,6 +261,8 @@ class Row:
     call_p50_s: float | None
     call_p99_s: float | None
     model_latency_s: float
+    evaluators: int = 0
+    evaluator_cpu_ms_per_run: float = 0.0
     efficiency: float | None = None
 
 
@@ -310,22 +312,27 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def measure(pool: Any, work: Workload, model: LatencyModel, adapter: str, threads: int) -> Row:
-    """Run ``work`` once on ``pool`` with ``threads`` driver threads; its ``Row``."""
+def measure(pool: Any, work: Workload, model: LatencyModel, adapter: str, threads: int, evaluators: Any = None) -> Row:
+    """Run ``work`` once on ``pool`` with ``threads`` driver threads, or on ``evaluators`` (an
+    ``actors.evaluator.EvaluatorPool``: then ``threads`` is their threads in all); its ``Row``."""
     import dspy
+    import ray
 
     from engine.adapters import make_adapter, stop_for
-    from engine.evaluate import percent, run_grid
+    from engine.evaluate import evaluators as on, percent, run_grid
 
-    program, latencies = work.make(), []
+    program, latencies = work.make(), []  # latencies: the driver's calls only (an evaluator's stay there)
     program.set_lm(timed_lm(pool, latencies, max_tokens=model.answer_tokens, stop=stop_for(adapter), cache=False,
                             num_retries=0))
     pids, before = [h["pid"] for h in pool.health()], pool.stats()
+    evaluator_pids = ray.get([a.pid.remote() for a in evaluators._actors]) if evaluators else []
     cpu0, replica0, busy0, wall0 = time.process_time(), _cpu_of(pids), _busy(), time.perf_counter()
-    with dspy.context(adapter=make_adapter(adapter)):
+    evaluator0 = _cpu_of(evaluator_pids)
+    with dspy.context(adapter=make_adapter(adapter)), on(evaluators):
         runs = run_grid([program], work.examples, work.metric, num_threads=threads, desc="")[0]
     wall = time.perf_counter() - wall0
     cpu, replica, busy = time.process_time() - cpu0, _cpu_of(pids) - replica0, _busy() - busy0
+    evaluator_cpu = _cpu_of(evaluator_pids) - evaluator0
     after = pool.stats()
     calls = sum(a["requests"] - b["requests"] for a, b in zip(after, before))
     tokens = [a["completion_tokens"] - b["completion_tokens"] for a, b in zip(after, before)]
@@ -344,7 +351,7 @@ def measure(pool: Any, work: Workload, model: LatencyModel, adapter: str, thread
         token_utilisation=sum(tokens) / (capacity_tokens * replicas),
         min_replica_utilisation=min(tokens) / capacity_tokens,
         call_p50_s=_percentile(latencies, 0.5), call_p99_s=_percentile(latencies, 0.99),
-        model_latency_s=latency)
+        model_latency_s=latency, evaluators=len(evaluator_pids), evaluator_cpu_ms_per_run=1e3 * evaluator_cpu / n)
 
 
 def threads_for(replicas: int, model: LatencyModel, max_threads: int) -> int:
@@ -358,8 +365,9 @@ def examples_for(threads: int, calls_per_run: int, model: LatencyModel, seconds:
     return threads * max(1, round(seconds / run_s))
 
 
-def run_all_configs(args: argparse.Namespace, model: LatencyModel, model_dir: str) -> list[Row]:
-    """One pool, grown to each replica count in turn; every program measured at each count."""
+def run_all_configs(args: argparse.Namespace, model: LatencyModel, model_dir: str, n_evaluators: int) -> list[Row]:
+    """One pool, grown to each replica count in turn; every program measured at each count, in the
+    driver's threads (``n_evaluators`` 0) or on that many evaluator actors."""
     from actors import PoolConfig, ReplicaConfig, ReplicaPool
 
     counts = sorted({int(x) for x in args.replicas.split(",")})
@@ -369,6 +377,13 @@ def run_all_configs(args: argparse.Namespace, model: LatencyModel, model_dir: st
                                            max_model_len=8192, enable_lora=False, max_restarts=0),
                      num_replicas=counts[0], name="driver-scale", start_timeout_s=600)
     rows = []
+    evaluators = None
+    if n_evaluators:
+        from actors.evaluator import EvaluatorConfig, EvaluatorPool
+
+        per = args.evaluator_threads or math.ceil(threads_for(counts[-1], model, 10**6) / n_evaluators)
+        evaluators = EvaluatorPool(EvaluatorConfig(count=n_evaluators, threads=per, num_cpus=args.replica_cpus))
+        evaluators.start()
     with ReplicaPool(cfg, engine_factory=SimulatedFactory(model)) as pool:
         for replicas in counts:
             started = time.perf_counter()
@@ -378,36 +393,45 @@ def run_all_configs(args: argparse.Namespace, model: LatencyModel, model_dir: st
                 pool.launch()
             print(f"{replicas} replica(s) up ({time.perf_counter() - started:.1f}s)", flush=True)
             for name in programs:
-                threads = args.threads or threads_for(replicas, model, args.max_threads)
+                if evaluators:  # in flight: what saturates the replicas, spread over the evaluators
+                    threads = threads_for(replicas, model, n_evaluators * evaluators.cfg.threads)
+                else:
+                    threads = args.threads or threads_for(replicas, model, args.max_threads)
                 n = args.examples or examples_for(threads, calls_per_run[name], model, args.seconds)
-                row = measure(pool, workload(name, n), model, args.adapter, threads)
+                row = measure(pool, workload(name, n), model, args.adapter, threads, evaluators)
                 rows.append(row)
                 print(f"  {name}: {row.runs} runs in {row.wall_s:.1f}s = {row.runs_per_s:.1f} runs/s, {threads} "
-                      f"threads, driver CPU {row.driver_cpu_ms_per_run:.1f} ms/run", flush=True)
+                      f"threads, driver CPU {row.driver_cpu_ms_per_run:.1f} ms/run, evaluators "
+                      f"{row.evaluator_cpu_ms_per_run:.1f} ms/run", flush=True)
+    if evaluators:
+        evaluators.stop()
     return rows
 
 
 def add_efficiency(rows: list[Row]) -> None:
-    """Efficiency = runs/s over replicas x the same program's runs/s per replica at the fewest replicas."""
+    """Efficiency = runs/s over replicas x the same program's (and evaluators') runs/s per replica at the fewest replicas."""
     for row in rows:
-        base = min((r for r in rows if r.program == row.program), key=lambda r: r.replicas)
+        base = min((r for r in rows if (r.program, r.evaluators) == (row.program, row.evaluators)),
+                   key=lambda r: r.replicas)
         row.efficiency = row.runs_per_s / (row.replicas * base.runs_per_s / base.replicas)
 
 
 def table(rows: list[Row], model: LatencyModel) -> str:
     """The markdown table: rates in wall time (runs/s sim = x time_scale), call latency in simulated s."""
     s = model.time_scale
-    head = ("| program | replicas | threads | runs | wall s | runs/s | runs/s sim | capacity runs/s | thread bound | "
-            "efficiency | driver CPU ms/run | ms/call | driver cores | replica CPU ms/call | machine busy | "
+    head = ("| program | replicas | evaluators | threads | runs | wall s | runs/s | runs/s sim | capacity runs/s | "
+            "thread bound | efficiency | driver CPU ms/run | evaluator CPU ms/run | ms/call | driver cores | "
+            "replica CPU ms/call | machine busy | "
             "token util (min) | call p50 / p99 s sim | score % | parse fail / errors |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p50 = f"{r.call_p50_s / s:.2f}" if r.call_p50_s is not None else "-"
         p99 = f"{r.call_p99_s / s:.2f}" if r.call_p99_s is not None else "-"
         lines.append(
-            f"| {r.program} | {r.replicas} | {r.threads} | {r.runs} | {r.wall_s:.1f} | {r.runs_per_s:.1f} | "
-            f"{r.runs_per_s * s:.1f} | {r.capacity_runs_per_s:.1f} | {r.thread_bound_runs_per_s:.1f} | "
-            f"{r.efficiency:.2f} | {r.driver_cpu_ms_per_run:.2f} | {r.driver_cpu_ms_per_call:.2f} | "
+            f"| {r.program} | {r.replicas} | {r.evaluators} | {r.threads} | {r.runs} | {r.wall_s:.1f} | "
+            f"{r.runs_per_s:.1f} | {r.runs_per_s * s:.1f} | {r.capacity_runs_per_s:.1f} | {r.thread_bound_runs_per_s:.1f} | "
+            f"{r.efficiency:.2f} | {r.driver_cpu_ms_per_run:.2f} | {r.evaluator_cpu_ms_per_run:.2f} | "
+            f"{r.driver_cpu_ms_per_call:.2f} | "
             f"{r.driver_cores:.2f} | {r.replica_cpu_ms_per_call:.2f} | {100 * r.machine_busy:.0f}% | "
             f"{100 * r.token_utilisation:.0f}% ({100 * r.min_replica_utilisation:.0f}%) | {p50} / {p99} | "
             f"{r.score:.1f} | {r.parse_failures} / {r.errors} |")
@@ -427,6 +451,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tok-s", type=float, default=2500.0, help="output tokens/s of one saturated replica")
     ap.add_argument("--max-seqs", type=int, default=256, help="sequences a replica runs at once")
     ap.add_argument("--answer-tokens", type=int, default=200, help="tokens per answer (and max_tokens)")
+    ap.add_argument("--evaluators", default="0",
+                    help="comma list: run the programs in the driver's threads (0) and/or on N evaluator actors")
+    ap.add_argument("--evaluator-threads", type=int, default=0,
+                    help="threads per evaluator; 0: the most replicas' saturating calls / evaluators")
     ap.add_argument("--adapter", default="constrained", help="chat or constrained (Tandem's default)")
     ap.add_argument("--replica-cpus", type=float, default=0.01, help="Ray CPUs reserved per replica actor")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1,4 replicas, time scale 0.2, 3 s")
@@ -451,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     most = max(int(x) for x in args.replicas.split(","))
     connect(num_cpus=max(2, math.ceil(most * args.replica_cpus)))
     try:
-        rows = run_all_configs(args, model, model_dir)
+        rows = [row for n in sorted({int(x) for x in args.evaluators.split(",")})
+                for row in run_all_configs(args, model, model_dir, n)]
     finally:
         ray.shutdown()
         shutil.rmtree(model_dir, ignore_errors=True)

@@ -38,8 +38,14 @@ class BootstrapResult:
 
     traces: list[Trace]
     attempted: int
-    failed_calls: int = 0
-    errors: list[str] = field(default_factory=list)
+    failed_calls: int = 0  # runs that did not parse or broke
+    errors: list[str] = field(default_factory=list)  # the first messages of those
+    parse_failures: int = 0  # of ``failed_calls``, the answers that did not parse (wrong answers)
+
+    @property
+    def broken(self) -> int:
+        """Runs that failed with an error (the LM, the pool, the program or metric broke), not a wrong answer."""
+        return self.failed_calls - self.parse_failures
 
 
 def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Callable, *,
@@ -72,12 +78,11 @@ def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Ca
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     passed: dict[int, Trace] = {}
     errors: list[str] = []
+    parse_failures = 0
     todo = list(range(len(examples)))
     for round_idx in range(max_rounds):
         source = program if round_idx == 0 else _sampling(program, round_idx)
         programs = [_without_demo(source, examples[i]) if exclude_own_demo else source for i in todo]
-        names = {id(pred): name for prog in {id(p): p for p in programs}.values()
-                 for name, pred in prog.named_predictors()}
         label = desc if round_idx == 0 else f"{desc} (round {round_idx + 1})"
         runs = run_all(list(zip(programs, [examples[i] for i in todo])), metric, num_threads=num_threads,
                        trace=True, desc=label)
@@ -85,18 +90,17 @@ def bootstrap(program: dspy.Module, examples: Sequence[dspy.Example], metric: Ca
             index = todo[run.example_index]
             if run.error:
                 errors.append(run.error)
-            elif run.score:
-                calls = tuple((names[id(pred)], dict(inputs), dict(outputs.items()))
-                              for pred, inputs, outputs in run.trace if id(pred) in names)
-                passed[index] = Trace(index, examples[index], calls)
+                parse_failures += run.parse_failure
+            elif run.score:  # run.trace: (predictor name, inputs, outputs) per call
+                passed[index] = Trace(index, examples[index], run.trace)
         todo = [i for i in todo if i not in passed]
         if not todo:
             break
     traces = [passed[i] for i in sorted(passed)]
     rounds = f" in up to {max_rounds} rounds" if max_rounds > 1 else ""
-    logger.info("%s: %d of %d examples passed%s (%d runs failed to run)", desc, len(traces), len(examples), rounds,
-                len(errors))
-    return BootstrapResult(traces, len(examples), len(errors), errors[:5])
+    logger.info("%s: %d of %d examples passed%s (%d runs did not parse, %d failed with an error)", desc, len(traces),
+                len(examples), rounds, parse_failures, len(errors) - parse_failures)
+    return BootstrapResult(traces, len(examples), len(errors), errors[:5], parse_failures)
 
 
 def _sampling(program: dspy.Module, round_idx: int) -> dspy.Module:

@@ -110,7 +110,7 @@ def _pairs(items: list[str]) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from actors.usage import Costs
-    from engine.run import run
+    from engine.run import first_line, run
     from engine.run_store import RunStore
 
     cfg = _run_config(args)
@@ -125,11 +125,12 @@ def _run(args: argparse.Namespace) -> int:
                      "" if test is None else test.describe(), spent.get(s, ""),
                      "best" if s == outcome.best_strategy else ""))
     n = next(iter(outcome.test.values())).n if outcome.test else 0
-    console.echo(_text_table(("strategy", "valset score %", f"test score % (n={n})", "test answers", "step spent",
-                              ""), rows))
+    console.echo(_text_table(("strategy", "valset score %", f"test score % (n={n})" if n else "test score % (not scored)",
+                              "test answers", "step spent", ""), rows))
     console.echo(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
     if outcome.failed:
-        logger.error("a step failed; the best program before it was kept (see the log above and report.md)")
+        logger.error("%s; the best program before it ('%s') was kept; the same command resumes from the failed step",
+                     first_line(outcome.error) or "a step failed", outcome.best_strategy or "baseline")
         return 2
     return 0
 
@@ -178,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from actors import connect
-    from serve.app import ServeConfig, start, stop
+    from serve.app import DRAIN_GRACE_S, ServeConfig, start, stop
 
     cfg = ServeConfig(run_dir=args.run_dir, step=args.step, host=args.host, port=args.port, token=args.token,
                       lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
@@ -194,8 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         while True:
             time.sleep(3600)
-    finally:  # Ctrl-C or SIGTERM: main() turns it into exit code 130 / 143
-        logger.info("stopping the server")
+    finally:  # Ctrl-C or SIGTERM: drain (new requests 503, those in flight finish), then exit 130 / 143
+        logger.info("stopping the server: new requests get 503, those in flight get up to %.0f s", DRAIN_GRACE_S)
         stop(cfg)
 
 
@@ -313,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output dir (default runs/table-PROGRAM); a rerun resumes")
     t.set_defaults(func=_table)
 
-    v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve")
+    v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve",
+                       description="Publish a run's winning program over HTTP with Ray Serve until SIGTERM or "
+                                   "Ctrl-C, which drain it (new requests get 503 + Retry-After, those in flight "
+                                   "finish, at most serve.app.DRAIN_GRACE_S seconds) and exit 143 / 130.")
     v.add_argument("run_dir", help="a finished run dir (has best.json and program.json)")
     v.add_argument("--step", help="serve this completed step's program (e.g. 02_w) instead of the winner")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")

@@ -13,6 +13,7 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any
 
+from actors.evaluator import EvaluatorConfig
 from actors.finetune import LIFECYCLES
 from actors.lora_train import LoraTrainConfig
 from actors.models import EMBEDDED
@@ -58,7 +59,9 @@ class RunConfig:
         "help": "how prompts are written and answers read: 'chat' (DSPy's ChatAdapter), 'json' (JSONAdapter, "
                 "decoded under its JSON schema) or 'constrained' (ChatAdapter's layout enforced: every answer "
                 "parses); the same for every step, the training rows, the test scores and the server"})
-    threads: int = field(default=32, metadata={"help": "concurrent LM calls from the driver"})
+    threads: int = field(default=32, metadata={
+        "help": "concurrent program runs (LM calls in flight) in the driver; with evaluators.count > 0, "
+                "evaluators.threads each instead"})
     exclude_demos: bool = field(default=True, metadata={
         "help": "weight step: train on vanilla prompts and drop the demos (the paper's); false trains with the "
                 "program's demos in the prompt and keeps them (dspy's BootstrapFinetune default)"})
@@ -83,6 +86,8 @@ class RunConfig:
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), epochs=2, lr=1e-3, batch_size=4, cpus_per_worker=2),
         metadata={"help": "LoRA training (paper's r/alpha; on CPU q/k/v/o, 2 epochs, lr 1e-3, batch 4: "
                           "benchmarks/lora_defaults.py)"})
+    evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig, metadata={
+        "help": "where program runs happen: the driver's threads, or evaluator actors (many replicas)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
     replica_resources: dict[str, float] = field(default_factory=dict, metadata={
         "help": "custom Ray resources each replica reserves, to place replicas on the nodes that offer them "
@@ -104,12 +109,12 @@ class RunConfig:
             raise ValueError(f"test_size must be >= 0 (0 = all) or -1 (none), got {self.test_size}")
 
     def fingerprint(self) -> dict:
-        """Settings a resumed run must share (not where it runs — address, the nodes' custom resources —
-        is stored or tracked, the thread count, or the test size: held-out results record their size and
+        """Settings a resumed run must share (not where it runs — address, the nodes' custom resources,
+        evaluators —, is stored or tracked, the thread count, or the test size: held-out results record their size and
         are redone when it changes)."""
         data = asdict(self)
         for key in ("address", "threads", "run_dir", "storage", "plan_check", "test_size", "tracking", "tracking_uri",
-                    "replica_resources"):
+                    "replica_resources", "evaluators"):
             data.pop(key)
         data["lora"].pop("resources")  # where the workers run, not what they compute
         return data

@@ -9,8 +9,10 @@ pair scores 0, the error is counted, and once ``max_errors`` errors happened (ds
 default: ``dspy.settings.max_errors``) the remaining pairs are cancelled and ``TooManyErrors``
 names the first error and the count. Errors below the limit are added to the active
 ``ErrorLog`` (``collect_errors()``) so the caller can record them. Also runs a program over
-examples with tracing (for bootstrapping). Does not know the pool: calls go through each
-program's LM.
+examples with tracing (for bootstrapping). Where the runs happen: in this process's threads, or,
+inside ``evaluators(pool)``, spread over ``actors.evaluator`` actors (the driver then only ships
+programs and examples and gathers runs; the LM calls they spend are added to the active
+``actors.usage`` meter). Does not know the replica pool: calls go through each program's LM.
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError
-from dspy.utils.parallelizer import ParallelExecutor
 
-from actors import progress
+from actors import progress, usage
+from actors.evaluator import EvaluatorConfig, EvaluatorPool, Run, run_jobs
 from actors.runtime import stopping
 
 logger = logging.getLogger(__name__)
@@ -36,22 +36,6 @@ KEPT_MESSAGES = 5
 
 class TooManyErrors(RuntimeError):
     """``max_errors`` runs failed with an error that is not a parse failure."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One program run on one example: its prediction (None on failure), score, trace, error.
-
-    ``error`` is set for a parse failure too; ``parse_failure`` tells the two apart (only a parse
-    failure is a wrong answer, anything else is an error).
-    """
-
-    example_index: int
-    prediction: dspy.Prediction | None
-    score: float
-    trace: tuple = ()
-    error: str | None = None
-    parse_failure: bool = False
 
 
 @dataclass
@@ -85,6 +69,31 @@ def collect_errors() -> Iterator[ErrorLog]:
         _active_log.reset(token)
 
 
+_evaluators: EvaluatorPool | None = None
+
+
+@contextlib.contextmanager
+def evaluators(pool: EvaluatorPool | None) -> Iterator[None]:
+    """Inside the block, ``run_all`` runs on ``pool``'s evaluator actors (None: in this process)."""
+    global _evaluators
+    previous, _evaluators = _evaluators, pool
+    try:
+        yield
+    finally:
+        _evaluators = previous
+
+
+@contextlib.contextmanager
+def evaluators_of(cfg: EvaluatorConfig) -> Iterator[EvaluatorPool | None]:
+    """``cfg.count`` evaluator actors started for the block and used by ``run_all`` in it, then
+    stopped (count 0: the block runs in this process)."""
+    if not cfg.count:
+        yield None
+        return
+    with EvaluatorPool(cfg) as pool, evaluators(pool):
+        yield pool
+
+
 def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, *, num_threads: int = 16,
             trace: bool = False, desc: str = "", max_errors: int | None = None) -> list[Run]:
     """Run every (program, example) job concurrently.
@@ -107,44 +116,16 @@ def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, 
         >>> runs = run_all([(program, ex) for ex in devset], metric, max_errors=5)  # doctest: +SKIP
     """
     limit = max(1, max_errors if max_errors is not None else dspy.settings.max_errors)
-    lock, errors, stop = threading.Lock(), [], threading.Event()
-
-    def one(job_index: int) -> Run:
-        if stop.is_set() or stopping():  # too many errors, or the process is stopping (Ctrl-C, SIGTERM)
-            return Run(job_index, None, 0.0, (), "cancelled")
-        program, example = jobs[job_index]
-        try:
-            with dspy.context(trace=[]):
-                prediction = program(**example.inputs())
-                steps = tuple(dspy.settings.trace) if trace else ()
-        except AdapterParseError as exc:  # the model answered, wrongly formatted: a wrong answer
-            return Run(job_index, None, 0.0, (), f"{type(exc).__name__}: {exc}", parse_failure=True)
-        except Exception as exc:
-            return failed(job_index, "program", exc)
-        try:
-            score = metric(example, prediction, steps if trace else None)
-        except Exception as exc:
-            return failed(job_index, "metric", exc)
-        return Run(job_index, prediction, float(score or 0), steps)
-
-    def failed(job_index: int, where: str, exc: Exception) -> Run:
-        message = f"{where} raised {type(exc).__name__}: {exc}"
-        with lock:
-            errors.append(message)
-            if len(errors) >= limit:
-                stop.set()
-        return Run(job_index, None, 0.0, (), message)
-
-    executor = ParallelExecutor(num_threads=max(1, num_threads), max_errors=len(jobs) + 1,
-                                disable_progress_bar=not desc or progress.active(), provide_traceback=False)
     with progress.bar(desc or "runs", total=len(jobs), unit="run") as shown:
-        def counted(job_index: int) -> Run:
-            try:
-                return one(job_index)
-            finally:
-                shown.update()
-
-        runs = executor.execute(counted, list(range(len(jobs))))
+        if _evaluators is not None and jobs:
+            runs, spent = _evaluators.run(jobs, metric, trace=trace, max_errors=limit, cancelled=stopping,
+                                          done=shown.update)
+            if usage.active() is not None:
+                usage.active().add(spent)
+        else:
+            runs = run_jobs(jobs, metric, trace=trace, num_threads=num_threads, max_errors=limit, cancelled=stopping,
+                            done=shown.update)
+    errors = [r.error for r in runs if r.broke]
     label = desc or "runs"
     if len(errors) >= limit:
         raise TooManyErrors(f"{label}: {len(errors)} runs failed with errors (max_errors={limit}; parse failures "

@@ -3,7 +3,7 @@
 Knows the run's resource phases — the prompt steps (N vLLM replicas, each a placement group of
 one bundle per tensor-parallel worker, packed on one node) and the weight step (Ray Train
 workers: with ``relaunch`` they take the resources the killed replicas free; with ``hotswap``
-they run beside the live replicas) — and places every bundle first-fit on the nodes' total
+they run beside the live replicas), the evaluator actors (if any) in both — and places every bundle first-fit on the nodes' total
 resources, as Ray's scheduler would on an idle cluster. A plan with problems makes ``run`` fail
 at once with them named, and with the smallest change of flags that fits (``suggest``), instead
 of waiting for resources that will never come. Does not know
@@ -72,12 +72,14 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     replicas = [(f"replica {r}", tuple(device.bundles(rcfg))) for r in range(cfg.replicas)]
     worker = worker_resources(cfg.lora)
     workers = [(f"training worker {w}", (worker,)) for w in range(cfg.lora.num_workers)]
-    phases = [Phase("prompt steps", _place(replicas, nodes))]
+    ev = cfg.evaluators  # they live as long as the run, beside everything else
+    evaluators = [(f"evaluator {e}", ({"CPU": ev.num_cpus, **ev.resources},)) for e in range(ev.count)]
+    phases = [Phase("prompt steps", _place(replicas + evaluators, nodes))]
     if "w" in strategies.parse(cfg.strategy, ("p", "w")):
         if cfg.lifecycle == "relaunch":
-            phases.append(Phase("weight step (relaunch)", _place(workers, nodes)))
+            phases.append(Phase("weight step (relaunch)", _place(workers + evaluators, nodes)))
         else:
-            phases.append(Phase("weight step (hotswap)", _place(replicas + workers, nodes)))
+            phases.append(Phase("weight step (hotswap)", _place(replicas + workers + evaluators, nodes)))
     return phases
 
 

@@ -24,6 +24,7 @@ from engine.adapters import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
 from engine.console import FILE_ONLY
+from engine.evaluate import TooManyErrors, collect_errors, evaluators_of
 from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
 from engine.program_io import save_program
@@ -51,6 +52,7 @@ class RunOutcome:
     test: dict[str, HeldOut]  # strategy prefix -> its program on the test split (empty: not scored)
     tracked: TrackedRun | None = None  # where MLflow has it (None: tracking off or failed, with a warning)
     costs: Costs | None = None  # what this invocation spent (steps done in an earlier run not included)
+    error: str | None = None  # what stopped the strategy early (``failed``), e.g. "step 'p' failed: ..."
 
 
 def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
@@ -96,23 +98,61 @@ def held_out_examples(cfg: RunConfig, splits: Splits) -> list:
 
 def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module) -> dict[str, HeldOut]:
     """Every step's program (``best.candidate_programs``) on ``test``; stored results of the same
-    size are reused. Returns strategy prefix -> ``HeldOut``."""
+    size are reused. Returns strategy prefix -> ``HeldOut``.
+
+    Only a clean result is a score: one with errors (runs that broke, not wrong answers) is neither
+    stored nor returned, and a stored one with errors (an older Tandem wrote them) is scored again.
+
+    Raises:
+        TooManyErrors: scoring met ``max_errors`` errors (nothing of this scoring is stored).
+    """
     if not test:
         return {}
     store = RunStore(cfg.run_dir)
     records = {r.strategy: r for r in store.steps()}
-    done = {s: HeldOut.from_dict(r.test) for s, r in records.items() if r.test and r.test.get("n") == len(test)}
+    done = {s: HeldOut.from_dict(r.test) for s, r in records.items()
+            if r.test and r.test.get("n") == len(test) and not r.test.get("errors")}
     todo = [c for c in best.candidate_programs if c.strategy not in done and c.strategy in records]
     if todo:
-        with dspy.context(adapter=make_adapter(cfg.adapter)):
+        with dspy.context(adapter=make_adapter(cfg.adapter)), collect_errors() as errors:
             results = score_held_out([c.program for c in todo], test, spec.metric, num_threads=cfg.threads)
         for candidate, result in zip(todo, results):
+            if result.errors:
+                logger.warning("held-out test '%s' not scored: %d of %d runs failed with an error, not a wrong "
+                               "answer (first: %s); nothing stored, a rerun scores it again",
+                               candidate.strategy or "baseline", result.errors, result.n,
+                               errors.messages[0] if errors.messages else "?")
+                continue
             store.write_test(records[candidate.strategy].name, result.as_dict())
             done[candidate.strategy] = result
     for strategy, result in done.items():
         logger.info("held-out test '%s': %.1f%% of %d (%s)", strategy or "baseline", result.score, result.n,
                     result.describe(), extra=FILE_ONLY)  # the console's final table shows them
     return done
+
+
+def first_line(text: str | None, limit: int = 300) -> str:
+    """The first line of an error message, at most ``limit`` characters (Ray's are pages long)."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def score_after(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, test: list,
+                best: dspy.Module) -> dict[str, HeldOut]:
+    """``score_steps`` after the strategy ran; after a failed step, only on a pool that still has a
+    live replica, and a scoring that breaks then is logged, not raised (the step's error is the
+    run's error). Returns what was scored (empty: nothing)."""
+    if not best.flag_compilation_error_occurred:
+        return score_steps(cfg, spec, test, best)
+    if test and not pool.live_replicas():
+        logger.warning("held-out test not scored: no replica of the pool is alive after the failed step "
+                       "(%s); a rerun of the same command resumes and scores", first_line(best.compilation_error))
+        return {}
+    try:
+        return score_steps(cfg, spec, test, best)
+    except TooManyErrors as exc:
+        logger.warning("held-out test not scored after the failed step: %s; nothing stored, a rerun scores it", exc)
+        return {}
 
 
 def run(cfg: RunConfig) -> RunOutcome:
@@ -144,10 +184,11 @@ def _run(cfg: RunConfig) -> RunOutcome:
     with usage.metered(pool) as meter:
         try:
             pool.launch()
-            best = compile_strategy(cfg, spec, pool, splits)
-            before_test = meter.costs()
-            test = score_steps(cfg, spec, held_out_examples(cfg, splits), best)
-            test_costs = meter.costs() - before_test
+            with evaluators_of(cfg.evaluators):
+                best = compile_strategy(cfg, spec, pool, splits)
+                before_test = meter.costs()
+                test = score_after(cfg, spec, pool, held_out_examples(cfg, splits), best)
+                test_costs = meter.costs() - before_test
         finally:
             pool.kill()
             if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
@@ -172,4 +213,4 @@ def _run(cfg: RunConfig) -> RunOutcome:
         push(run_dir, cfg.storage)
     scores = {c.strategy: c.score for c in best.candidate_programs}
     return RunOutcome(run_dir, best.best_strategy, top.score, scores, best.flag_compilation_error_occurred,
-                      time.perf_counter() - started, test, costs=costs)
+                      time.perf_counter() - started, test, costs=costs, error=best.compilation_error)

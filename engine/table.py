@@ -26,7 +26,7 @@ from actors.typed_config import typed_config
 from engine import strategy as strategies
 from engine.adapters import check_fits, make_adapter, stop_for
 from engine.config import RunConfig
-from engine.evaluate import evaluate_many
+from engine.evaluate import collect_errors, evaluate_many, evaluators_of
 from engine.held_out import score_held_out
 from engine.run import compile_strategy, make_pool
 from engine.run_store import copy_steps
@@ -112,7 +112,8 @@ def run_table(cfg: TableConfig) -> list[Cell]:
     cells: list[Cell] = []
     with usage.metered(pool) as meter:
         try:
-            _run_cells(cfg, spec, pool, root, cells)
+            with evaluators_of(cfg.run.evaluators):
+                _run_cells(cfg, spec, pool, root, cells)
         finally:
             pool.kill()
     logger.info("table spent: %s", meter.costs().describe())
@@ -175,7 +176,12 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
                 return _finish(settings, Cell(name, cfg.seed, None, None, failed[first_missing], str(run_dir),
                                     time.perf_counter() - started), done)
             program, dev_score = final.program, final.score
-        (held,) = score_held_out([program], test, spec.metric, num_threads=cfg.threads, desc=f"'{name}' on test")
+        with collect_errors() as errors:
+            (held,) = score_held_out([program], test, spec.metric, num_threads=cfg.threads, desc=f"'{name}' on test")
+    if held.errors:  # runs that broke are not wrong answers: no score to store
+        raise RuntimeError(f"'{name}' (seed {cfg.seed}) on test: {held.errors} of {held.n} runs failed with an error "
+                           f"(first: {errors.messages[0] if errors.messages else '?'}); nothing stored for this "
+                           "cell, a rerun of the same command resumes here")
     cell = Cell(name, cfg.seed, held.score, dev_score, None, str(run_dir), time.perf_counter() - started,
                 held.as_dict())
     return _finish(settings, cell, done)

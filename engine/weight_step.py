@@ -107,10 +107,13 @@ class WeightStep(Teleprompter):
                            max_rounds=self.max_rounds)
         rows = chat_rows(student, result.traces, with_demos=not self.exclude_demos)
         if not rows:
+            hint = (f"{result.broken} of them broke (not a wrong answer): fix that first, e.g. a pool with no live "
+                    "replica or a metric that raises" if result.broken else
+                    "Run a prompt step first (e.g. 'p -> w') or check the metric")
             raise NoTrainingDataError(
                 f"no passing traces: the program passed the metric on 0 of {result.attempted} training examples "
-                f"({result.failed_calls} runs failed to run or parse, e.g. {result.errors[:1]}); "
-                "fine-tuning has no data. Run a prompt step first (e.g. 'p -> w') or check the metric.")
+                f"({result.parse_failures} runs did not parse, {result.broken} failed with an error, e.g. "
+                f"{result.errors[:1]}); fine-tuning has no data. {hint}.")
         write_rows(rows, step_dir / "traces.parquet")
         logger.info("weight step: %d chat rows from %d passing traces of %d examples", len(rows),
                     len(result.traces), result.attempted)

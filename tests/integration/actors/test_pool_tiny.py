@@ -219,3 +219,34 @@ def test_replica_killed_during_batch_answers_all_64(pool):
     psutil.wait_procs([psutil.Process(p) for p in orphans if psutil.pid_exists(p)], timeout=30)
     assert not [p for p in orphans if psutil.pid_exists(p)], "the killed replica's engine process was orphaned"
 
+
+
+def test_evaluator_actors_score_and_trace_as_the_driver_does(pool):
+    """Issue 19: the Iris program on 24 test examples, run by the driver's threads and by 2
+    evaluator actors on the same replicas: the same answers, scores, traces and LM calls."""
+    from actors import usage
+    from actors.evaluator import EvaluatorConfig
+    from engine.bootstrap import bootstrap
+    from engine.constrained import ConstrainedChatAdapter
+    from engine.evaluate import evaluators_of, run_all
+    from programs.base import resolve
+
+    spec = resolve("iris")
+    examples = spec.splits(0).test[:24]
+    program = spec.program()
+    program.set_lm(pool.lm(max_tokens=120, cache=False))
+
+    def both():
+        with usage.metered() as meter:
+            runs = run_all([(program, ex) for ex in examples], spec.metric, num_threads=8)
+            traces = bootstrap(program, examples[:8], lambda ex, pred, trace=None: True, num_threads=8).traces
+        return ([(r.score, r.error, dict(r.prediction)) for r in runs], [t.calls for t in traces],
+                meter.costs().lm_calls, meter.costs().completion_tokens)
+
+    with dspy.context(adapter=ConstrainedChatAdapter()):
+        here = both()
+        with evaluators_of(EvaluatorConfig(count=2, threads=8, num_cpus=0)) as evaluators:
+            assert evaluators is not None
+            there = both()
+    assert there == here
+    assert here[2] == 32 and len(here[1]) == 8 and all(e is None for _, e, _ in here[0])

@@ -109,11 +109,15 @@ def test_launch_is_idempotent_and_kill_leaves_nothing(ray_local, model_dir):
     pool.launch()  # second launch starts nothing
     assert {h["pid"] for h in pool.health()} == first and len(first) == 2
     assert len(_alive("actors", "life")) == 3  # 2 replicas + state actor
+    assert pool.live_replicas() == 2
+    ray.kill(pool._replicas[1][0], no_restart=True)  # gone for good, as after its last restart
+    assert pool.live_replicas() == 1
     time.sleep(0.5)
     pool.kill()
     up = time.monotonic() - began
     pool.kill()  # idempotent
     assert _alive("actors", "life") == [] and _alive("pgs", "life") == []
+    assert pool.live_replicas() == 0
     assert 2 * 0.5 <= pool.replica_seconds() <= 2 * up  # both replicas, from their start until the kill
     time.sleep(0.2)
     assert pool.replica_seconds() <= 2 * up  # stopped replicas cost nothing more

@@ -74,3 +74,23 @@ def test_rounds_stop_when_every_example_passed():
 def test_rounds_below_one_are_refused():
     with pytest.raises(ValueError, match="max_rounds must be >= 1, got 0"):
         bootstrap(_program(Sampled({})), data(1), metric, max_rounds=0)
+
+
+class Broken(Sampled):
+    """Like ``Sampled``, but ``q0`` gets an unparsable answer and ``q1`` a pool error (not retried)."""
+
+    def complete(self, request):
+        question = request.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0]
+        if question == "q1":
+            raise RuntimeError("pool 'run' has no replicas")
+        if question == "q0":
+            return lm15.Response(id=None, model=request.model, message=lm15.Message.assistant("no fields here"),
+                                 finish_reason="stop", usage=lm15.Usage(input_tokens=1, output_tokens=1))
+        return super().complete(request)
+
+
+def test_wrong_answers_and_runs_that_broke_are_counted_apart():
+    result = bootstrap(_program(Broken({})), data(4), metric)
+    assert [t.example_index for t in result.traces] == [2, 3]
+    assert (result.failed_calls, result.parse_failures, result.broken) == (2, 1, 1)
+    assert any("no replicas" in e for e in result.errors)

@@ -10,7 +10,9 @@ from engine.config import RunConfig
 from engine.held_out import HeldOut, score_held_out
 from engine.prompt_step import Candidate
 from engine.report import write_report
-from engine.run import held_out_examples, score_steps
+from actors.errors import PoolUnavailableError
+from engine.evaluate import TooManyErrors
+from engine.run import held_out_examples, score_after, score_steps
 from engine.run_store import RunStore
 from engine.table import Cell
 from engine.table_report import write_table
@@ -100,6 +102,67 @@ def test_each_step_is_scored_once_and_a_rerun_reuses_the_stored_results(tmp_path
     assert again == first and (baseline.calls, tuned.calls) == (12, 12)  # nothing scored twice
     score_steps(cfg, spec, test[:6], best)  # another size: scored again
     assert [s.test["n"] for s in store.steps()] == [6, 6]
+
+
+class Breaks(Answers):
+    """Raises a pool error (not a wrong answer) on the inputs ``broken(i)`` names."""
+
+    def __init__(self, pick, broken):
+        super().__init__(pick)
+        self.broken = broken
+
+    def forward(self, i):
+        if self.broken(i):
+            self.calls += 1
+            raise PoolUnavailableError("pool 'run' has no replicas")
+        return super().forward(i)
+
+
+def test_a_result_with_errors_is_neither_a_score_nor_stored_and_a_rerun_scores_it_again(tmp_path, caplog):
+    flaky = Breaks(lambda i: LABELS[i % 3], lambda i: i < 4)
+    cfg, spec, store, best = _run_dir(tmp_path, [("", "", flaky)])
+    test = examples(12)
+    assert score_steps(cfg, spec, test, best) == {}
+    assert store.steps()[0].test is None
+    assert "held-out test 'baseline' not scored: 4 of 12 runs failed with an error" in caplog.text
+    assert "PoolUnavailableError: pool 'run' has no replicas" in caplog.text
+    flaky.broken = lambda i: False  # the pool is back
+    again = score_steps(cfg, spec, test, best)
+    assert again[""].score == 100.0 and again[""].errors == 0 and store.steps()[0].test["score"] == 100.0
+
+
+def test_a_stored_result_with_errors_is_scored_again(tmp_path):
+    program = Answers(lambda i: LABELS[i % 3])
+    cfg, spec, store, best = _run_dir(tmp_path, [("", "", program)])
+    store.write_test(store.steps()[0].name, {**score_steps(cfg, spec, examples(12), best)[""].as_dict(),
+                                             "score": 0.0, "errors": 4})  # as an older Tandem stored it
+    assert score_steps(cfg, spec, examples(12), best)[""].score == 100.0 and program.calls == 24
+
+
+class DeadPool:
+    def __init__(self, live):
+        self.live, self.asked = live, 0
+
+    def live_replicas(self):
+        self.asked += 1
+        return self.live
+
+
+def test_after_a_failed_step_a_dead_pool_is_not_scored_and_a_broken_scoring_is_not_raised(tmp_path, caplog):
+    program = Breaks(lambda i: LABELS[i % 3], lambda i: True)
+    cfg, spec, store, best = _run_dir(tmp_path, [("", "", program)])
+    best.flag_compilation_error_occurred = True
+    best.compilation_error = "step 'p' failed: PoolUnavailableError: no live replica\n\tactor_id: 1395 (a page of Ray)"
+    dead = DeadPool(0)
+    assert score_after(cfg, spec, dead, examples(12), best) == {} and program.calls == 0 and dead.asked == 1
+    assert "no replica of the pool is alive after the failed step (step 'p' failed" in caplog.text
+    assert "actor_id" not in caplog.text  # the error's first line only
+    assert score_after(cfg, spec, DeadPool(1), examples(12), best) == {}  # every run breaks: max_errors
+    assert "held-out test not scored after the failed step: held-out test" in caplog.text
+    assert store.steps()[0].test is None
+    best.flag_compilation_error_occurred = False  # a run whose steps all ran fails loudly instead
+    with pytest.raises(TooManyErrors):
+        score_after(cfg, spec, DeadPool(0), examples(12), best)
 
 
 def test_the_report_shows_test_scores_answers_and_warnings(tmp_path):

@@ -129,13 +129,15 @@ class Evaluator:
         self._lock = threading.Lock()
 
     def run(self, batch: int, shipped: list, indices: list[tuple[int, int, int]], trace: bool,
-            max_errors: int) -> list[Run]:
+            max_errors: int, metered: bool) -> list[Run]:
         """Jobs ``(job index, program index, example index)`` of ``batch``; ``shipped`` is ``[ref]``
         to ``(programs, examples, metric, settings)``, fetched once per batch and actor. After
-        ``max_errors`` errors here, or ``cancel(batch)``, the jobs not started come back cancelled."""
+        ``max_errors`` errors here, or ``cancel(batch)``, the jobs not started come back cancelled.
+        ``metered``: count the LM calls (DSPy's callbacks cost ~1 ms a run; only when someone counts)."""
         programs, examples, metric, settings = self._batch(batch, shipped[0])
-        context = {**settings, "callbacks": [*dspy.settings.get("callbacks", []), self._meter],
-                   "usage_tracker": self._meter}
+        context = dict(settings)
+        if metered:
+            context.update(callbacks=[*dspy.settings.get("callbacks", []), self._meter], usage_tracker=self._meter)
 
         def one(i: int, p: int, e: int) -> Run:
             if batch in self._cancelled:
@@ -229,9 +231,10 @@ class EvaluatorPool:
         self.stop()
 
     def run(self, jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, *, trace: bool,
-            max_errors: int, cancelled: Callable[[], bool] = lambda: False,
+            max_errors: int, metered: bool = True, cancelled: Callable[[], bool] = lambda: False,
             done: Callable[[int], None] = lambda n: None) -> tuple[list[Run], Costs]:
-        """Every job on the evaluators; the runs in job order and what the evaluators spent.
+        """Every job on the evaluators; the runs in job order and what the evaluators spent (zero
+        unless ``metered``).
 
         Stops early (the rest comes back cancelled) after ``max_errors`` errors or once ``cancelled()``.
 
@@ -250,7 +253,7 @@ class EvaluatorPool:
                   for s in range(0, len(jobs), size)]
         pending = {}
         for n, chunk in enumerate(chunks):
-            pending[self._send(batch, shipped, chunk, trace, max_errors, n)] = (chunk, n, 0)
+            pending[self._send(batch, shipped, chunk, (trace, max_errors, metered), n)] = (chunk, n, 0)
         runs: dict[int, Run] = {}
         broke, stopped = 0, False
         while pending:
@@ -264,7 +267,8 @@ class EvaluatorPool:
                     if tries < RESENDS and self._actors:
                         logger.warning("an evaluator died (%s); its chunk of %d runs goes to another",
                                        type(exc).__name__, len(chunk))
-                        pending[self._send(batch, shipped, chunk, trace, max_errors, n)] = (chunk, n, tries + 1)
+                        pending[self._send(batch, shipped, chunk, (trace, max_errors, metered), n)] = (
+                            chunk, n, tries + 1)
                         continue
                     got = [Run(i, None, 0.0, (), f"evaluator died: {type(exc).__name__}: {exc}") for i, _, _ in chunk]
                 finally:
@@ -279,9 +283,9 @@ class EvaluatorPool:
         spent = sum(ray.get([a.drain.remote() for a in self._actors]), Costs())
         return [runs[i] for i in range(len(jobs))], spent
 
-    def _send(self, batch: int, shipped: list, chunk: list, trace: bool, max_errors: int, n: int):
+    def _send(self, batch: int, shipped: list, chunk: list, options: tuple, n: int):
         actor = self._actors[n % len(self._actors)]
-        ref = actor.run.remote(batch, shipped, chunk, trace, max_errors)
+        ref = actor.run.remote(batch, shipped, chunk, *options)
         self._sent_to[ref] = actor
         return ref
 

@@ -118,10 +118,11 @@ def run_all(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable, 
     limit = max(1, max_errors if max_errors is not None else dspy.settings.max_errors)
     with progress.bar(desc or "runs", total=len(jobs), unit="run") as shown:
         if _evaluators is not None and jobs:
-            runs, spent = _evaluators.run(jobs, metric, trace=trace, max_errors=limit, cancelled=stopping,
-                                          done=shown.update)
-            if usage.active() is not None:
-                usage.active().add(spent)
+            meter = usage.active()
+            runs, spent = _evaluators.run(jobs, metric, trace=trace, max_errors=limit, metered=meter is not None,
+                                          cancelled=stopping, done=shown.update)
+            if meter is not None:
+                meter.add(spent)
         else:
             runs = run_jobs(jobs, metric, trace=trace, num_threads=num_threads, max_errors=limit, cancelled=stopping,
                             done=shown.update)

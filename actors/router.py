@@ -10,7 +10,8 @@ the dead one come back (Ray restarts it; ``max_restarts``). A request with no an
 included). When every replica is down the router waits for one to answer ``health()`` (up to
 ``timeout_s``) before sending, since Ray fails calls to a restarting actor after ~2 s rather than
 holding them. Errors that the request itself causes (``LMRequestError``) are raised at once and
-never retried. Does not start or kill replicas (``actors.pool``) and does not know DSPy
+never retried; so is a lost replica once the process is stopping (``actors.runtime.stopping``: the
+pool is being killed on purpose). Does not start or kill replicas (``actors.pool``) and does not know DSPy
 (``actors.client``).
 """
 
@@ -26,6 +27,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.errors import PoolUnavailableError
+from actors.runtime import stopping
 from actors.types import Completion, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -124,7 +126,10 @@ class Router:
             state = ray.get_actor(state_actor_name(self.pool_name), namespace=self.namespace)
         except ValueError:
             raise PoolUnavailableError(f"pool {self.pool_name!r} is not running (killed, or never launched)")
-        version, replicas = ray.get(state.replicas.remote())
+        try:
+            version, replicas = ray.get(state.replicas.remote())
+        except RayActorError:  # killed between the lookup and the call
+            raise PoolUnavailableError(f"pool {self.pool_name!r} is not running (killed)") from None
         with self._lock:
             self._checked = time.monotonic()
             if version != self._version:
@@ -154,6 +159,8 @@ class Router:
                 self._inflight[rank] -= 1
 
     def _lost(self, rank: int, handle: ray.actor.ActorHandle, exc: BaseException) -> None:
+        if stopping():  # SIGTERM / Ctrl-C: the pool is being killed on purpose, so no re-send and no warning
+            raise PoolUnavailableError(f"pool {self.pool_name!r} is stopping (its replica {rank} went with it)") from exc
         logger.warning("replica %d of pool %s lost mid-request (%s: %s); re-sending elsewhere",
                        rank, self.pool_name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         with self._lock:

@@ -6,13 +6,14 @@ import json
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from actors import LMReplica, PoolConfig, ReplicaConfig, ReplicaPool, connect
+from actors import LMReplica, PoolConfig, ReplicaConfig, ReplicaPool, connect, runtime
 from actors.router import wait_healthy
 from actors.errors import (AdapterError, ContextLengthError, EngineDeadError, PoolUnavailableError,
                            UnknownModelError)
@@ -373,3 +374,20 @@ def test_the_fit_check_counts_what_an_autoscaler_may_add(ray_local, monkeypatch)
         _check_fits(gpu_replicas, 2)  # a fixed cluster without GPUs: refused at once
     monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64, "GPU": 8})
     _check_fits(gpu_replicas, 2)  # an autoscaling cluster that may grow to 8 GPUs: launched, and waited for
+
+
+def test_calls_in_flight_when_a_stopped_run_kills_its_pool_fail_at_once_without_resends(ray_local, model_dir, caplog,
+                                                                                           monkeypatch):
+    # SIGTERM / Ctrl-C: the run kills its pool under calls still in flight; they must end, not re-send
+    pool = _pool(model_dir, "stopping", n=2, factory=faulty.slow_factory).launch()
+    with ThreadPoolExecutor(4) as threads:
+        calls = [threads.submit(pool.router.submit, GenerateRequest("base", prompt=f"q {i}")) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while sum(s["inflight"] for s in pool.stats()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        monkeypatch.setattr(runtime._stopping, "is_set", lambda: True)  # as the signal handler sets it
+        pool.kill()
+        for call in calls:
+            with pytest.raises(PoolUnavailableError, match="is stopping"):
+                call.result(timeout=30)
+    assert "re-sending elsewhere" not in caplog.text

@@ -117,3 +117,14 @@ def test_cpus_and_gpus_are_not_custom_resources():
 
     with pytest.raises(ValueError, match="resources is for custom resources"):
         ReplicaConfig(resources={"CPU": 2})
+
+
+def test_evaluators_are_planned_beside_replicas_and_workers_and_named_when_they_do_not_fit():
+    from actors.evaluator import EvaluatorConfig
+
+    fits = make_plan(_gpu(evaluators=EvaluatorConfig(count=4, num_cpus=4)), GPU_NODES)  # 8 x 4 + 4 x 4 <= 96 CPU
+    assert [sum(p.what.startswith("evaluator") for p in phase.placed) for phase in fits] == [4, 4]
+    check(fits)
+    too_many = make_plan(_gpu(evaluators=EvaluatorConfig(count=4, num_cpus=20)), GPU_NODES)
+    with pytest.raises(ValueError, match="prompt steps: evaluator 2 needs 20 CPU on one node"):
+        check(too_many)

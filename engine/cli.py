@@ -185,19 +185,17 @@ def _serve(args: argparse.Namespace) -> int:
                       lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
                       lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus)
     connect(args.address)
-    start(cfg)
-    console.echo(f"serving {cfg.run_dir} at {cfg.url}  (docs: {cfg.url}/docs; Ctrl-C stops)\n"
-                 f"  curl -s {cfg.url}/v1/program\n"
-                 f"  curl -s -X POST {cfg.url}/v1/predict -H 'content-type: application/json' -d '{{...inputs...}}'")
-    if args.once:
-        stop(cfg)
-        return 0
-    try:
-        while True:
+    try:  # from the start: the app answers before serve.run returns, so a stop then must drain it too
+        start(cfg)
+        console.echo(f"serving {cfg.run_dir} at {cfg.url}  (docs: {cfg.url}/docs; Ctrl-C stops)\n"
+                     f"  curl -s {cfg.url}/v1/program\n"
+                     f"  curl -s -X POST {cfg.url}/v1/predict -H 'content-type: application/json' -d '{{...inputs...}}'")
+        while not args.once:
             time.sleep(3600)
-    finally:  # Ctrl-C or SIGTERM: drain (new requests 503, those in flight finish), then exit 130 / 143
+    finally:  # --once, Ctrl-C or SIGTERM: drain (new requests 503, those in flight finish), then exit 0 / 130 / 143
         logger.info("stopping the server: new requests get 503, those in flight get up to %.0f s", DRAIN_GRACE_S)
         stop(cfg)
+    return 0
 
 
 def _text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -214,7 +214,7 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
         hidden.rename(run_dir)
     assert server.returncode == 143, out[-4000:]
     assert left_behind(mark) == []
-    assert first.status_code == 200 and len(first.json()["choices"]) == 4, first.text  # in flight at SIGTERM
+    assert first.status_code == 200 and len(first.json()["choices"]) == 8, first.text  # in flight at SIGTERM
     assert stopping["status"] == "stopping", stopping
     assert late.status_code == 503 and late.headers["retry-after"], late.text  # not 404 (route deleted) nor 500
     assert late.json()["type"] == "ServerStopping" and late.json()["request_id"], late.text
@@ -223,9 +223,10 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
 
 
 def _sigterm_with_a_request_in_flight(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 120):
-    """SIGTERM the server while a long chat completion (4 x 300 tokens, 1-5 s) is in flight, then send one more
-    request while it drains: (the in-flight response, the late response, /healthz's body while stopping)."""
-    long_chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "n": 4, "temperature": 1.0}
+    """SIGTERM the server while a long chat completion (8 x 300 tokens, ~3-8 s: longer than the server takes from
+    the signal to the drain, shorter than the drain's grace) is in flight, then send one more request while it
+    drains: (the in-flight response, the late response, /healthz's body while stopping)."""
+    long_chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "n": 8, "temperature": 1.0}
     deadline = time.monotonic() + timeout_s
     with ThreadPoolExecutor(1) as threads:
         held = threads.submit(http.post, "/v1/chat/completions", json=long_chat)
@@ -233,7 +234,14 @@ def _sigterm_with_a_request_in_flight(server: subprocess.Popen, http: httpx.Clie
             assert not held.done() and time.monotonic() < deadline, "the long request never was in flight"
             time.sleep(0.05)
         server.send_signal(signal.SIGTERM)
-        while (health := http.get("/healthz")).status_code == 200:  # until the drain has begun
+        while True:  # until the drain has begun
+            try:
+                health = http.get("/healthz")
+            except httpx.TransportError as exc:
+                raise AssertionError(f"the server went away before draining ({exc!r}); the request in flight "
+                                     f"{'had ended' if held.done() else 'had not ended'}") from exc
+            if health.status_code != 200:
+                break
             assert not held.done() and time.monotonic() < deadline, "the request ended before the drain began"
             time.sleep(0.05)
         late = http.post("/v1/predict", json={"question": "What is 9 + 1?"})

@@ -198,7 +198,6 @@ class EvaluatorPool:
     def __init__(self, cfg: EvaluatorConfig):
         self.cfg = cfg
         self._actors: list = []
-        self._sent_to: dict = {}  # chunk result ref -> the actor running it
         self._batches = itertools.count(1)
 
     def start(self) -> "EvaluatorPool":
@@ -251,28 +250,25 @@ class EvaluatorPool:
         size = max(1, math.ceil(len(jobs) / (len(self._actors) * CHUNKS_PER_EVALUATOR)))
         chunks = [[(i, pindex[i], eindex[i]) for i in range(s, min(len(jobs), s + size))]
                   for s in range(0, len(jobs), size)]
-        pending = {}
+        options, pending = (trace, max_errors, metered), {}  # chunk result ref -> (chunk, n, tries, its actor)
         for n, chunk in enumerate(chunks):
-            pending[self._send(batch, shipped, chunk, (trace, max_errors, metered), n)] = (chunk, n, 0)
+            pending.update(self._send(batch, shipped, chunk, options, n, 0))
         runs: dict[int, Run] = {}
         broke, stopped = 0, False
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                chunk, n, tries = pending.pop(ref)
+                chunk, n, tries, actor = pending.pop(ref)
                 try:
                     got = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:  # the evaluator died: resend, or count as errors
-                    self._actors = [a for a in self._actors if a is not self._sent_to.get(ref)]
+                    self._actors = [a for a in self._actors if a is not actor]
                     if tries < RESENDS and self._actors:
                         logger.warning("an evaluator died (%s); its chunk of %d runs goes to another",
                                        type(exc).__name__, len(chunk))
-                        pending[self._send(batch, shipped, chunk, (trace, max_errors, metered), n)] = (
-                            chunk, n, tries + 1)
+                        pending.update(self._send(batch, shipped, chunk, options, n, tries + 1))
                         continue
                     got = [Run(i, None, 0.0, (), f"evaluator died: {type(exc).__name__}: {exc}") for i, _, _ in chunk]
-                finally:
-                    self._sent_to.pop(ref, None)
                 runs.update((r.example_index, r) for r in got)
                 broke += sum(r.broke for r in got)
                 done(len(got))
@@ -283,11 +279,10 @@ class EvaluatorPool:
         spent = sum(ray.get([a.drain.remote() for a in self._actors]), Costs())
         return [runs[i] for i in range(len(jobs))], spent
 
-    def _send(self, batch: int, shipped: list, chunk: list, options: tuple, n: int):
+    def _send(self, batch: int, shipped: list, chunk: list, options: tuple, n: int, tries: int) -> dict:
+        """``{result ref: (chunk, n, tries, actor)}`` for chunk ``n`` sent to the ``n``-th live evaluator."""
         actor = self._actors[n % len(self._actors)]
-        ref = actor.run.remote(batch, shipped, chunk, *options)
-        self._sent_to[ref] = actor
-        return ref
+        return {actor.run.remote(batch, shipped, chunk, *options): (chunk, n, tries, actor)}
 
 
 def _unique(objects: list) -> tuple[list, list[int]]:

@@ -110,7 +110,7 @@ def _pairs(items: list[str]) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from actors.usage import Costs
-    from engine.run import first_line, run
+    from engine.run import run
     from engine.run_store import RunStore
 
     cfg = _run_config(args)
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     console.echo(f"run dir: {outcome.run_dir} (report.md, scores.png, program.json); wall {outcome.wall_s:.0f}s")
     if outcome.failed:
         logger.error("%s; the best program before it ('%s') was kept; the same command resumes from the failed step",
-                     first_line(outcome.error) or "a step failed", outcome.best_strategy or "baseline")
+                     console.first_line(outcome.error) or "a step failed", outcome.best_strategy or "baseline")
         return 2
     return 0
 

@@ -86,6 +86,12 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
         err.close()
 
 
+def first_line(text: str | None, limit: int = 300) -> str:
+    """The first line of an error message, at most ``limit`` characters (Ray's are pages long)."""
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def echo(text: str) -> None:
     """Print ``text`` for the person: on the terminal under ``quiet`` (and into its log), else on stdout."""
     if _out is None:

@@ -23,7 +23,7 @@ from actors.usage import Costs
 from engine.adapters import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
-from engine.console import FILE_ONLY
+from engine.console import FILE_ONLY, first_line
 from engine.evaluate import TooManyErrors, collect_errors, evaluators_of
 from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
@@ -129,12 +129,6 @@ def score_steps(cfg: RunConfig, spec: ProgramSpec, test: list, best: dspy.Module
         logger.info("held-out test '%s': %.1f%% of %d (%s)", strategy or "baseline", result.score, result.n,
                     result.describe(), extra=FILE_ONLY)  # the console's final table shows them
     return done
-
-
-def first_line(text: str | None, limit: int = 300) -> str:
-    """The first line of an error message, at most ``limit`` characters (Ray's are pages long)."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def score_after(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, test: list,

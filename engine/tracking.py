@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
+from engine.console import first_line
 from engine.run_store import RunStore, StepRecord
 
 if TYPE_CHECKING:
@@ -343,9 +344,8 @@ def _or_warn(track, what: str, uri: str) -> TrackedRun | None:
         tracked = track()
     except Exception as exc:  # tracking never fails a run: one named warning (the traceback at debug)
         logger.debug("tracking failure", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         logger.warning("tracking: could not log %s to MLflow at %s: %s: %s (the result stands; "
-                       "--no-tracking turns tracking off)", what, uri, type(exc).__name__, first[:300])
+                       "--no-tracking turns tracking off)", what, uri, type(exc).__name__, first_line(str(exc)))
         return None
     if tracked is not None:
         logger.info("tracking: %s", tracked.describe())

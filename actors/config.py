@@ -47,6 +47,10 @@ class ReplicaConfig:
     cpu_bind: str = _help(
         "CPU path: 'auto' gives replica i its own cores (i*num_cpus ...), 'nobind', or a vLLM "
         "VLLM_CPU_OMP_THREADS_BIND value used as is", "auto")
+    cpu_worker_process: bool = _help(
+        "CPU path: run the model in a worker process of its own, as vLLM does by default; off (the default), "
+        "it runs in the EngineCore process under the same core binding: one process (and its start) fewer",
+        False)
     seed: int = _help("engine seed; a request's own seed wins", 0)
     max_restarts: int = _help("times Ray restarts a dead replica actor (-1 = always)", 3)
     engine_kwargs: Mapping[str, Any] = _help(

@@ -2,7 +2,8 @@
 
 Knows: the placement-group bundles a replica needs (one per tensor-parallel worker, as vLLM's
 Ray executor expects), the environment a vLLM-CPU engine reads at start (core binding, KV cache
-size), the default dtype per device, and which executor vLLM should use. Does not start anything.
+size, and whether its model runs in the EngineCore process), the default dtype per device, and which
+executor vLLM should use. Does not start anything.
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def cpu_bind(cfg: ReplicaConfig, rank: int, cores: int | None = None) -> str:
     if first + width > cores:
         first = 0
     return str(first) if width == 1 else f"{first}-{first + width - 1}"
+
+
+def _cores(bind: str) -> list[int] | None:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND value for one rank ('0', '0-3', '0,2'), None if not a list."""
+    cores: list[int] = []
+    for part in bind.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            return None
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    return cores or None
+
+
+def inproc_worker_env(cfg: ReplicaConfig) -> dict[str, str]:
+    """Environment under which a CPU engine runs its model in the EngineCore process (no worker process).
+
+    vLLM-CPU otherwise starts a second process for a one-rank worker only to give it the OpenMP
+    environment of its cores (OMP_NUM_THREADS, OMP_PLACES, OMP_PROC_BIND); set here, the EngineCore
+    process vLLM spawns inherits it, and vLLM keeps the one-process executor
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the async engine still runs its EngineCore in a process of
+    its own). Empty (vLLM's own two processes) on GPUs, with ``cpu_worker_process``, or when the
+    binding is 'nobind'/'auto' or a per-rank list.
+    """
+    if is_gpu(cfg) or cfg.cpu_worker_process:
+        return {}
+    cores = _cores(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    if cores is None:
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(cores)),
+            "OMP_PLACES": "{" + ",".join(map(str, cores)) + "}", "OMP_PROC_BIND": "true"}
 
 
 def engine_env(cfg: ReplicaConfig, rank: int) -> dict[str, str]:

@@ -40,6 +40,21 @@ STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 STOP_GRACE_S = 1.0
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set ``values`` in this process's environment for the block (what a process spawned in it inherits)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class VLLMEngine:
     """An ``AsyncLLM`` with the few calls a replica needs."""
 
@@ -71,7 +86,8 @@ class VLLMEngine:
         from actors.engine_watchdog import WATCHDOG_ENV
 
         os.environ.setdefault(WATCHDOG_ENV, "1")  # inherited by the EngineCore process vLLM spawns
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        with _environ(device.inproc_worker_env(cfg)):
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len
 

@@ -194,6 +194,19 @@ def _engine_pids(pid):
         return set()
 
 
+def test_each_replica_runs_its_model_in_one_engine_process_bound_to_its_own_core(pool):
+    """vLLM-CPU would start a worker process below the EngineCore; Tandem runs the model in the
+    EngineCore process (one start fewer) and keeps vLLM's binding: replica i's model on core i."""
+    affinity = []
+    for rank in sorted(pool._replicas):
+        below = [p for p in psutil.Process(wait_healthy(pool._replicas[rank][0])["pid"]).children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own helper
+        assert len(below) == 1 and "EngineCore" in " ".join(below[0].cmdline()), [p.cmdline() for p in below]
+        affinity.append(below[0].cpu_affinity())  # its main thread: the one that runs the model
+    assert affinity == [[0], [1]]
+    assert len(_greedy(pool, MODEL_ID, PROMPTS)) == len(PROMPTS)
+
+
 def test_replica_killed_during_batch_answers_all_64(pool):
     victim = pool._replicas[1][0]
     old = wait_healthy(victim)

@@ -58,6 +58,21 @@ def test_cpu_binding_gives_each_replica_its_own_cores():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and "VLLM_CPU_OMP_THREADS_BIND" in env
 
 
+def test_cpu_engine_runs_its_model_in_the_engine_core_process_under_the_replicas_cores(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "2-3")
+    env = device.inproc_worker_env(ReplicaConfig(num_cpus=2))
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2", "OMP_PLACES": "{2,3}",
+                   "OMP_PROC_BIND": "true"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0,5")
+    assert device.inproc_worker_env(ReplicaConfig())["OMP_PLACES"] == "{0,5}"
+    for bind in ("auto", "nobind", "0|1", "", "a-b"):  # vLLM's own worker process sets these up
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+        assert device.inproc_worker_env(ReplicaConfig()) == {}, bind
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    assert device.inproc_worker_env(ReplicaConfig(cpu_worker_process=True)) == {}
+    assert device.inproc_worker_env(ReplicaConfig(num_gpus=1)) == {}
+
+
 def test_gpu_shape_follows_vllm_ray_conventions():
     tp = ReplicaConfig(num_gpus=1, tensor_parallel_size=4)
     assert device.bundles(tp) == [{"CPU": 1.0, "GPU": 1.0}] * 4

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from actors.environ import environ
 
 if TYPE_CHECKING:
     from actors.lora_train import LoraTrainConfig
@@ -152,15 +153,8 @@ def run_config(cfg: LoraTrainConfig, name: str, storage_path: str):
 def start_timeout(seconds: float):
     """Bound Ray Train's wait for the workers' placement group while the block runs (the driver's
     environment is copied to the controller when ``fit()`` starts it)."""
-    before = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
-    try:
+    with environ({START_TIMEOUT_ENV: f"{seconds:g}"}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = before
 
 
 def _fmt(resources: dict) -> str:

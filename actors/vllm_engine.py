@@ -24,6 +24,7 @@ import os
 
 from actors import device
 from actors.config import ReplicaConfig
+from actors.environ import environ
 from actors.errors import EngineDeadError, LMRequestError
 from actors.types import Adapter, GenerateRequest
 
@@ -38,21 +39,6 @@ STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # gracefully, then the core lingers): every pool kill waited 5 s. Requests are aborted first
 # (mode=abort), so nothing in flight is lost by cutting it short.
 STOP_GRACE_S = 1.0
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """Set ``values`` in this process's environment for the block (what a process spawned in it inherits)."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class VLLMEngine:
@@ -86,7 +72,7 @@ class VLLMEngine:
         from actors.engine_watchdog import WATCHDOG_ENV
 
         os.environ.setdefault(WATCHDOG_ENV, "1")  # inherited by the EngineCore process vLLM spawns
-        with _environ(device.inproc_worker_env(cfg)):
+        with environ(device.inproc_worker_env(cfg)):
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self._tokenizer = self._llm.get_tokenizer()
         self.max_model_len = self._llm.model_config.max_model_len

@@ -14,11 +14,11 @@ per version). Prints a table and writes JSON. Does not train: it serves an adapt
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from report import save
 
 
 def _first(pool, model: str) -> float:
@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r['way']} | {r['repeat']} | {r['make_available_s']:.1f} | {r['first_request_s']:.2f} | "
               f"{r['warm_request_s']:.2f} | {r['until_served_s']:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "adapter_swap", "date": time.strftime("%Y-%m-%d"),
-                                          "machine": platform.node(), "cpus": os.cpu_count(), "args": vars(args),
-                                          "launch_s": launch_s, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    save(args.out, "adapter_swap", args, launch_s=launch_s, rows=rows)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(pool.pop("texts"), offline.pop("texts")))
     ratio = pool["tok_s"] / offline["tok_s"]
     rows = [("pool via DSPy client", pool), ("offline vllm.LLM.generate", offline)]
-    print(f"| path | prompts | output tokens | wall s | tok/s |\n|---|---|---|---|---|")
+    print("| path | prompts | output tokens | wall s | tok/s |\n|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {args.prompts} | {r['output_tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} |")
     print(f"\nratio (pool / offline) = {ratio:.2f}  (target >= 0.9); identical greedy texts: {same}/{args.prompts}")

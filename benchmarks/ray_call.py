@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from report import save
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,11 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| way | repeat | calls/s | caller CPU ms/call |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['way']} | {r['repeat'] + 1} | {r['calls_per_s']:.0f} | {r['caller_cpu_ms_per_call']:.2f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "ray_call", "date": time.strftime("%Y-%m-%d"),
-                                          "machine": platform.node(), "cpus": os.cpu_count(), "args": vars(args),
-                                          "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    save(args.out, "ray_call", args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ adapter). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
+
+from report import save
 
 PROMPT = ("Given the fields sepal_length, sepal_width, petal_length, petal_width, produce the field species. " * 12
           + "Flower {i}: petal length {p:.1f} cm, sepal length {s:.1f} cm. Which iris is it?")
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| way | start | ready s | replicas' RSS MB | batch s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['way']} | {r['repeat'] + 1} | {r['ready_s']:.1f} | {r['rss_mb']:.0f} | {r['batch_s']:.1f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "replica_start", "date": time.strftime("%Y-%m-%d"),
-                                          "machine": platform.node(), "cpus": os.cpu_count(), "args": vars(args),
-                                          "identical_texts": same, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    save(args.out, "replica_start", args, identical_texts=same, rows=rows)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
+from actors.environ import environ
 from engine.console import first_line
 from engine.run_store import RunStore, StepRecord
 
@@ -360,16 +361,8 @@ def _session(uri: str) -> Iterator[Any]:
     from mlflow.tracking import MlflowClient
 
     quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    old = {k: os.environ.get(k) for k in quiet}
-    os.environ.update(quiet)
-    try:
+    with environ(quiet):
         yield MlflowClient(tracking_uri=uri)
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inflight", type=int, default=500)
     ap.add_argument("--actors", type=int, default=4)
     ap.add_argument("--delay-s", type=float, default=1.0, help="seconds an actor takes to answer")
+    ap.add_argument("--work-ms", type=float, default=0.0,
+                    help="pure-Python work before each call, as a run's prompt formatting (ms, single-threaded)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out/ray_call.json")
     args = ap.parse_args(argv)
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     ray.get([a.generate.remote({"index": 0}) for a in actors])
 
     def request(i: int) -> dict:
+        text, until = [], time.thread_time() + args.work_ms / 1e3  # this thread's CPU, not the wall
+        while time.thread_time() < until:
+            text.append(str(len(text)))
         return {"index": i, "messages": [{"role": "user", "content": "x" * 1500}], "max_tokens": 200}
 
     def threads() -> None:

@@ -1,7 +1,8 @@
 """The vLLM implementation of the replica's ``Engine`` protocol, on vLLM's async engine.
 
 Knows how to build ``AsyncLLM`` from a ``ReplicaConfig`` (dtype, LoRA limits, executor and the
-opaque ``engine_kwargs``), turn a ``GenerateRequest`` into prompt token ids with the model's chat
+opaque ``engine_kwargs``; on CPU under the environment that runs the model in the EngineCore
+process, ``actors.device.inproc_worker_env``), turn a ``GenerateRequest`` into prompt token ids with the model's chat
 template and into ``SamplingParams`` (a request's ``structured`` constraint becomes vLLM's
 ``StructuredOutputsParams``; the backend is the engine's ``structured_outputs_config``, by default
 ``STRUCTURED_OUTPUTS``: xgrammar, compact JSON; or a plain dict in ``engine_kwargs`` such as

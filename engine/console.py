@@ -88,7 +88,8 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
 
 def first_line(text: str | None, limit: int = 300) -> str:
     """The first line of an error message, at most ``limit`` characters (Ray's are pages long)."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    lines = (text or "").strip().splitlines()
+    line = lines[0] if lines else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

@@ -8,7 +8,8 @@ exit code reads as 0 and a failed `ray job submit` run is reported SUCCEEDED.
 Also knows stopping: ``stop_on_signals()`` (the CLI's) makes SIGINT and SIGTERM — what Ctrl-C,
 docker, systemd and Kubernetes send — raise ``Stopped`` in the main thread, so ``finally`` blocks
 kill replicas and Serve before the process exits with 128 + the signal number; ``ray.init``
-(which installs its own SIGTERM handler) keeps it. Does not know pools or models.
+(which installs its own SIGTERM handler) keeps it. ``cluster_now()`` reads what the cluster can
+hold (the replicas' and the training workers' fit checks both use it). Does not know pools or models.
 """
 
 from __future__ import annotations
@@ -122,3 +123,19 @@ def _stop_handlers_kept() -> Iterator[None]:
     finally:
         for sig in ours:
             signal.signal(sig, _raise_stopped)
+
+
+def cluster_now() -> tuple[dict, list[dict] | None]:
+    """The cluster's resources (an autoscaler's maximum where it has one) and, if it cannot grow,
+    each alive node's."""
+    total = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:  # the private call Ray Train 2.60 itself makes before it waits (worker_group.py)
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 -- without it the static check below still holds
+        logger.debug("no autoscaler limits", exc_info=True)
+        limits = None
+    if limits:
+        return {k: max(total.get(k, 0.0), float(limits.get(k, 0))) for k in {*total, *limits}}, None
+    return total, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]

@@ -4,12 +4,12 @@ Every LM call of a Tandem run goes through one driver process: DSPy formats the 
 thread waits on the pool's router, DSPy parses the answer, the metric runs. This benchmark runs
 real DSPy programs (Iris chain of thought; HotPotQA multi-hop with a stub retriever) through the
 real path (``engine.evaluate.run_grid``, what ``evaluate_many`` calls, inside
-``dspy.context(adapter=...)``, ``pool.lm(cache=False)``, ``actors.ReplicaPool`` of real Ray
+``dspy.context(adapter=...)``, ``pool_lm(pool, cache=False)``, ``actors.ReplicaPool`` of real Ray
 actors) against *simulated* replicas, at 1 … 64 replicas, and reports runs/s, scaling
 efficiency, driver CPU per run, replica utilisation and call latency. Prints a table, writes JSON.
 
 The simulated engine (``SimulatedEngine``, the ``actors.types.Engine`` interface of
-``actors.scripted.ScriptedEngine``) models a continuously batching GPU engine as processor
+``actors.inference.scripted.ScriptedEngine``) models a continuously batching GPU engine as processor
 sharing with a latency floor and a throughput ceiling: with ``b`` sequences in flight each
 advances ``min(1 / step_s, tok_s / b)`` tokens per second, an answer is ``answer_tokens`` tokens,
 and at most ``max_seqs`` sequences run at once (the rest queue, ``asyncio.Semaphore``). Defaults
@@ -267,12 +267,13 @@ class Row:
 
 
 def timed_lm(pool: Any, latencies: list[float], **kwargs: Any) -> Any:
-    """``pool.lm(**kwargs)`` (``actors.client.pool_lm``'s body) whose sync engine also appends each
+    """``pool_lm(pool, **kwargs)`` (``actors.dspy_side.client.router_lm``'s body) whose sync engine also appends each
     call's wall latency, as the driver sees it, to ``latencies`` (a DSPy callback would time it too,
     but turns on DSPy's per-module callback machinery, which costs the driver ~1 ms per HotPotQA run)."""
     import dspy
 
-    from actors.client import AsyncPoolEngine, PoolEngine
+    from actors.dspy_side.client import AsyncPoolEngine, PoolEngine
+    from actors.dspy_side.provider import TandemProvider
 
     class TimedPoolEngine(PoolEngine):
         def complete(self, request):
@@ -284,7 +285,7 @@ def timed_lm(pool: Any, latencies: list[float], **kwargs: Any) -> Any:
 
     kwargs.setdefault("temperature", 0.0)
     return dspy.LM(pool.model_id, engine=TimedPoolEngine(pool.router), async_engine=AsyncPoolEngine(pool.router),
-                   provider=pool.provider, **kwargs)
+                   provider=TandemProvider.of(pool), **kwargs)
 
 
 def _cpu_of(pids: list[int]) -> float:
@@ -314,11 +315,11 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def measure(pool: Any, work: Workload, model: LatencyModel, adapter: str, threads: int, evaluators: Any = None) -> Row:
     """Run ``work`` once on ``pool`` with ``threads`` driver threads, or on ``evaluators`` (an
-    ``actors.evaluator.EvaluatorPool``: then ``threads`` is their threads in all); its ``Row``."""
+    ``actors.dspy_side.evaluator.EvaluatorPool``: then ``threads`` is their threads in all); its ``Row``."""
     import dspy
     import ray
 
-    from engine.adapters import make_adapter, stop_for
+    from engine.adapters.registry import make_adapter, stop_for
     from engine.evaluate import evaluators as on, percent, run_grid
 
     program, latencies = work.make(), []  # latencies: the driver's calls only (an evaluator's stay there)
@@ -379,7 +380,7 @@ def run_all_configs(args: argparse.Namespace, model: LatencyModel, model_dir: st
     rows = []
     evaluators = None
     if n_evaluators:
-        from actors.evaluator import EvaluatorConfig, EvaluatorPool
+        from actors.dspy_side.evaluator import EvaluatorConfig, EvaluatorPool
 
         per = args.evaluator_threads or math.ceil(threads_for(counts[-1], model, 10**6) / n_evaluators)
         evaluators = EvaluatorPool(EvaluatorConfig(count=n_evaluators, threads=per, num_cpus=args.replica_cpus))

@@ -30,7 +30,7 @@ def main() -> None:
         os.environ["DSPY_CACHEDIR"] = tempfile.mkdtemp(prefix="tandem-e2e-dspy-cache-")
 
     from engine.config import RunConfig
-    from engine.report import step_rows
+    from engine.report.run_report import step_rows
     from engine.run import run
 
     shutil.rmtree(args.run_dir, ignore_errors=True)

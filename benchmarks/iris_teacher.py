@@ -32,11 +32,12 @@ import dspy
 from dspy import lm15
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
-from actors.client import STRUCTURED_KEY
-from engine.adapters import make_adapter, stop_for
+from actors.dspy_side.provider import pool_lm
+from actors.dspy_side.client import STRUCTURED_KEY
+from engine.adapters.registry import make_adapter, stop_for
 from engine.config import RunConfig
 from engine.held_out import score_held_out
-from engine.weight_step import WeightStep
+from engine.steps.weight import WeightStep
 from programs import iris
 
 FIELDS = ("petal_length", "petal_width", "sepal_length", "sepal_width")
@@ -97,7 +98,7 @@ def main() -> None:
             teacher.set_lm(dspy.LM("rule", engine=RuleEngine(), cache=False, num_retries=0))
             for epochs in (int(e) for e in args.epochs.split(",")):
                 student = iris.Program()  # the base model: each setting starts from it
-                student.set_lm(pool.lm(max_tokens=base.max_tokens, stop=stop_for(base.adapter)))
+                student.set_lm(pool_lm(pool, max_tokens=base.max_tokens, stop=stop_for(base.adapter)))
                 started = time.perf_counter()
                 with dspy.context(adapter=make_adapter(base.adapter)):
                     step = WeightStep(iris.metric, replace(base.lora, epochs=epochs), lifecycle="relaunch",

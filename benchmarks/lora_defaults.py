@@ -1,6 +1,6 @@
 """LoRA defaults for the embedded run: which epochs / lr / target modules / batch lower the loss most per second.
 
-Trains ``actors.lora_train.train_loop`` (no Ray, as a training worker runs it) on the weight step's
+Trains ``actors.training.loop.train_loop`` (no Ray, as a training worker runs it) on the weight step's
 own rows (``<run>/02_w/traces.parquet`` of ``tandem run --strategy "p -> w"``) for each setting of
 a small grid, then measures the token-mean completion loss of the rows with the base model
 (before) and with the trained adapter (after), in eval mode. Prints a table and writes JSON.
@@ -43,8 +43,8 @@ def eval_loss(model, tokenizer, rows: list, max_seq_len: int) -> float:
     """Token-mean loss over the completion tokens of ``rows``, one row a forward pass (no padding)."""
     import torch
 
-    from actors.lora_optim import completion_tokens
-    from actors.lora_train import learnable_data
+    from actors.training.optim import completion_tokens
+    from actors.training.loop import learnable_data
 
     data, _ = learnable_data(tokenizer, rows, max_seq_len)
     total = count = 0.0
@@ -71,8 +71,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors import models
-    from actors.lora_train import LoraTrainConfig, train_loop
-    from actors.train_rows import read_rows
+    from actors.training.config import LoraTrainConfig
+    from actors.training.loop import train_loop
+    from actors.training.rows import read_rows
 
     torch.set_num_threads(args.threads)
     model_path = models.resolve(args.model)

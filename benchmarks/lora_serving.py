@@ -3,7 +3,7 @@
 Same replica (1 x ``--cores`` cores, SmolLM2-135M-Instruct fp32), same prompts (Iris calls
 formatted by DSPy's ChatAdapter with 3 demos each — the prompt-heavy calls of an evaluation after
 fine-tuning), same random rank-32 q/k adapter, greedy, ``--max-tokens`` each, all requests at once:
-(a) the base model; (b) the adapter with Tandem's ops (``actors/vllm_cpu_lora.py``, the default);
+(a) the base model; (b) the adapter with Tandem's ops (``actors/inference/cpu_lora.py``, the default);
 (c) the adapter with vLLM's own CPU ops (``VLLM_PLUGINS=none`` keeps Tandem's plugin out).
 Each variant runs in its own process with its own local Ray, one after the other. Prints a table
 and writes JSON. Target: (b) within 1.5x of (a)'s wall time.

@@ -1,6 +1,6 @@
 """LoRA training throughput: Tandem's training loop vs a plain peft + torch loop, same data and device.
 
-(a) ``actors.lora_train.train_loop`` run directly (no Ray): length-bucketed micro-batches,
+(a) ``actors.training.loop.train_loop`` run directly (no Ray): length-bucketed micro-batches,
     gradient accumulation to the effective batch, loss on completion tokens only;
 (b) the loop most scripts write: one example per step, no bucketing, same LoRA, same optimizer.
 Data: Iris chats formatted by DSPy's ChatAdapter with the gold answer as the assistant turn.
@@ -39,7 +39,7 @@ def plain_loop(cfg, model_path: str, rows: list[list[dict]], threads: int) -> di
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.lora_train import tokenize
+    from actors.training.loop import tokenize
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -74,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from actors import models
-    from actors.lora_train import LoraTrainConfig, train_loop
+    from actors.training.config import LoraTrainConfig
+    from actors.training.loop import train_loop
 
     model_path = models.resolve(args.model)
     rows = iris_rows(args.rows)

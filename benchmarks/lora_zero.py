@@ -1,6 +1,6 @@
 """Multi-worker LoRA training: DDP vs DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 + optimizer offload.
 
-Each mode trains the same adapter with ``actors.lora_train.train_lora`` on real Ray Train workers
+Each mode trains the same adapter with ``actors.training.loop.train_lora`` on real Ray Train workers
 (same data, seed and effective batch). The table gives the whole call's wall time (worker start and
 DeepSpeed setup included), the loop's tokens/s, the share of the weights each worker holds and its
 peak memory (RSS on CPU, CUDA allocations on GPU). ZeRO's point is memory, not speed: on a CPU
@@ -39,8 +39,9 @@ def main() -> None:
         ap.error(f"unknown modes {unknown}; valid: {list(MODES)}")
 
     from actors import connect, models
-    from actors.lora_train import LoraTrainConfig, train_lora
-    from actors.train_rows import write_rows
+    from actors.training.config import LoraTrainConfig
+    from actors.training.loop import train_lora
+    from actors.training.rows import write_rows
     from lora_step import iris_rows  # this folder is on sys.path
 
     connect()  # $RAY_ADDRESS, else a local Ray

@@ -42,11 +42,12 @@ def run_pool(model: str, prompts, replicas: int, cores: int, max_tokens: int, ca
     from dspy import lm15
 
     from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+    from actors.dspy_side.provider import pool_lm
 
     connect(num_cpus=replicas * cores)
     cfg = PoolConfig(replica=ReplicaConfig(model=model, num_cpus=cores, max_model_len=2048), num_replicas=replicas)
     with ReplicaPool(cfg).launch() as pool:
-        lm = pool.lm(max_tokens=max_tokens, temperature=0.0, cache=False)
+        lm = pool_lm(pool, max_tokens=max_tokens, temperature=0.0, cache=False)
         config = lm15.Config(max_tokens=max_tokens, temperature=0.0)  # an explicit Request ignores lm kwargs
         requests = [lm15.Request(model=lm.model, system=m[0]["content"], config=config,
                                  messages=tuple(lm15.Message.user(x["content"]) for x in m[1:]))

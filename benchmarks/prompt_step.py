@@ -35,7 +35,8 @@ def main() -> None:
     import dspy
 
     from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
-    from engine.prompt_step import PromptStep
+    from actors.dspy_side.provider import pool_lm
+    from engine.steps.prompt import PromptStep
     from programs import iris
 
     splits = iris.load_splits(0)
@@ -45,7 +46,7 @@ def main() -> None:
                      num_replicas=args.replicas, name="bench-prompt")
     rows = {}
     with ReplicaPool(cfg).launch() as pool, dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        lm = pool.lm(max_tokens=args.max_tokens, stop=("[[ ## completed ## ]]",), cache=False)
+        lm = pool_lm(pool, max_tokens=args.max_tokens, stop=("[[ ## completed ## ]]",), cache=False)
 
         def program():
             p = iris.Program()

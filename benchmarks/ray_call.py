@@ -1,6 +1,6 @@
 """A caller's CPU per Ray actor call with many calls in flight: threads blocked in ``ray.get`` vs asyncio tasks.
 
-The evaluators (``actors.evaluator``) and the driver's threads hold one blocked thread per LM call in
+The evaluators (``actors.dspy_side.evaluator``) and the driver's threads hold one blocked thread per LM call in
 flight. Would an asyncio path (``await ref``) cost the caller less per call? This sends the same
 calls both ways, alternately, in one process, to actors that answer after a fixed delay (as a
 replica would), with a request the size of a formatted DSPy prompt, and measures the caller's

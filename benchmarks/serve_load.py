@@ -269,7 +269,8 @@ def _served(args, inputs: list[dict], phases: list[str]) -> dict:
 def _in_process(args, winner, inputs: list[dict], need: set[int], run_load: bool) -> dict:
     """The in-process load (if ``run_load``), then in-process answers for ``need`` inputs it did not reach."""
     from actors import PoolConfig, ReplicaConfig, ReplicaPool
-    from engine.adapters import make_adapter, stop_for
+    from actors.dspy_side.provider import pool_lm
+    from engine.adapters.registry import make_adapter, stop_for
     from serve.winner import build_program, interface
 
     replica = ReplicaConfig(model=winner.base_model, num_cpus=args.lm_cpus, max_model_len=winner.max_model_len,
@@ -281,7 +282,7 @@ def _in_process(args, winner, inputs: list[dict], need: set[int], run_load: bool
             pool.load_adapter(name, path)
         program = build_program(winner)
         for name, pred in program.named_predictors():  # as serve.deployments.ProgramServer sets them
-            pred.lm = pool.lm(winner.models.get(name, winner.base_model), max_tokens=winner.max_tokens,
+            pred.lm = pool_lm(pool, winner.models.get(name, winner.base_model), max_tokens=winner.max_tokens,
                               temperature=0.0, stop=stop_for(winner.adapter), cache=False)
         call = _program_call(program, make_adapter(winner.adapter), [f.name for f in interface(program)[1]])
         call(inputs[0])

@@ -13,7 +13,7 @@ does), runs with ``settings.lm`` set to the program's LM when all its predictors
 optimizers that ``reset_copy`` score with the current, possibly fine-tuned LM), and LMs an optimizer
 dropped are given back; ``candidate_programs`` of dicts (``{"program", "score", "seed"}``) are
 recorded like Tandem's. With ``run_dir=`` every completed step is stored and a rerun skips it
-(``engine.run_store``).
+(``engine.store.run_store``).
 Does not launch or kill pools: the caller owns the pool's lifetime.
 """
 
@@ -29,13 +29,13 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from actors import usage
+from actors.dspy_side import usage
 
 from engine import strategy as strategies
 from engine.evaluate import collect_errors, evaluate_many
-from engine.prompt_step import Candidate, PromptStep
-from engine.run_store import AdapterRef, RunStore
-from engine.weight_step import WeightStep, pool_of
+from engine.steps.prompt import Candidate, PromptStep
+from engine.store.run_store import AdapterRef, RunStore
+from engine.steps.weight import WeightStep, pool_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class BetterTogether(Teleprompter):
         **optimizers: step key -> Teleprompter; default ``p=PromptStep(metric)``, ``w=WeightStep(metric)``.
 
     Example:
-        >>> program.set_lm(pool.lm())  # doctest: +SKIP
+        >>> program.set_lm(pool_lm(pool))  # doctest: +SKIP
         >>> best = BetterTogether(metric).compile(program, trainset=train, valset=val, strategy="p -> w -> p")  # doctest: +SKIP
         >>> best.candidate_programs[0].score  # doctest: +SKIP
     """

@@ -109,9 +109,9 @@ def _pairs(items: list[str]) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from actors.usage import Costs
+    from actors.dspy_side.usage import Costs
     from engine.run import run
-    from engine.run_store import RunStore
+    from engine.store.run_store import RunStore
 
     cfg = _run_config(args)
     logger.info("run: %s on %s, strategy '%s', run dir %s", cfg.program, cfg.model, cfg.strategy, cfg.run_dir)
@@ -152,8 +152,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from engine.table import TableConfig, run_table
-    from engine.table_report import write_table
+    from engine.table.config import TableConfig
+    from engine.table.runner import run_table
+    from engine.table.report import write_table
 
     run_cfg = _run_config(args)
     names = tuple(s.strip() for s in args.strategies.split(",")) if args.strategies else strategies.PAPER

@@ -13,12 +13,12 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any
 
-from actors.evaluator import EvaluatorConfig
-from actors.finetune import LIFECYCLES
-from actors.lora_train import LoraTrainConfig
+from actors.dspy_side.evaluator import EvaluatorConfig
+from actors.dspy_side.finetune import LIFECYCLES
+from actors.training.config import LoraTrainConfig
 from actors.models import EMBEDDED
 from actors.typed_config import from_mapping, typed_config
-from engine.adapters import ADAPTERS
+from engine.adapters.registry import ADAPTERS
 
 
 @typed_config

@@ -10,9 +10,9 @@ default: ``dspy.settings.max_errors``) the remaining pairs are cancelled and ``T
 names the first error and the count. Errors below the limit are added to the active
 ``ErrorLog`` (``collect_errors()``) so the caller can record them. Also runs a program over
 examples with tracing (for bootstrapping). Where the runs happen: in this process's threads, or,
-inside ``evaluators(pool)``, spread over ``actors.evaluator`` actors (the driver then only ships
+inside ``evaluators(pool)``, spread over ``actors.dspy_side.evaluator`` actors (the driver then only ships
 programs and examples and gathers runs; the LM calls they spend are added to the active
-``actors.usage`` meter). Does not know the replica pool: calls go through each program's LM.
+``actors.dspy_side.usage`` meter). Does not know the replica pool: calls go through each program's LM.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Callable, Iterator, Sequence
 
 import dspy
 
-from actors import progress, usage
-from actors.evaluator import EvaluatorConfig, EvaluatorPool, Run, run_jobs
+from actors import progress
+from actors.dspy_side import usage
+from actors.dspy_side.evaluator import EvaluatorConfig, EvaluatorPool, Run, run_jobs
 from actors.runtime import stopping
 
 logger = logging.getLogger(__name__)

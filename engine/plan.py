@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from actors import ReplicaConfig
-from actors import device
-from actors.lora_guards import worker_resources
+from actors.inference import device
+from actors.training.guards import worker_resources
 from engine import strategy as strategies
 from engine.config import RunConfig
 

@@ -5,7 +5,7 @@ LM, run BetterTogether with Tandem's steps into the run dir (resuming completed 
 every step's program on the held-out test split (``engine.held_out``; stored per step, so a rerun
 does not score again), save the winner (``program.json`` + ``best.json``), write the report, and
 kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind); then mirror the
-run dir into MLflow (``engine.tracking``; also after a failure, never failing the run itself).
+run dir into MLflow (``engine.report.tracking``; also after a failure, never failing the run itself).
 Does not know vLLM or training internals.
 """
 
@@ -18,22 +18,24 @@ from pathlib import Path
 
 import dspy
 
-from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect, usage
-from actors.usage import Costs
-from engine.adapters import check_fits, make_adapter, stop_for
+from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from actors.dspy_side import usage
+from actors.dspy_side.provider import pool_lm
+from actors.dspy_side.usage import Costs
+from engine.adapters.registry import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
 from engine.console import FILE_ONLY, first_line
 from engine.evaluate import TooManyErrors, collect_errors, evaluators_of
 from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
-from engine.program_io import save_program
-from engine.prompt_step import PromptStep
-from engine.report import write_report
-from engine.run_store import BestRecord, RunStore
-from engine.storage import pull, push
-from engine.tracking import TrackedRun, track_run_or_warn
-from engine.weight_step import WeightStep
+from engine.store.program_io import save_program
+from engine.steps.prompt import PromptStep
+from engine.report.run_report import write_report
+from engine.store.run_store import BestRecord, RunStore
+from engine.store.remote import pull, push
+from engine.report.tracking import TrackedRun, track_run_or_warn
+from engine.steps.weight import WeightStep
 from programs.base import ProgramSpec, Splits, resolve
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     ``best_strategy``, ``flag_compilation_error_occurred`` and ``compilation_error``.
     """
     program = spec.program(**cfg.program_args)
-    program.set_lm(pool.lm(max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
+    program.set_lm(pool_lm(pool, max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
     optimizer = BetterTogether(
         spec.metric,
         p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),

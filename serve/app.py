@@ -74,7 +74,7 @@ def build_app(cfg: ServeConfig):
     Raises:
         serve.winner.RunDirError: the run dir is not a finished run.
     """
-    from actors import device
+    from actors.inference import device
     from actors.config import ReplicaConfig
     from serve.deployments import LMServer, ProgramServer
     from serve.winner import load_winner

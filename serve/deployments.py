@@ -1,6 +1,6 @@
 """The two Serve deployments of a served run: the LM (vLLM + adapters) and the program (FastAPI ingress).
 
-``LMServer`` wraps the pool's own ``actors.replica.LMReplica`` (one vLLM engine, adapter map,
+``LMServer`` wraps the pool's own ``actors.inference.replica.LMReplica`` (one vLLM engine, adapter map,
 request validation, stats) so serving and optimizing share one engine wrapper; it loads the run's
 adapters at start and answers ``generate(GenerateRequest)``. ``ProgramServer`` rebuilds the
 winning program from the run dir (JSON, never a pickle), points each predictor at an LM whose
@@ -30,13 +30,13 @@ from dspy import lm15
 from ray import serve
 from ray.exceptions import RayActorError
 
-from actors import device
-from actors.client import SUPPORTED_PARAMS, lm15_errors, to_generate_request, to_response
+from actors.inference import device
+from actors.dspy_side.client import SUPPORTED_PARAMS, lm15_errors, to_generate_request, to_response
 from actors.config import ReplicaConfig
 from actors.errors import PoolUnavailableError, own_message
-from actors.replica import LMReplica
+from actors.inference.replica import LMReplica
 from actors.types import Completion, GenerateRequest
-from engine.adapters import make_adapter, stop_for
+from engine.adapters.registry import make_adapter, stop_for
 from serve.api import Gate
 from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
@@ -73,7 +73,7 @@ class LMServer:
 
 class HandleEngine:
     """DSPy custom engine (async) sending each call to the LM deployment; takes output constraints
-    as the pool's engine does (JSON schemas, ``engine.constrained``'s regexes)."""
+    as the pool's engine does (JSON schemas, ``engine.adapters.constrained``'s regexes)."""
 
     supports_response_schema = True
     supported_params = SUPPORTED_PARAMS

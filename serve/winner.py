@@ -3,8 +3,8 @@
 Knows the run dir's finished-run files (``best.json``, ``program.json``, ``run.json``; or one step's
 ``step.json`` + ``program.json`` when a step other than the winner is served) and how to
 rebuild the program from them: the program's factory (``programs/<name>.py`` or a dotted module)
-plus the saved JSON state through ``engine.program_io``'s validating loader — never a pickle.
-The files are read through ``engine.run_store`` (paths relative to the run dir, so a moved or
+plus the saved JSON state through ``engine.store.program_io``'s validating loader — never a pickle.
+The files are read through ``engine.store.run_store`` (paths relative to the run dir, so a moved or
 copied run dir serves). Also derives the program's HTTP interface (input fields of its first
 predictor, output fields of its last) from the signatures. Does not know Ray or HTTP.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dspy
 
-from engine.run_store import RunDirError, RunStore
+from engine.store.run_store import RunDirError, RunStore
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Winner:
 
     @property
     def adapter(self) -> str:
-        """The DSPy adapter the run optimized with (``engine.adapters``; runs before it was a setting: chat)."""
+        """The DSPy adapter the run optimized with (``engine.adapters.registry``; runs before it was a setting: chat)."""
         return self.settings.get("adapter", "chat")
 
     @property
@@ -106,7 +106,7 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
 
 def build_program(winner: Winner) -> dspy.Module:
     """A fresh instance of the run's program with the winning state loaded (predictors without LMs)."""
-    from engine.program_io import load_program
+    from engine.store.program_io import load_program
     from programs.base import resolve
 
     program = resolve(winner.program).program(**winner.program_args)

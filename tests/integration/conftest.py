@@ -149,7 +149,7 @@ def numbers(n: int) -> list:
 
 def tiny_train_config(**changes):
     """LoRA settings that train the tiny model in seconds on one CPU and visibly move its weights."""
-    from actors.lora_train import LoraTrainConfig
+    from actors.training.config import LoraTrainConfig
 
     base = dict(rank=8, alpha=16, epochs=3, lr=5e-3, batch_size=4, micro_batch_size=2,
                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), cpus_per_worker=1, max_seq_len=256)

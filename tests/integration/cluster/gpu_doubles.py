@@ -1,10 +1,10 @@
 """Stand-ins for the GPU parts of a run, for ``test_gpu_configs``: they run in the real Ray actors and
 Ray Train workers on a local Ray's fake GPUs and say which GPUs they were given.
 
-- ``RecordingEngine``: the scripted engine (``actors.scripted``) of a replica; it writes the replica's
+- ``RecordingEngine``: the scripted engine (``actors.inference.scripted``) of a replica; it writes the replica's
   pid and ``ray.get_gpu_ids()`` when built, then every adapter loaded into it and every adapter a
   request was served with.
-- ``train_loop``: named by ``$TANDEM_TEST_TRAIN_LOOP`` (``actors.lora_trainer.scripted_loop``), it runs in
+- ``train_loop``: named by ``$TANDEM_TEST_TRAIN_LOOP`` (``actors.training.trainer.scripted_loop``), it runs in
   each Ray Train worker instead of the LoRA loop: records its rank, pid and GPUs, reads its data the
   way the real loop does, and on rank 0 writes the adapter files the real loop writes (peft's
   ``adapter_config.json`` and ``adapter_model.safetensors``, ``train_metrics.json``) and reports them
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 
-from actors.scripted import ScriptedEngine
+from actors.inference.scripted import ScriptedEngine
 
 RECORDS_ENV = "TANDEM_TEST_GPU_RECORDS"
 
@@ -69,8 +69,9 @@ def train_loop(config: dict) -> dict:
     import ray.train
     from safetensors.numpy import save_file
 
-    from actors.lora_train import LoraTrainConfig, shard
-    from actors.train_rows import read_rows
+    from actors.training.config import LoraTrainConfig
+    from actors.training.loop import shard
+    from actors.training.rows import read_rows
 
     cfg = LoraTrainConfig(**config["train"])
     ctx = ray.train.get_context()

@@ -28,11 +28,11 @@ from ray.util.state import list_actors
 
 import engine.run
 from actors import ReplicaPool
-from actors.finetune import adapter_dir_name
-from actors.lora_trainer import TEST_LOOP_ENV
+from actors.dspy_side.finetune import adapter_dir_name
+from actors.training.trainer import TEST_LOOP_ENV
 from actors.runtime import CHILD_CLEANUP
 from engine.config import load_yaml
-from engine.run_store import RunStore
+from engine.store.run_store import RunStore
 from tests.integration.cluster.gpu_doubles import RECORDS_ENV, read_records, recording_factory
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool
-from engine.adapters import make_adapter, stop_for
-from engine.run_store import RunStore
+from actors.dspy_side.provider import pool_lm
+from engine.adapters.registry import make_adapter, stop_for
+from engine.store.run_store import RunStore
 from programs import iris
 from serve.app import ServeConfig, start, stop
 from serve.winner import build_program, load_winner
@@ -66,7 +67,7 @@ def local(server, run_dir, step):
     for name, path in winner.adapters.items():
         pool.load_adapter(name, path)
     program = build_program(winner)
-    program.set_lm(pool.lm(winner.model, max_tokens=winner.max_tokens, stop=stop_for(winner.adapter), cache=False))
+    program.set_lm(pool_lm(pool, winner.model, max_tokens=winner.max_tokens, stop=stop_for(winner.adapter), cache=False))
     yield winner, program, pool
     pool.kill()
 
@@ -125,7 +126,7 @@ def test_chat_completions_work_with_the_openai_sdk(server, local):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN)
     messages = [{"role": "user", "content": "Name a flower."}]
     answer = client.chat.completions.create(model=winner.model, messages=messages, max_tokens=16, temperature=0)
-    expected = pool.lm(winner.model, max_tokens=16, cache=False)(messages=messages)[0]
+    expected = pool_lm(pool, winner.model, max_tokens=16, cache=False)(messages=messages)[0]
     assert answer.choices[0].message.content == expected
     assert answer.usage.completion_tokens > 0 and answer.model == winner.model
 

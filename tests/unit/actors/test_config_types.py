@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors import device
+from actors.inference import device
 from actors.config import PoolConfig, ReplicaConfig
 from actors.errors import LMRequestError
 from actors.types import GenerateRequest

@@ -58,7 +58,7 @@ def test_hotpotqa_is_a_hotswap_run_with_separate_serving_and_training_gpus():
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.stem)
 def test_gpu_configs_reach_the_papers_effective_batch_of_8(path):
     lora = load_yaml(path).lora
-    accumulation = lora.batch_size // (lora.micro_batch_size * lora.num_workers)  # as actors.lora_train does
+    accumulation = lora.batch_size // (lora.micro_batch_size * lora.num_workers)  # as actors.training.loop does
     assert accumulation >= 1
     assert lora.micro_batch_size * lora.num_workers * accumulation == lora.batch_size == 8
 

@@ -9,7 +9,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 
 from engine import strategy
 from engine.better_together import BetterTogether
-from engine.prompt_step import PromptStep
+from engine.steps.prompt import PromptStep
 
 
 class RuleEngine:

@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 
-from actors.lora_train import LoraTrainConfig
+from actors.training.config import LoraTrainConfig
 from engine.cli import _run_config, build_parser, main
 from engine.config import PromptConfig, RunConfig, load_yaml
-from engine.table import TableConfig
+from engine.table.config import TableConfig
 from serve.app import ServeConfig
 
 

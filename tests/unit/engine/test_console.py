@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
         logging.getLogger("vllm.engine").info("a library's info line")
         logging.getLogger("ray").warning("a library's warning")
         logging.getLogger("engine.run").info("our step line")
-        logging.getLogger("actors.pool").warning("our warning")
+        logging.getLogger("actors.inference.pool").warning("our warning")
         logging.getLogger("engine.run").info("our plan in detail", extra=FILE_ONLY)
         logging.getLogger("vllm.core").error("a library's error")
         console.echo("the final table")

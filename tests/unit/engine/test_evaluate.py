@@ -8,9 +8,9 @@ import pytest
 from dspy import lm15
 
 from engine.better_together import BetterTogether
-from engine.bootstrap import bootstrap, chat_rows
+from engine.steps.bootstrap import bootstrap, chat_rows
 from engine.evaluate import TooManyErrors, collect_errors, evaluate_many, run_all
-from engine.prompt_step import PromptStep
+from engine.steps.prompt import PromptStep
 
 
 class Scripted:

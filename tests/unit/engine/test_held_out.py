@@ -8,14 +8,14 @@ from dspy.utils.exceptions import AdapterParseError
 from engine.cli import _seeds
 from engine.config import RunConfig
 from engine.held_out import HeldOut, score_held_out
-from engine.prompt_step import Candidate
-from engine.report import write_report
+from engine.steps.prompt import Candidate
+from engine.report.run_report import write_report
 from actors.errors import PoolUnavailableError
 from engine.evaluate import TooManyErrors
 from engine.run import held_out_examples, score_after, score_steps
-from engine.run_store import RunStore
-from engine.table import Cell
-from engine.table_report import write_table
+from engine.store.run_store import RunStore
+from engine.table.config import Cell
+from engine.table.report import write_table
 from programs.base import ProgramSpec, Splits
 
 LABELS = ["setosa", "versicolor", "virginica"]

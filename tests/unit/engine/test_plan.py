@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.lora_train import LoraTrainConfig
+from actors.training.config import LoraTrainConfig
 from engine.config import RunConfig
 from engine.plan import Node, check, describe, make_plan
 
@@ -120,7 +120,7 @@ def test_cpus_and_gpus_are_not_custom_resources():
 
 
 def test_evaluators_are_planned_beside_replicas_and_workers_and_named_when_they_do_not_fit():
-    from actors.evaluator import EvaluatorConfig
+    from actors.dspy_side.evaluator import EvaluatorConfig
 
     fits = make_plan(_gpu(evaluators=EvaluatorConfig(count=4, num_cpus=4)), GPU_NODES)  # 8 x 4 + 4 x 4 <= 96 CPU
     assert [sum(p.what.startswith("evaluator") for p in phase.placed) for phase in fits] == [4, 4]

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from actors import errors
-from actors.client import lm15_errors
+from actors.dspy_side.client import lm15_errors
 from actors.types import Completion
 from programs import iris
 from serve.api import build_api

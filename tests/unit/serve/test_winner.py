@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from actors.finetune import adapter_dir_name
+from actors.dspy_side.finetune import adapter_dir_name
 from serve.winner import RunDirError, load_winner
 
 BASE = "org/SmolLM2-135M"  # a hub id: the adapter folder must not nest under adapters/org/

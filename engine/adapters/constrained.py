@@ -12,19 +12,23 @@ fields become an alternation of their values (a classifier can only answer a cla
 other type, which is then written and parsed as ChatAdapter does, unchecked) becomes free text
 that starts with a visible character and never contains ``[[`` (so it cannot open a header).
 
-Token budget: the regex forces ``[[ ## completed ## ]]``, so free text is bounded: each free-text
-field gets ``max_field_chars`` characters, by default an equal share of the call's
-``max_tokens`` left after the fixed text (one token writes at least one character, so for text
-of single-byte characters the whole completion fits in ``max_tokens``). A completion that still
-runs out (multi-byte characters, a prompt that leaves less room than ``max_tokens``) is reported
-by ``parse`` as an ``AdapterParseError`` (it does not end with ``[[ ## completed ## ]]``), never
-parsed from a prefix. Stop strings are dropped from the calls this adapter makes (the grammar
-ends the completion; a ``[[ ## completed ## ]]`` stop string would cut the marker ``parse``
-checks). There is no JSONAdapter fallback: a completion that does not parse is an error.
+Length: free text is unbounded in the grammar (``FREE_TEXT``, a starred element) and its length is
+left to the call's ``max_tokens``. A counted bound (``{0,N}``, what this adapter sent before) makes
+xgrammar's per-token mask work grow with N — measured with SmolLM2's tokenizer (``benchmarks/
+constrained_cost.py``): 12-14 ms per token at N ~ 100, 690-870 ms at N ~ 450, while the starred form
+costs 0.004-0.007 ms at any ``max_tokens`` — and vLLM computes the mask for every structured request
+at every decode step. The model closes a field whenever it writes the next header; the regex depends
+on the signature only, so vLLM's grammar cache compiles it once per signature and reuses it for every
+call and budget. A completion cut at ``max_tokens`` before ``[[ ## completed ## ]]`` is reported by
+``parse`` as an ``AdapterParseError`` (it names max_tokens), never parsed from a prefix. ``check_room``
+refuses a ``max_tokens`` that cannot hold the fixed text and one character per free field. Stop
+strings are dropped from the calls this adapter makes (the grammar ends the completion; a
+``[[ ## completed ## ]]`` stop string would cut the marker ``parse`` checks). There is no JSONAdapter
+fallback: a completion that does not parse is an error.
 
 Fine-tuning rows: ``format_finetune_data`` is ChatAdapter's, unchanged; its assistant message is
 the layout above, so a row whose values fit the value patterns (no ``[[`` in free text, a class
-for a ``Literal`` field, free text within the bound) matches the regex the adapter serves with.
+for a ``Literal`` field) matches the regex the adapter serves with.
 
 Does not know vLLM or Ray; needs an LM whose engine declares ``supports_structured_outputs``
 (a Tandem pool's ``pool_lm``) and refuses others with a ``ValueError``.
@@ -41,13 +45,14 @@ from typing import Any, Literal, Union, get_args, get_origin
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from actors.dspy_side.client import DEFAULT_MAX_TOKENS, STRUCTURED_KEY
+from actors.dspy_side.client import STRUCTURED_KEY
 
 COMPLETED = "[[ ## completed ## ]]"
 _META = set(r"\.^$|?*+()[]{}")
 # A free-text element: one character other than "[", or "[" followed by one that is not "[".
 _FREE = r"(?:[^\[]|\[[^\[])"
 _FREE_FIRST = r"(?:[^\[ \t\n\r]|\[[^\[])"  # the first one is visible (the value is not blank)
+FREE_TEXT = f"{_FREE_FIRST}{_FREE}*"  # a free-text value: never blank, never "[[", unbounded (see above)
 _INT = r"-?(?:0|[1-9][0-9]{0,18})"
 _FLOAT = r"-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,16})?(?:e[-+]?[0-9]{1,3})?"
 
@@ -93,15 +98,6 @@ def _alternation(values) -> ValuePattern:
     return ValuePattern("(?:" + "|".join(escape(t) for t in texts) + ")", max(len(t) for t in texts))
 
 
-def free_text(max_chars: int | None) -> str:
-    """Free text of 1 to ``max_chars`` elements (unbounded for None) that never contains ``[[``."""
-    if max_chars is None:
-        return f"{_FREE_FIRST}{_FREE}*"
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
-    return f"{_FREE_FIRST}{_FREE}{{0,{max_chars - 1}}}"
-
-
 def _header(name: str) -> str:
     return f"[[ ## {name} ## ]]\n"
 
@@ -113,28 +109,24 @@ def fixed_chars(signature: type[dspy.Signature]) -> int:
     return total + 2 * len(fields) + len(COMPLETED) + 1
 
 
-def field_budget(signature: type[dspy.Signature], max_tokens: int) -> int | None:
-    """Characters each free-text field gets so that a completion fits ``max_tokens`` (None: no free text).
+def check_room(signature: type[dspy.Signature], max_tokens: int) -> None:
+    """Check that ``max_tokens`` can hold a completion of ``signature``: its fixed text and at least one
+    character per free-text field (one token writes at least one character).
 
     Raises:
         ValueError: ``max_tokens`` leaves no room for one character per free-text field.
     """
     free = [n for n, f in signature.output_fields.items() if value_pattern(f.annotation).max_chars is None]
-    if not free:
-        return None
-    room = max_tokens - fixed_chars(signature)
-    if room < len(free):
+    if max_tokens - fixed_chars(signature) < len(free):
         raise ValueError(f"max_tokens={max_tokens} leaves no room for the free-text fields {free} of "
                          f"{signature.__name__} ({fixed_chars(signature)} characters are fixed); raise max_tokens")
-    return room // len(free)
 
 
-def output_regex(signature: type[dspy.Signature], max_field_chars: int | None = None) -> str:
+def output_regex(signature: type[dspy.Signature]) -> str:
     r"""The regex of a ChatAdapter completion for ``signature``'s output fields, in order.
 
     Args:
         signature: the (processed) signature whose output fields the completion holds.
-        max_field_chars: the bound of each free-text value; None: unbounded (for checking).
 
     Example:
         >>> print(output_regex(dspy.Signature("question -> answer: bool")))
@@ -143,8 +135,7 @@ def output_regex(signature: type[dspy.Signature], max_field_chars: int | None = 
     parts = []
     for name, field in signature.output_fields.items():
         pattern = value_pattern(field.annotation)
-        parts.append(escape(_header(name)) + (pattern.regex if pattern.max_chars is not None
-                                              else free_text(max_field_chars)))
+        parts.append(escape(_header(name)) + (pattern.regex if pattern.max_chars is not None else FREE_TEXT))
     parts.append(escape(COMPLETED))
     return escape("\n\n").join(parts) + "\\n?"
 
@@ -153,8 +144,6 @@ class ConstrainedChatAdapter(dspy.ChatAdapter):
     """ChatAdapter that decodes every call under the regex of its signature's output layout.
 
     Args:
-        max_field_chars: characters each free-text output field may take; default an equal share
-            of the call's ``max_tokens`` after the fixed text (see the module docstring).
         callbacks: as for ``dspy.ChatAdapter``.
 
     Example:
@@ -164,16 +153,12 @@ class ConstrainedChatAdapter(dspy.ChatAdapter):
         True
     """
 
-    def __init__(self, max_field_chars: int | None = None, callbacks=None):
+    def __init__(self, callbacks=None):
         super().__init__(callbacks=callbacks, use_json_adapter_fallback=False)
-        if max_field_chars is not None and max_field_chars < 1:
-            raise ValueError(f"max_field_chars must be >= 1, got {max_field_chars}")
-        self.max_field_chars = max_field_chars
 
-    def constraint(self, signature: type[dspy.Signature], max_tokens: int) -> dict[str, str]:
-        """The constraint sent with a call for ``signature`` under ``max_tokens``: ``{"regex": ...}``."""
-        chars = self.max_field_chars or field_budget(signature, max_tokens)
-        return {"regex": output_regex(signature, chars)}
+    def constraint(self, signature: type[dspy.Signature]) -> dict[str, str]:
+        """The constraint sent with every call for ``signature``, whatever its ``max_tokens``: ``{"regex": ...}``."""
+        return {"regex": output_regex(signature)}
 
     def _call_preprocess(self, lm, lm_kwargs: dict[str, Any], signature, inputs):
         signature = super()._call_preprocess(lm, lm_kwargs, signature, inputs)
@@ -181,10 +166,8 @@ class ConstrainedChatAdapter(dspy.ChatAdapter):
             raise ValueError(f"ConstrainedChatAdapter needs an LM that decodes under a regex (a Tandem pool's "
                              f"pool_lm); {getattr(lm, 'model', lm)!r} does not declare supports_structured_outputs")
         lm_settings = getattr(lm, "kwargs", {}) or {}
-        max_tokens = (lm_kwargs.get("max_tokens") or lm_settings.get("max_tokens")
-                      or lm_settings.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
         metadata = dict(lm_kwargs.get("metadata") or lm_settings.get("metadata") or {})
-        metadata[STRUCTURED_KEY] = self.constraint(signature, max_tokens)
+        metadata[STRUCTURED_KEY] = self.constraint(signature)
         lm_kwargs["metadata"] = metadata
         lm_kwargs["stop"] = None  # the grammar ends the completion, after the marker parse checks
         return signature
@@ -200,9 +183,9 @@ class ConstrainedChatAdapter(dspy.ChatAdapter):
             raise AdapterParseError(
                 adapter_name=type(self).__name__, signature=signature, lm_response=completion,
                 message=f"the completion is not the constrained layout ending in {COMPLETED} (cut at max_tokens? "
-                        "raise max_tokens or lower max_field_chars)")
+                        "raise max_tokens, or ask for shorter free text in the signature's instructions)")
         return super().parse(signature, completion)
 
 
-__all__ = ["COMPLETED", "ConstrainedChatAdapter", "ValuePattern", "escape", "field_budget", "fixed_chars",
-           "free_text", "output_regex", "value_pattern"]
+__all__ = ["COMPLETED", "FREE_TEXT", "ConstrainedChatAdapter", "ValuePattern", "check_room", "escape", "fixed_chars",
+           "output_regex", "value_pattern"]

@@ -51,11 +51,11 @@ def check_fits(name: str, program: "dspy.Module", max_tokens: int) -> None:
     """
     if name != "constrained":
         return
-    from engine.adapters.constrained import field_budget
+    from engine.adapters.constrained import check_room
 
     for pred_name, pred in program.named_predictors():
         try:
-            field_budget(pred.signature, max_tokens)
+            check_room(pred.signature, max_tokens)
         except ValueError as exc:
             raise ValueError(f"adapter 'constrained', predictor {pred_name!r}: {exc} (or use --adapter chat)") from None
 

@@ -9,8 +9,8 @@ import pytest
 from dspy.utils.exceptions import AdapterParseError
 
 from actors.dspy_side import client
-from engine.adapters.constrained import (ConstrainedChatAdapter, field_budget, fixed_chars, free_text, output_regex,
-                                value_pattern)
+from engine.adapters.constrained import (FREE_TEXT, ConstrainedChatAdapter, check_room, fixed_chars, output_regex,
+                                         value_pattern)
 from programs.iris import LABELS, IrisSignature
 from tests.unit.actors.dspy_side.test_client import _Recorder
 
@@ -33,21 +33,22 @@ def _completion(**values) -> str:
 
 def test_iris_regex_is_free_reasoning_then_one_of_the_classes():
     assert list(IRIS.output_fields) == ["reasoning", "answer"]
-    assert output_regex(IRIS, 100) == (
-        r"\[\[ ## reasoning ## \]\]\n(?:[^\[ \t\n\r]|\[[^\[])(?:[^\[]|\[[^\[]){0,99}"
+    assert output_regex(IRIS) == (
+        r"\[\[ ## reasoning ## \]\]\n(?:[^\[ \t\n\r]|\[[^\[])(?:[^\[]|\[[^\[])*"
         r"\n\n\[\[ ## answer ## \]\]\n(?:setosa|versicolor|virginica)"
         r"\n\n\[\[ ## completed ## \]\]\n?")
-    rx = output_regex(IRIS, 100)
+    rx = output_regex(IRIS)
     assert re.fullmatch(rx, _completion(reasoning="Petals are short.\n\nSo: setosa.", answer="setosa"))
     assert not re.fullmatch(rx, _completion(reasoning="Short petals.", answer="rose"))  # not a class
-    assert not re.fullmatch(rx, _completion(reasoning="x" * 101, answer="setosa"))  # over the bound
+    assert re.fullmatch(rx, _completion(reasoning="x" * 2000, answer="setosa"))  # no bound: max_tokens is the bound
     assert not re.fullmatch(rx, _completion(reasoning="  starts blank", answer="setosa"))
 
 
 def test_two_str_fields_are_free_text_that_cannot_open_a_header():
-    rx = output_regex(TwoStr, 50)
-    assert rx == (r"\[\[ ## draft ## \]\]\n" + free_text(50) + r"\n\n\[\[ ## answer ## \]\]\n" + free_text(50)
+    rx = output_regex(TwoStr)
+    assert rx == (r"\[\[ ## draft ## \]\]\n" + FREE_TEXT + r"\n\n\[\[ ## answer ## \]\]\n" + FREE_TEXT
                   + r"\n\n\[\[ ## completed ## \]\]\n?")
+    assert "{" not in FREE_TEXT  # no counted repetition: its per-token cost in xgrammar grows with the count
     assert re.fullmatch(rx, _completion(draft="a [list] of [1, 2]", answer="42"))
     assert not re.fullmatch(rx, _completion(draft="see [[ ## answer ## ]]", answer="42"))
     assert not re.fullmatch(rx, _completion(draft="d", answer=""))  # a value is never blank
@@ -60,7 +61,7 @@ def test_two_str_fields_are_free_text_that_cannot_open_a_header():
 ])
 def test_a_completion_in_the_regex_parses_into_its_fields(signature, values):
     completion = _completion(**values)
-    assert re.fullmatch(output_regex(signature, 200), completion)
+    assert re.fullmatch(output_regex(signature), completion)
     assert dspy.ChatAdapter().parse(signature, completion) == values
     assert ConstrainedChatAdapter().parse(signature, completion) == values
 
@@ -103,15 +104,22 @@ def test_other_types_are_free_text():
     assert value_pattern(Optional[str]).max_chars is None
 
 
-def test_budget_fits_the_completion_in_max_tokens():
-    per_field = field_budget(TwoStr, 300)
-    assert fixed_chars(TwoStr) + 2 * per_field <= 300 < fixed_chars(TwoStr) + 2 * (per_field + 1)
-    longest = _completion(draft="d" * per_field, answer="a" * per_field)
-    assert re.fullmatch(output_regex(TwoStr, per_field), longest) and len(longest.rstrip()) <= 300
-    assert field_budget(IRIS, 512) == 512 - fixed_chars(IRIS)  # one free field takes all the room
-    assert field_budget(dspy.Signature("q -> a: bool"), 64) is None  # nothing free: no bound needed
+def test_max_tokens_must_hold_the_fixed_text_and_a_character_per_free_field():
+    check_room(TwoStr, fixed_chars(TwoStr) + 2)
     with pytest.raises(ValueError, match="raise max_tokens"):
-        field_budget(TwoStr, 60)
+        check_room(TwoStr, fixed_chars(TwoStr) + 1)
+    check_room(dspy.Signature("q -> a: bool"), fixed_chars(dspy.Signature("q -> a: bool")))  # nothing free
+
+
+def test_the_regex_is_the_same_at_every_max_tokens_so_the_grammar_is_compiled_once():
+    sent = []
+    for max_tokens in (150, 512, 4096):
+        engine = _Recorder(_completion(draft="d", answer="a"))
+        lm = dspy.LM("tiny", engine=engine, cache=False, max_tokens=max_tokens)
+        with dspy.context(lm=lm, adapter=ConstrainedChatAdapter()):
+            dspy.Predict(TwoStr)(question="q")
+        sent += [client.to_generate_request(r).structured for r in engine.requests]
+    assert sent == [{"regex": output_regex(TwoStr)}] * 3
 
 
 @pytest.mark.parametrize("signature, outputs", [
@@ -124,22 +132,23 @@ def test_finetune_rows_are_in_the_layout_the_adapter_serves(signature, outputs):
     assert constrained == dspy.ChatAdapter().format_finetune_data(signature, [], inputs, outputs)
     target = constrained["messages"][-1]
     assert target["role"] == "assistant" and target["content"] == _completion(**outputs)
-    assert re.fullmatch(ConstrainedChatAdapter().constraint(signature, 512)["regex"], target["content"])
+    assert re.fullmatch(ConstrainedChatAdapter().constraint(signature)["regex"], target["content"])
 
 
 def test_the_regex_is_one_xgrammar_compiles_and_agrees_with_python_re():
     xgr = pytest.importorskip("xgrammar")
     from xgrammar.testing import _is_grammar_accept_string
 
-    rx = output_regex(IRIS, 40)
+    rx = output_regex(IRIS)
     grammar = xgr.Grammar.from_regex(rx)
     samples = [_completion(reasoning="Short [petals].", answer="setosa"),
                _completion(reasoning="Short [[petals]].", answer="setosa"),
-               _completion(reasoning="x" * 41, answer="virginica"),
+               _completion(reasoning="x" * 600, answer="virginica"),
                _completion(reasoning="ok", answer="rose"),
-               _completion(reasoning="ok", answer="versicolor").rstrip()]
+               _completion(reasoning="ok", answer="versicolor").rstrip(),
+               _completion(reasoning="ok", answer="versicolor").rstrip()[:-3]]  # cut before the end marker
     assert [_is_grammar_accept_string(grammar, s) for s in samples] == \
-        [bool(re.fullmatch(rx, s)) for s in samples] == [True, False, False, False, True]
+        [bool(re.fullmatch(rx, s)) for s in samples] == [True, False, True, False, True, False]
 
 
 class _Unconstrained(_Recorder):
@@ -157,7 +166,7 @@ def test_each_call_sends_its_regex_to_the_pool_and_drops_stop_strings():
     (request,) = engine.requests
     assert request.config.stop == ()  # the grammar ends the completion after the marker
     sent = client.to_generate_request(request)
-    assert sent.structured == {"regex": output_regex(IRIS, field_budget(IRIS, 300))}
+    assert sent.structured == {"regex": output_regex(IRIS)}
     assert sent.stop == () and sent.max_tokens == 300
 
 
@@ -166,8 +175,3 @@ def test_an_lm_that_cannot_decode_under_a_regex_is_refused():
     with dspy.context(lm=lm, adapter=ConstrainedChatAdapter()), pytest.raises(ValueError, match="pool_lm"):
         dspy.Predict(TwoStr)(question="q")
 
-
-def test_max_field_chars_overrides_the_budget():
-    assert ConstrainedChatAdapter(max_field_chars=7).constraint(TwoStr, 4096)["regex"] == output_regex(TwoStr, 7)
-    with pytest.raises(ValueError):
-        ConstrainedChatAdapter(max_field_chars=0)

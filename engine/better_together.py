@@ -136,6 +136,8 @@ class BetterTogether(Teleprompter):
             if "step_dir" in accepted:  # Tandem's weight step: where this run of it keeps its files
                 offered.update(step_dir=store.begin(index, key) if store else None, step_index=index,
                                adapter_root=store.adapters if store else None)
+            if "state_dir" in accepted:  # a step that resumes a killed attempt (GEPA): kept across attempts
+                offered.update(state_dir=store.state_dir(index, key) if store else None)
             student_copy = program.deepcopy()
             student_copy.__dict__.pop("candidate_programs", None)  # the last prompt step's, not this step's
             student_copy._compiled = False  # as dspy: BootstrapFewShot refuses a compiled student
@@ -171,9 +173,7 @@ class BetterTogether(Teleprompter):
             extra = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors.as_dict()}
             if spent is not None:
                 extra["costs"] = spent.as_dict()
-            optimizer = self.optimizers.get(key)
-            if isinstance(optimizer, WeightStep):
-                extra.update(optimizer.last_run)
+            extra.update(getattr(self.optimizers.get(key), "last_run", None) or {})  # Tandem steps' own figures
             if hasattr(program, "candidate_programs"):
                 extra["candidates"] = [_candidate_record(c) for c in program.candidate_programs]
             adapters = _adapters(program)

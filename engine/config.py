@@ -18,7 +18,9 @@ from actors.dspy_side.finetune import LIFECYCLES
 from actors.training.config import LoraTrainConfig
 from actors.models import EMBEDDED
 from actors.typed_config import from_mapping, typed_config
+from engine import strategy as strategies
 from engine.adapters.registry import ADAPTERS
+from engine.steps.kinds import resolve_steps, weight_keys
 
 
 @typed_config
@@ -80,6 +82,10 @@ class RunConfig:
                 "(which `mlflow ui --backend-store-uri` opens)"})
     plan_check: bool = field(default=True, metadata={
         "help": "refuse to start when the cluster's nodes cannot hold the run (false on autoscaling clusters)"})
+    steps: dict[str, dict] = field(default_factory=dict, metadata={
+        "help": "step keys a strategy can name, beside the built-in p (bfrs), w (finetune), gepa and mipro: "
+                "KEY={kind: bfrs|finetune|gepa|mipro|'package.module:Class', <its arguments>, compile_args: {...}}; "
+                "an entry for a built-in key without kind changes its arguments (gepa={max_metric_calls: 200})"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
                                  metadata={"help": "prompt-step budget (3 random + 3 fixed = 6 candidates)"})
     lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(
@@ -96,7 +102,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
-        if self.adapter == "json" and "w" in (s.strip() for s in self.strategy.split("->")):
+        table = resolve_steps(self.steps)
+        keys = strategies.parse(self.strategy, table) if self.strategy.strip() else []
+        if self.adapter == "json" and set(keys) & weight_keys(table):
             raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
                              "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
         if self.lifecycle not in LIFECYCLES:
@@ -118,6 +126,18 @@ class RunConfig:
             data.pop(key)
         data["lora"].pop("resources")  # where the workers run, not what they compute
         return data
+
+    def step_table(self) -> dict[str, dict]:
+        """Every step key a strategy can name -> its entry (``kind`` and arguments), built-ins included."""
+        return resolve_steps(self.steps)
+
+    def strategy_keys(self) -> list[str]:
+        """The strategy's step keys in order (none for an empty strategy: ``tandem table``'s vanilla row)."""
+        return strategies.parse(self.strategy, self.step_table()) if self.strategy.strip() else []
+
+    def trains(self) -> bool:
+        """Whether a step of the strategy trains the model (a ``finetune`` kind)."""
+        return bool(set(self.strategy_keys()) & weight_keys(self.step_table()))
 
     def with_overrides(self, **changes: Any) -> "RunConfig":
         """A copy with the non-None ``changes`` applied."""

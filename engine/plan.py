@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from actors import ReplicaConfig
 from actors.inference import device
 from actors.training.guards import worker_resources
-from engine import strategy as strategies
 from engine.config import RunConfig
 
 
@@ -75,7 +74,7 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     ev = cfg.evaluators  # they live as long as the run, beside everything else
     evaluators = [(f"evaluator {e}", ({"CPU": ev.num_cpus, **ev.resources},)) for e in range(ev.count)]
     phases = [Phase("prompt steps", _place(replicas + evaluators, nodes))]
-    if "w" in strategies.parse(cfg.strategy, ("p", "w")):
+    if cfg.trains():
         if cfg.lifecycle == "relaunch":
             phases.append(Phase("weight step (relaunch)", _place(workers + evaluators, nodes)))
         else:
@@ -86,7 +85,7 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
 def warnings(cfg: RunConfig) -> list[str]:
     """Settings that fit the cluster but are likely not what was meant."""
     out = []
-    if cfg.gpus_per_replica > 0 and not cfg.lora.use_gpu and "w" in strategies.parse(cfg.strategy, ("p", "w")):
+    if cfg.gpus_per_replica > 0 and not cfg.lora.use_gpu and cfg.trains():
         out.append("the replicas run on GPUs but LoRA training runs on CPU: add --lora-use-gpu (lora.use_gpu: true)")
     return out
 

@@ -30,12 +30,12 @@ from engine.evaluate import TooManyErrors, collect_errors, evaluators_of
 from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
 from engine.store.program_io import save_program
-from engine.steps.prompt import PromptStep
 from engine.report.run_report import write_report
 from engine.store.run_store import BestRecord, RunStore
 from engine.store.remote import pull, push
 from engine.report.tracking import TrackedRun, track_run_or_warn
-from engine.steps.weight import WeightStep
+from engine.steps.kinds import StepContext
+from engine.steps.kinds import build as build_step
 from programs.base import ProgramSpec, Splits, resolve
 
 logger = logging.getLogger(__name__)
@@ -76,16 +76,18 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     """
     program = spec.program(**cfg.program_args)
     program.set_lm(pool_lm(pool, max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
-    optimizer = BetterTogether(
-        spec.metric,
-        p=PromptStep(spec.metric, num_threads=cfg.threads, seed=cfg.seed, **vars(cfg.prompt)),
-        w=WeightStep(spec.metric, cfg.lora, lifecycle=cfg.lifecycle, num_threads=cfg.threads,
-                     exclude_demos=cfg.exclude_demos, max_rounds=cfg.w_rounds, storage=cfg.storage))
+    ctx = StepContext(spec.metric, threads=cfg.threads, seed=cfg.seed, prompt=vars(cfg.prompt),
+                      weight=dict(train=cfg.lora, lifecycle=cfg.lifecycle, exclude_demos=cfg.exclude_demos,
+                                  max_rounds=cfg.w_rounds, storage=cfg.storage), feedback=spec.feedback)
+    table = cfg.step_table()
+    keys = dict.fromkeys(cfg.strategy_keys())
+    optimizer = BetterTogether(spec.metric, **{key: build_step(key, table[key], ctx) for key in keys})
+    compile_args = {key: table[key]["compile_args"] for key in keys if table[key].get("compile_args")}
     with dspy.context(adapter=make_adapter(cfg.adapter)):  # training rows are written by it too
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
                                  seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
-                                 fingerprint=cfg.fingerprint())
+                                 optimizer_compile_args=compile_args, fingerprint=cfg.fingerprint())
 
 
 def held_out_examples(cfg: RunConfig, splits: Splits) -> list:

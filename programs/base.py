@@ -5,7 +5,9 @@ A *program module* (``programs/iris.py`` and friends, or a user's own) exposes t
 - ``Program(**program_args) -> dspy.Module``: a fresh, unoptimized program;
 - ``load_splits(seed=0, **data_args) -> Splits``: train / dev / test ``dspy.Example`` lists (a
   plain ``(train, dev, test)`` tuple works too);
-- ``metric(example, prediction, trace=None) -> bool | float``.
+- ``metric(example, prediction, trace=None) -> bool | float``;
+- optionally ``feedback(example, prediction) -> str``: what GEPA's reflection reads about one run
+  (default: the expected and the produced outputs).
 
 ``resolve(name)`` turns ``--program`` into a ``ProgramSpec``: a name under ``programs/``
 (``iris``), a dotted module (``mypkg.tasks``), or ``module:Attr`` where ``Attr`` has the three
@@ -43,6 +45,7 @@ class ProgramSpec:
     factory: Callable[..., dspy.Module]
     loader: Callable[..., Splits]
     metric: Callable
+    feedback: Callable | None = None  # the module's optional ``feedback(example, prediction) -> str``
 
     def program(self, **program_args: Any) -> dspy.Module:
         """A fresh program; ``program_args`` go to the module's ``Program``."""
@@ -100,7 +103,8 @@ def resolve(name: str) -> ProgramSpec:
     if missing:
         raise ValueError(f"program {name!r} lacks {missing}: a program module needs Program(**args), "
                          "load_splits(seed, **args) and metric(example, prediction, trace=None)")
-    return ProgramSpec(name, target.Program, target.load_splits, target.metric)
+    feedback = getattr(target, "feedback", None)
+    return ProgramSpec(name, target.Program, target.load_splits, target.metric, feedback if callable(feedback) else None)
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -154,11 +154,23 @@ class RunStore:
         tmp.mkdir(parents=True)
         return tmp
 
+    def state_dir(self, index: int, key: str) -> Path:
+        """A dir for a step's own resumable state (e.g. GEPA's): unlike ``begin``'s, it survives a
+        failed or killed attempt, so the next attempt resumes from it; ``commit`` moves it into the
+        step's folder (``state/``)."""
+        path = self.root / (self.name(index, key) + ".state")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def commit(self, index: int, key: str, *, program: dspy.Module, strategy: str, score: float | None,
                adapters: list[AdapterRef], extra: dict | None = None) -> StepRecord:
         """Write program and record into the temp dir and rename it into place."""
         tmp = self.root / (self.name(index, key) + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
+        state = self.root / (self.name(index, key) + ".state")
+        if state.is_dir():
+            shutil.rmtree(tmp / "state", ignore_errors=True)
+            state.rename(tmp / "state")
         save_program(program, tmp / "program.json")
         models = {name: pred.lm.model for name, pred in program.named_predictors() if pred.lm is not None}
         record = {"strategy": strategy, "score": score, "models": models,

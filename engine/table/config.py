@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from actors.typed_config import typed_config
 from engine import strategy as strategies
 from engine.config import RunConfig
+from engine.steps.kinds import DEFAULT_STEPS
 
 VANILLA = strategies.VANILLA
-KEYS = ("p", "w")
 
 
 @typed_config
@@ -32,7 +32,7 @@ class TableConfig:
             raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         if self.test_size < 0:
             raise ValueError("test_size must be >= 0")
-        normalize(self.strategies)
+        normalize(self.strategies, self.run.step_table())
 
 
 @dataclass(frozen=True)
@@ -49,29 +49,30 @@ class Cell:
     held_out: dict | None = None  # ``HeldOut.as_dict()``: the test answers' diversity
 
 
-def normalize(names: tuple[str, ...] | list[str]) -> list[str]:
-    """Strategies in canonical form (``"p->w"`` -> ``"p -> w"``; ``vanilla`` stays), validated.
+def normalize(names: tuple[str, ...] | list[str], keys=DEFAULT_STEPS) -> list[str]:
+    """Strategies in canonical form (``"p->w"`` -> ``"p -> w"``; ``vanilla`` stays), validated against
+    the step ``keys`` (default the built-in ones).
 
     Raises:
         ValueError: an empty list, an invalid strategy, or the same strategy twice.
     """
     if not names:
         raise ValueError("no strategies given")
-    out = [VANILLA if n.strip() == VANILLA else strategies.SEP.join(strategies.parse(n, KEYS)) for n in names]
+    out = [VANILLA if n.strip() == VANILLA else strategies.SEP.join(strategies.parse(n, keys)) for n in names]
     twice = sorted({n for n in out if out.count(n) > 1})
     if twice:
         raise ValueError(f"strategies listed twice: {twice}")
     return out
 
 
-def plan(names: list[str]) -> list[tuple[str, str | None]]:
+def plan(names: list[str], keys=DEFAULT_STEPS) -> list[tuple[str, str | None]]:
     """The order to run strategies in (shorter first) and, for each, the strategy it continues.
 
     Example:
         >>> plan(["p -> w", "vanilla", "p"])
         [('vanilla', None), ('p', None), ('p -> w', 'p')]
     """
-    order = sorted(normalize(names), key=lambda s: 0 if s == VANILLA else len(s.split(strategies.SEP)))
+    order = sorted(normalize(names, keys), key=lambda s: 0 if s == VANILLA else len(s.split(strategies.SEP)))
     steps = {s: s.split(strategies.SEP) for s in order if s != VANILLA}
     out: list[tuple[str, str | None]] = []
     for s in order:

@@ -64,7 +64,7 @@ def _run_cells(cfg: TableConfig, spec: ProgramSpec, pool, root: Path, cells: lis
         if not test:
             raise ValueError(f"program {cfg.run.program!r} has an empty test split for seed {seed}")
         failed: dict[str, str] = {}  # strategy prefix -> why it has no program
-        for name, parent in plan(list(cfg.strategies)):
+        for name, parent in plan(list(cfg.strategies), cfg.run.step_table()):
             run_cfg = cfg.run.with_overrides(seed=seed, strategy=name if name != VANILLA else "",
                                              run_dir=str(root / f"seed-{seed}" / _slug(name)))
             cells.append(_cell(run_cfg, spec, pool, splits, test, name, parent, failed))

@@ -1,0 +1,153 @@
+"""``GEPAStep``: dspy's GEPA (reflective prompt evolution) as a step kind, on the pool.
+
+What it adds to stock ``dspy.GEPA`` (which it runs unmodified):
+
+- a program's ordinary 3-argument metric works: ``feedback_metric`` turns it into GEPA's 5-argument
+  feedback metric (the score, and a feedback text naming the expected and the produced outputs); a
+  program module may export its own ``feedback(gold, pred) -> str`` for richer text;
+- the reflection LM defaults to the program's own LM (a copy sampling at temperature 1.0, as
+  dspy's docs run it, with room for an instruction: at least ``REFLECTION_MAX_TOKENS``), or is
+  whatever LM the caller gives (``reflection_lm=``); dspy's proposer asks it through JSONAdapter, which
+  the pool decodes under the JSON schema, so a small model's proposal parses;
+- rollouts are sized to the pool: GEPA's evaluations (minibatches, the valset, merges) run on
+  ``num_threads`` concurrent program runs (the run's ``threads``, 32 by default, not dspy's 8);
+- a killed step resumes: GEPA's state lives in the step's state dir (``log_dir``, kept across
+  attempts by the run store, moved into the committed step folder), and gepa resumes from it.
+
+Budget: exactly one of ``auto`` ('light' by default), ``max_metric_calls``, ``max_full_evals`` (GEPA's
+rule). ``gepa_kwargs`` go to ``gepa.optimize`` unchanged, e.g. gepa 0.1.4's parallel proposals
+(``{"sampling_strategy": ...}``: several children proposed and evaluated per iteration instead of one;
+the search explores more branches per step for the same metric-call budget, and the budget runs out in
+fewer, wider iterations). Does not know run dirs beyond the ``state_dir`` it is given, or pools.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import dspy
+from dspy.teleprompt.teleprompt import Teleprompter
+
+logger = logging.getLogger(__name__)
+
+REFLECTION_TEMPERATURE = 1.0
+REFLECTION_MAX_TOKENS = 512  # a new instruction is longer than most answers; the program's max_tokens may be small
+
+
+def feedback_metric(metric: Callable, feedback: Callable | None = None) -> Callable:
+    """GEPA's 5-argument feedback metric from a 3-argument ``metric(gold, pred, trace=None)``.
+
+    Args:
+        metric: the program's metric; its value becomes the score (``True`` -> 1.0).
+        feedback: optional ``feedback(gold, pred) -> str`` (a program module's own); default a text
+            naming the expected outputs and what the program produced.
+
+    Returns:
+        ``f(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Prediction(score, feedback)``.
+
+    Example:
+        >>> f = feedback_metric(lambda gold, pred, trace=None: gold.answer == pred.answer)
+        >>> f(dspy.Example(answer="4"), dspy.Prediction(answer="5")).score
+        0.0
+    """
+    def gepa_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        score = float(metric(gold, pred, trace))
+        text = feedback(gold, pred) if feedback is not None else default_feedback(gold, pred, score)
+        return dspy.Prediction(score=score, feedback=text)
+
+    return gepa_metric
+
+
+def default_feedback(gold: dspy.Example, pred: Any, score: float) -> str:
+    """'Correct.' or 'Incorrect.', then the expected labels and the produced outputs, field by field."""
+    labels = dict(gold.labels().items()) if gold._input_keys else dict(gold.items())
+    produced = dict(pred.items()) if hasattr(pred, "items") else {}
+    shown = ", ".join(f"{k}={_short(produced.get(k))}" for k in labels) or _short(produced)
+    expected = ", ".join(f"{k}={_short(v)}" for k, v in labels.items())
+    verdict = "Correct." if score >= 1.0 else "Partly correct." if score > 0 else "Incorrect."
+    return f"{verdict} Expected {expected}; the program produced {shown}."
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value) if not isinstance(value, str) else repr(value.strip())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class GEPAStep(Teleprompter):
+    """Run ``dspy.GEPA`` as a BetterTogether step (see the module docstring).
+
+    Args:
+        metric: the program's 3-argument metric.
+        feedback: optional ``feedback(gold, pred) -> str``.
+        reflection_lm: the LM that proposes instructions; default the program's LM at temperature 1.0.
+        num_threads: concurrent program runs for GEPA's evaluations (size it to the pool).
+        auto, max_metric_calls, max_full_evals: GEPA's budget (exactly one; default ``auto='light'``).
+        seed: GEPA's seed.
+        **gepa_options: more ``dspy.GEPA`` arguments (``reflection_minibatch_size``, ``use_merge``,
+            ``gepa_kwargs`` …).
+
+    Example:
+        >>> step = GEPAStep(iris.metric, max_metric_calls=200, num_threads=32)  # doctest: +SKIP
+        >>> tuned = step.compile(program, trainset=train, valset=val, state_dir="runs/x/01_gepa.state")  # doctest: +SKIP
+    """
+
+    def __init__(self, metric: Callable, *, feedback: Callable | None = None, reflection_lm: dspy.LM | None = None,
+                 num_threads: int = 32, auto: str | None = None, max_metric_calls: int | None = None,
+                 max_full_evals: int | None = None, seed: int = 0, **gepa_options: Any):
+        budgets = [b for b in (auto, max_metric_calls, max_full_evals) if b is not None]
+        if len(budgets) > 1:
+            raise ValueError("give GEPA one budget: auto, max_metric_calls or max_full_evals")
+        self.metric = metric
+        self.feedback = feedback
+        self.reflection_lm = reflection_lm
+        self.num_threads = num_threads
+        self.budget = ({"auto": auto} if auto else {"max_metric_calls": max_metric_calls} if max_metric_calls
+                       else {"max_full_evals": max_full_evals} if max_full_evals else {"auto": "light"})
+        self.seed = seed
+        self.gepa_options = gepa_options
+        self.last_run: dict = {}
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Fail at construction on an argument dspy.GEPA does not take (not after the pool is up)."""
+        import inspect
+
+        taken = set(inspect.signature(dspy.GEPA.__init__).parameters) - {"self", "metric"}
+        unknown = sorted(set(self.gepa_options) - taken)
+        if unknown:
+            raise ValueError(f"GEPA does not take {unknown}; its arguments: {sorted(taken)}")
+
+    def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None,
+                state_dir: str | Path | None = None, **_: Any) -> dspy.Module:
+        """GEPA on ``student``: reflective updates on ``trainset``, Pareto tracking on ``valset``.
+
+        Raises:
+            ValueError: the program's predictors share no LM and no ``reflection_lm`` was given.
+        """
+        reflection = self.reflection_lm or reflection_of(student)
+        log_dir = str(state_dir) if state_dir else None
+        if log_dir and any(Path(log_dir).iterdir()):
+            logger.info("GEPA resumes from its saved state in %s", log_dir)
+        optimizer = dspy.GEPA(metric=feedback_metric(self.metric, self.feedback), reflection_lm=reflection,
+                              num_threads=self.num_threads, log_dir=log_dir, seed=self.seed, track_stats=True,
+                              **self.budget, **self.gepa_options)
+        result = optimizer.compile(student, trainset=trainset, valset=valset or None)
+        details = getattr(result, "detailed_results", None)
+        self.last_run = {"gepa": {"metric_calls": getattr(details, "total_metric_calls", None),
+                                  "candidates": len(getattr(details, "candidates", []) or []),
+                                  "budget": self.budget}}
+        return result
+
+
+def reflection_of(program: dspy.Module) -> dspy.LM:
+    """The program's LM, sampling at ``REFLECTION_TEMPERATURE`` with at least ``REFLECTION_MAX_TOKENS``
+    (its predictors must share one LM)."""
+    lms = {id(p.lm): p.lm for p in program.predictors() if p.lm is not None}
+    if len(lms) != 1:
+        raise ValueError("GEPA's reflection LM defaults to the program's LM, but its predictors use "
+                         f"{len(lms)} LMs; give reflection_lm= (or reflection_model: in the run config)")
+    (lm,) = lms.values()
+    return lm.copy(temperature=REFLECTION_TEMPERATURE,
+                   max_tokens=max(lm.kwargs.get("max_tokens") or 0, REFLECTION_MAX_TOKENS))

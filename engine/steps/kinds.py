@@ -1,0 +1,126 @@
+"""Step kinds by name: what a run's ``steps:`` entries and strategy keys can be.
+
+Built-in kinds: ``bfrs`` (``PromptStep``: the paper's prompt step, parallel BFRS), ``finetune``
+(``WeightStep``: LoRA on passing traces), ``gepa`` (``GEPAStep``), ``mipro`` (``MIPROStep``); any
+``dspy.Teleprompter`` by import path (``"package.module:Class"``, built as ``Class(metric, **args)``).
+Built-in keys, usable in a strategy without a ``steps:`` section: ``p`` (bfrs), ``w`` (finetune),
+``gepa`` and ``mipro`` (each with its own defaults). A ``steps:`` entry is ``{kind: ..., <the kind's
+arguments>..., compile_args: {...}}``; ``compile_args`` are the step's ``compile`` arguments (dspy's
+``optimizer_compile_args``). Knows the kinds' names and argument checks; does not know pools or runs
+(``engine.run`` builds each step with the run's settings: ``StepContext``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+KINDS = ("bfrs", "finetune", "gepa", "mipro")
+DEFAULT_STEPS = {"p": {"kind": "bfrs"}, "w": {"kind": "finetune"}, "gepa": {"kind": "gepa"},
+                 "mipro": {"kind": "mipro"}}
+WEIGHT_KINDS = ("finetune",)  # kinds that train the model (the plan reserves training workers for them)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of a run shares: the metric, the run's thread count and seed, and the run-level
+    settings the built-in kinds default to (``prompt``, ``weight``: keyword arguments of PromptStep and
+    WeightStep; ``models``: LMs by name for ``reflection_model:`` / ``prompt_model:``)."""
+
+    metric: Callable
+    threads: int = 32
+    seed: int = 0
+    prompt: dict = field(default_factory=dict)
+    weight: dict = field(default_factory=dict)
+    feedback: Callable | None = None
+    models: dict = field(default_factory=dict)
+
+
+def kind_of(entry: dict) -> str:
+    """The kind of a ``steps:`` entry (``ValueError`` naming the valid kinds when it is not one)."""
+    kind = entry.get("kind")
+    if kind in KINDS or (isinstance(kind, str) and ":" in kind):
+        return kind
+    raise ValueError(f"step kind must be one of {list(KINDS)} or 'package.module:Class', got {kind!r}")
+
+
+def resolve_steps(steps: dict[str, dict]) -> dict[str, dict]:
+    """The run's step table: ``DEFAULT_STEPS`` updated by ``steps`` (an entry without ``kind`` keeps
+    the default key's kind, e.g. ``{gepa: {max_metric_calls: 200}}``); every entry checked."""
+    table = {key: dict(entry) for key, entry in DEFAULT_STEPS.items()}
+    for key, entry in steps.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"steps.{key} must be a mapping such as {{kind: gepa, auto: light}}, got {entry!r}")
+        if " " in key or "->" in key or not key:
+            raise ValueError(f"step key {key!r} cannot be empty or contain spaces or '->'")
+        merged = {**table.get(key, {}), **entry} if "kind" not in entry else dict(entry)
+        if "kind" not in merged:
+            raise ValueError(f"steps.{key} needs a kind: one of {list(KINDS)} or 'package.module:Class'")
+        kind_of(merged)
+        if not isinstance(merged.get("compile_args", {}), dict):
+            raise ValueError(f"steps.{key}.compile_args must be a mapping")
+        table[key] = merged
+    return table
+
+
+def weight_keys(table: dict[str, dict]) -> set[str]:
+    """The keys whose steps train the model."""
+    return {key for key, entry in table.items() if entry["kind"] in WEIGHT_KINDS}
+
+
+def build(key: str, entry: dict, ctx: StepContext):
+    """The ``Teleprompter`` of step ``key`` from its entry and the run's context.
+
+    Raises:
+        ValueError: an unknown kind, an import path that names no Teleprompter, or a model name not in
+            ``ctx.models``.
+        TypeError: arguments the kind does not take (named).
+    """
+    from dspy.teleprompt.teleprompt import Teleprompter
+
+    kind = kind_of(entry)
+    args = {k: v for k, v in entry.items() if k not in ("kind", "compile_args")}
+    if kind == "bfrs":
+        from engine.steps.prompt import PromptStep
+
+        return PromptStep(ctx.metric, **{"num_threads": ctx.threads, "seed": ctx.seed, **ctx.prompt, **args})
+    if kind == "finetune":
+        from engine.steps.weight import WeightStep
+
+        return WeightStep(ctx.metric, **{"num_threads": ctx.threads, **ctx.weight, **args})
+    if kind == "gepa":
+        from engine.steps.gepa import GEPAStep
+
+        args = _model_arg(args, "reflection_model", "reflection_lm", ctx, key)
+        return GEPAStep(ctx.metric, **{"feedback": ctx.feedback, "num_threads": ctx.threads, "seed": ctx.seed,
+                                       **args})
+    if kind == "mipro":
+        from engine.steps.mipro import MIPROStep
+
+        args = _model_arg(args, "prompt_model", "prompt_model", ctx, key)
+        return MIPROStep(ctx.metric, **{"num_threads": ctx.threads, "seed": ctx.seed, **args})
+    cls = _import(kind)
+    if not (inspect.isclass(cls) and issubclass(cls, Teleprompter)):
+        raise ValueError(f"steps.{key}: {kind} is not a dspy Teleprompter class")
+    return cls(ctx.metric, **args)
+
+
+def _model_arg(args: dict, name: str, param: str, ctx: StepContext, key: str) -> dict:
+    """``reflection_model: <name>`` -> ``reflection_lm=<LM>`` from ``ctx.models`` (absent: the program's LM)."""
+    args = dict(args)
+    model = args.pop(name, None)
+    if model is None:
+        return args
+    if model not in ctx.models:
+        raise ValueError(f"steps.{key}.{name}: no model {model!r} in this run (models: {sorted(ctx.models)})")
+    return {**args, param: ctx.models[model]}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"step kind {path!r}: cannot import {name!r} from {module!r}: {exc}") from None

@@ -1,0 +1,59 @@
+"""MIPROStep with a scripted LM: MIPROv2 runs with the program's LM as task and prompt model, its
+proposal reaches the program's prompt, arguments are checked before any call, optuna is there."""
+
+import re
+import threading
+
+import dspy
+import pytest
+from dspy import lm15
+
+from engine.steps.mipro import MIPROStep
+from tests.unit.engine.test_better_together import data, metric
+
+MAGIC = "SOLVE"
+
+
+class ProposalEngine:
+    """The task (``question -> answer``) is right only under an instruction holding ``MAGIC``; any other
+    signature (MIPROv2's proposer) gets ``MAGIC`` text in every output field it asks for."""
+
+    def __init__(self):
+        self.task_calls, self.other_calls, self._lock = 0, 0, threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def complete(self, request):
+        system = request.system or ""
+        outputs = re.findall(r"^\d+\. `(\w+)`", system.split("Your output fields are:")[-1].split("All interactions")[0],
+                             flags=re.M)
+        with self._lock:
+            if outputs == ["answer"] and "`question`" in system:
+                self.task_calls += 1
+                question = request.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0]
+                answer = question.replace("q", "a") if MAGIC in system else "wrong"
+                out = f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"
+            else:
+                self.other_calls += 1
+                out = "\n\n".join(f"[[ ## {name} ## ]]\n{MAGIC} it by replacing the q of the question by a."
+                                  for name in outputs) + "\n\n[[ ## completed ## ]]"
+        return lm15.Response(id=None, model=request.model, message=lm15.Message.assistant(out),
+                             finish_reason="stop", usage=lm15.Usage(input_tokens=1, output_tokens=1))
+
+
+def test_mipro_proposes_with_the_programs_lm_and_its_instruction_wins():
+    engine = ProposalEngine()
+    program = dspy.Predict("question -> answer")
+    program.set_lm(dspy.LM("scripted", engine=engine, cache=False))
+    step = MIPROStep(metric, auto=None, num_candidates=2, num_threads=4, max_bootstrapped_demos=1,
+                     max_labeled_demos=1)
+    tuned = step.compile(program, trainset=data(8), valset=data(6, 100), num_trials=3, minibatch=False,
+                         program_aware_proposer=False, data_aware_proposer=False)
+    assert engine.other_calls >= 1  # the prompt model was the program's LM (no settings.lm here)
+    assert MAGIC in tuned.signature.instructions and tuned(question="q9").answer == "a9"
+
+
+def test_mipro_arguments_are_checked_before_any_call():
+    with pytest.raises(ValueError, match="MIPROv2 does not take"):
+        MIPROStep(metric, bogus=1)

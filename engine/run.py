@@ -12,7 +12,9 @@ Does not know vLLM or training internals.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,15 +59,24 @@ class RunOutcome:
     error: str | None = None  # what stopped the strategy early (``failed``), e.g. "step 'p' failed: ..."
 
 
-def make_pool(cfg: RunConfig, name: str = "run") -> ReplicaPool:
-    """Connect to Ray and describe the run's vLLM replicas (the caller launches and kills them)."""
+def pool_name(kind: str, run_dir: str) -> str:
+    """A pool name of this process's run: ``kind``, the run dir's name and a random tag. Every Ray name a
+    pool takes (its state actor, its replicas) carries it, so runs that share a cluster never join or
+    kill each other's pool (they all took the name "run" before)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).name)[:40] or "run"
+    return f"{kind}-{slug}-{uuid.uuid4().hex[:8]}"
+
+
+def make_pool(cfg: RunConfig, name: str | None = None) -> ReplicaPool:
+    """Connect to Ray and describe the run's vLLM replicas (the caller launches and kills them); the
+    pool's name is ``name`` or this run's own (``pool_name``)."""
     connect(cfg.address)
     return ReplicaPool(PoolConfig(replica=ReplicaConfig(
         model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
         num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
         max_lora_rank=max(8, cfg.lora.rank), engine_kwargs=cfg.engine_kwargs, resources=cfg.replica_resources),
         num_replicas=cfg.replicas,
-        name=name))
+        name=name or pool_name("run", cfg.run_dir)))
 
 
 def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, splits: Splits) -> dspy.Module:

@@ -29,7 +29,7 @@ from engine.config import RunConfig
 from engine.table.config import VANILLA, Cell, TableConfig, plan
 from engine.evaluate import collect_errors, evaluate_many, evaluators_of
 from engine.held_out import score_held_out
-from engine.run import compile_strategy, make_pool
+from engine.run import compile_strategy, make_pool, pool_name
 from engine.store.run_store import copy_steps
 from engine.report.tracking import track_table_or_warn
 from programs.base import ProgramSpec, Splits, resolve
@@ -42,7 +42,7 @@ def run_table(cfg: TableConfig) -> list[Cell]:
     check_fits(cfg.run.adapter, spec.program(**cfg.run.program_args), cfg.run.max_tokens)
     root = Path(cfg.out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    pool = make_pool(cfg.run, name="table")
+    pool = make_pool(cfg.run, name=pool_name("table", cfg.out_dir))
     cells: list[Cell] = []
     with usage.metered(pool) as meter:
         try:

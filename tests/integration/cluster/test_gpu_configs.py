@@ -82,7 +82,7 @@ def _scripted_pools(monkeypatch, model_dir: str) -> None:
     under the config's model id."""
     real = engine.run.make_pool
 
-    def make_pool(cfg, name="run"):
+    def make_pool(cfg, name=None):
         pool = real(cfg, name)
         replica = replace(pool.cfg.replica, model=model_dir, model_id=cfg.model)
         return ReplicaPool(replace(pool.cfg, replica=replica), engine_factory=recording_factory)

@@ -102,6 +102,24 @@ def _when_busy(handle, action):
     return thread, record
 
 
+def test_two_runs_on_one_cluster_keep_their_own_pools(ray_local, model_dir):
+    """Every run took the pool name "run" and joined an existing state actor of that name: a second
+    run shared the first's replica list, and killing one killed the other's. Now each run's pool name
+    carries its run dir and a random tag."""
+    from engine.run import pool_name
+
+    names = pool_name("run", "runs/iris-smollm2"), pool_name("run", "/data/runs/iris-smollm2")
+    assert names[0] != names[1] and all(n.startswith("run-iris-smollm2-") for n in names)
+    first, second = (_pool(model_dir, name, n=1) for name in names)
+    with first.launch(), second.launch():
+        assert first.router.submit(GenerateRequest("base", prompt="a")).text
+        theirs = {h["pid"] for h in second.health()}
+        assert {h["pid"] for h in first.health()}.isdisjoint(theirs)
+        first.kill()  # one run ends (or fails): the other's pool is untouched
+        assert {h["pid"] for h in second.health()} == theirs
+        assert second.router.submit(GenerateRequest("base", prompt="b")).text
+
+
 def test_launch_is_idempotent_and_kill_leaves_nothing(ray_local, model_dir):
     pool = _pool(model_dir, "life")
     began = time.monotonic()

@@ -15,10 +15,12 @@ What it adds to stock ``dspy.GEPA`` (which it runs unmodified):
   attempts by the run store, moved into the committed step folder), and gepa resumes from it.
 
 Budget: exactly one of ``auto`` ('light' by default), ``max_metric_calls``, ``max_full_evals`` (GEPA's
-rule). ``gepa_kwargs`` go to ``gepa.optimize`` unchanged, e.g. gepa 0.1.4's parallel proposals
-(``{"sampling_strategy": ...}``: several children proposed and evaluated per iteration instead of one;
-the search explores more branches per step for the same metric-call budget, and the budget runs out in
-fewer, wider iterations). Does not know run dirs beyond the ``state_dir`` it is given, or pools.
+rule). ``proposals: n`` > 1 turns on gepa 0.1.4's parallel proposals (``IndependentSampling(n)``: n
+(parent, minibatch) proposal tasks per iteration, their rollouts and reflections run concurrently, where
+classic GEPA has one parent and one 3-example minibatch in flight): the search explores n branches per
+iteration, so the same metric-call budget runs out in fewer, wider iterations — more rollouts in flight
+for the pool, but a child no longer builds on the children proposed beside it. ``gepa_kwargs`` go to
+``gepa.optimize`` unchanged. Does not know run dirs beyond the ``state_dir`` it is given, or pools.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class GEPAStep(Teleprompter):
         reflection_lm: the LM that proposes instructions; default the program's LM at temperature 1.0.
         num_threads: concurrent program runs for GEPA's evaluations (size it to the pool).
         auto, max_metric_calls, max_full_evals: GEPA's budget (exactly one; default ``auto='light'``).
+        proposals: proposal tasks per iteration (1: classic GEPA; n > 1: gepa's ``IndependentSampling(n)``).
         seed: GEPA's seed.
         **gepa_options: more ``dspy.GEPA`` arguments (``reflection_minibatch_size``, ``use_merge``,
             ``gepa_kwargs`` …).
@@ -95,10 +98,18 @@ class GEPAStep(Teleprompter):
 
     def __init__(self, metric: Callable, *, feedback: Callable | None = None, reflection_lm: dspy.LM | None = None,
                  num_threads: int = 32, auto: str | None = None, max_metric_calls: int | None = None,
-                 max_full_evals: int | None = None, seed: int = 0, **gepa_options: Any):
+                 max_full_evals: int | None = None, proposals: int = 1, seed: int = 0, **gepa_options: Any):
         budgets = [b for b in (auto, max_metric_calls, max_full_evals) if b is not None]
         if len(budgets) > 1:
             raise ValueError("give GEPA one budget: auto, max_metric_calls or max_full_evals")
+        if proposals < 1:
+            raise ValueError(f"proposals must be >= 1, got {proposals}")
+        if proposals > 1:
+            from gepa.strategies.proposal_sampling import IndependentSampling
+
+            gepa_options["gepa_kwargs"] = {"sampling_strategy": IndependentSampling(proposals),
+                                           **(gepa_options.get("gepa_kwargs") or {})}
+        self.proposals = proposals
         self.metric = metric
         self.feedback = feedback
         self.reflection_lm = reflection_lm
@@ -137,7 +148,7 @@ class GEPAStep(Teleprompter):
         details = getattr(result, "detailed_results", None)
         self.last_run = {"gepa": {"metric_calls": getattr(details, "total_metric_calls", None),
                                   "candidates": len(getattr(details, "candidates", []) or []),
-                                  "budget": self.budget}}
+                                  "budget": self.budget, "proposals": self.proposals}}
         return result
 
 

@@ -74,6 +74,15 @@ def test_gepa_finds_the_instruction_and_its_reflection_samples_the_programs_lm(p
     assert step.last_run["gepa"]["metric_calls"] <= 40 + 6  # gepa may finish the valset eval it began
 
 
+def test_parallel_proposals_reflect_several_parents_per_iteration(program):
+    step = GEPAStep(metric, max_metric_calls=40, num_threads=8, proposals=3)
+    tuned = step.compile(program, trainset=data(6), valset=data(6, 100))
+    assert MAGIC in tuned.signature.instructions and step.last_run["gepa"]["proposals"] == 3
+    assert program.engine.reflections >= 3  # the first iteration alone proposes three children
+    with pytest.raises(ValueError, match="proposals must be >= 1"):
+        GEPAStep(metric, proposals=0)
+
+
 def test_a_killed_gepa_step_resumes_from_its_state_dir(program, tmp_path):
     state = tmp_path / "01_gepa.state"
     state.mkdir()

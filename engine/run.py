@@ -1,11 +1,13 @@
 """``run(cfg)``: the driver of one optimization run, from launching the pool to the report.
 
-Knows the order of things: connect to Ray, launch the pool, build the program with the pool's
+Knows the order of things: take the run dir's lock (one writer: ``engine.store.lock``), connect to
+Ray, launch the pool, build the program with the pool's
 LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), score
 every step's program on the held-out test split (``engine.held_out``; stored per step, so a rerun
 does not score again), save the winner (``program.json`` + ``best.json``), write the report, and
 kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind); then mirror the
-run dir into MLflow (``engine.report.tracking``; also after a failure, never failing the run itself).
+run dir into MLflow (``engine.report.tracking``; also after a failure or a stop, never failing the run
+itself).
 Does not know vLLM or training internals.
 """
 
@@ -34,6 +36,7 @@ from engine.plan import check, describe, make_plan, nodes_now, suggest, summary,
 from engine.store.program_io import save_program
 from engine.report.run_report import write_report
 from engine.store.run_store import BestRecord, RunStore
+from engine.store.lock import hold
 from engine.store.remote import pull, push
 from engine.report.tracking import TrackedRun, track_run_or_warn
 from engine.steps.kinds import StepContext
@@ -165,13 +168,18 @@ def score_after(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, test: list
 
 
 def run(cfg: RunConfig) -> RunOutcome:
-    """Run the strategy on the configured program and model; see the module docstring."""
-    try:
-        outcome = _run(cfg)
-    except Exception:
-        track_run_or_warn(cfg)  # what the failed run left (its completed steps), then its error
-        raise
-    return replace(outcome, tracked=track_run_or_warn(cfg))
+    """Run the strategy on the configured program and model; see the module docstring.
+
+    Raises:
+        RunDirBusy: another run holds the run dir (nothing is written).
+    """
+    with hold(cfg.run_dir):  # one writer per run dir, before anything is written
+        try:
+            outcome = _run(cfg)
+        except BaseException:  # failed, or stopped (Ctrl-C and SIGTERM raise Stopped, a KeyboardInterrupt)
+            track_run_or_warn(cfg)  # what the run dir holds (its completed steps), then the error or the stop
+            raise
+        return replace(outcome, tracked=track_run_or_warn(cfg))
 
 
 def _run(cfg: RunConfig) -> RunOutcome:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import dspy
 
+from engine.store.files import atomic_write
+
 _PREDICT_KEYS = {"traces", "train", "demos", "signature", "fields", "lm"}
 _SIGNATURE_KEYS = {"instructions", "fields"}
 
@@ -35,11 +37,8 @@ def program_state(program: dspy.Module) -> dict:
 
 
 def save_program(program: dspy.Module, path: str | Path) -> None:
-    """Write the program's state (no LM) as JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(program_state(program), indent=2, default=str))
-    tmp.replace(path)
+    """Write the program's state (no LM) as JSON, whole or not at all (fsynced)."""
+    atomic_write(path, json.dumps(program_state(program), indent=2, default=str))
 
 
 def validate_state(program: dspy.Module, state: dict) -> None:

@@ -11,7 +11,11 @@ Layout::
     RUN_DIR/report.md, scores.png    written at the end
 
 A step is built in ``NN_key.tmp/`` and renamed into place after its ``step.json`` is written:
-a half-written step is never taken as done. A rerun whose fingerprint differs is refused with
+a half-written step is never taken as done. Every JSON file is written whole or not at all and
+fsynced (``engine.store.files``); a damaged one is an error naming the file and what to do, except
+an optional ``test.json``, which is scored again. A step's own resumable state (GEPA's) lives in
+``NN_key.state/`` until the step commits (``state_dir``). The run dir has one writer at a time
+(``engine.store.lock``). A rerun whose fingerprint differs is refused with
 the differing keys named. Paths inside the run dir are recorded relative to it, so a run dir
 that was moved, copied or pulled from ``storage:`` resumes and serves; an absolute path of an
 older run dir that no longer exists is looked up again under ``RUN_DIR/adapters/``.
@@ -21,14 +25,18 @@ Does not know DSPy beyond saving programs through ``program_io``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import dspy
 
+from engine.store.files import DamagedFile, fsync_dir, read_json, write_json
 from engine.store.program_io import load_program, save_program
 
+logger = logging.getLogger(__name__)
+RUN_JSON_FIX = "restore it (e.g. from storage:) or start over in a new run dir"
 
 class RunDirError(ValueError):
     """The run dir is missing, unfinished, or its files do not fit together."""
@@ -106,13 +114,13 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         fingerprint = json.loads(json.dumps(fingerprint, default=str))  # tuples and lists compare as JSON
         if marker.exists():
-            old = json.loads(marker.read_text())
+            old = read_json(marker, RUN_JSON_FIX)
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             if diff:
                 raise ValueError(f"run dir {self.root} holds a run with other settings ({', '.join(diff)}); "
                                  "use a new run dir or the same settings to resume")
         else:
-            marker.write_text(json.dumps(fingerprint, indent=2, default=str))
+            write_json(marker, fingerprint)
 
     @staticmethod
     def name(index: int, key: str) -> str:
@@ -120,7 +128,7 @@ class RunStore:
 
     def settings(self) -> dict:
         """The run's fingerprint (``run.json``)."""
-        return json.loads((self.root / "run.json").read_text())
+        return read_json(self.root / "run.json", RUN_JSON_FIX)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -134,12 +142,12 @@ class RunStore:
         record = path / "step.json"
         if path.suffix == ".tmp" or not record.is_file():
             return None
-        data = json.loads(record.read_text())
+        data = read_json(record, f"delete the folder {path} and rerun the same command: the step is done again")
         index, _, key = name.partition("_")
         return StepRecord(int(index), "" if key == "baseline" else key, data["strategy"], data["score"],
                           dict(data["models"]), [AdapterRef(a["name"], self._abs(a["path"]))
                                                  for a in data.get("adapters", [])],
-                          data.get("extra", {}), path, _read_json(path / "test.json"))
+                          data.get("extra", {}), path, _read_test(path / "test.json"))
 
     def steps(self) -> list[StepRecord]:
         """Every completed step, in order."""
@@ -175,19 +183,17 @@ class RunStore:
         models = {name: pred.lm.model for name, pred in program.named_predictors() if pred.lm is not None}
         record = {"strategy": strategy, "score": score, "models": models,
                   "adapters": [{"name": a.name, "path": self._rel(a.path)} for a in adapters], "extra": extra or {}}
-        (tmp / "step.json").write_text(json.dumps(record, indent=2, default=str))
+        write_json(tmp / "step.json", record)
         final = self.root / self.name(index, key)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        fsync_dir(self.root)
         return self.completed(index, key)
 
     def write_test(self, name: str, result: dict) -> None:
         """Record step ``name``'s held-out test result (``test.json``, written whole or not at all)."""
-        path = self.root / name / "test.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.rename(path)
+        write_json(self.root / name / "test.json", result)
 
     def load(self, record: StepRecord, fresh: dspy.Module) -> dspy.Module:
         """The step's program: ``fresh`` (a new instance of the program) with the saved state."""
@@ -202,9 +208,7 @@ class RunStore:
                 "adapters": {name: self._rel(path) for name, path in best.adapters.items()},
                 "failed_step": best.failed_step, "test_score": best.test_score, "costs": best.costs,
                 "test_costs": best.test_costs}
-        tmp = self.root / "best.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.rename(self.root / "best.json")
+        write_json(self.root / "best.json", data)
 
     def best(self) -> BestRecord:
         """The winner of a finished run.
@@ -215,7 +219,7 @@ class RunStore:
         path = self.root / "best.json"
         if not path.is_file():
             raise RunDirError(f"{self.root} has no best.json: not a finished run")
-        data = json.loads(path.read_text())
+        data = read_json(path, "rerun the same command: the winner is chosen and written again")
         return BestRecord(data["program"], dict(data.get("program_args", {})), data["base_model"],
                           data.get("strategy", ""), data.get("score"), dict(data["models"]),
                           {name: self._abs(p) for name, p in data.get("adapters", {}).items()},
@@ -241,8 +245,15 @@ class RunStore:
         return moved if not path.exists() and moved.exists() else path
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_test(path: Path) -> dict | None:
+    """A step's held-out result, or None when there is none or it is damaged (then it is scored again)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "it is scored again")
+    except DamagedFile as exc:
+        logger.warning("%s", exc)
+        return None
 
 
 def copy_steps(source: str | Path, target: str | Path, count: int) -> None:

@@ -36,7 +36,12 @@ dspy.configure(adapter=_ReadsSetosa())
 
 
 SMALLER = {"max_tokens=150": "max_tokens=16", "splits.train[:30]": "splits.train[:12]",
-           "splits.dev[:15]": "splits.dev[:6]", "num_candidate_programs=6": "num_candidate_programs=2"}
+           "splits.dev[:15]": "splits.dev[:6]", "num_candidate_programs=6": "num_candidate_programs=2",
+           "adapter=ConstrainedChatAdapter()": "adapter=_ReadsSetosa()"}  # the random model's text as an answer
+# what each snippet prints when it worked: the strategies with their scores, the tuned model and its
+# answer, the pool's answers and stats
+PRINTS = {0: [r"\('p -> w', \d+(\.\d+)?\)", r"\('p -> w -> p', \d+(\.\d+)?\)"],
+          1: [r"^tiny-llama:ft-\S+ \d+(\.\d+)? setosa$"], 2: [r"'requests': [1-9]"]}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +55,7 @@ def adapter(tmp_path_factory, tiny_model):
 
 def test_the_readme_has_its_snippets():
     assert len(SNIPPETS) == 3 and all("connect()" in s for s in SNIPPETS)
+    assert all("flag_compilation_error_occurred" in SNIPPETS[i] for i in (0, 1))  # a failed step is not a result
     assert all(any(long in s for s in SNIPPETS) for long in SMALLER)  # what the tests shorten is still there
 
 
@@ -63,5 +69,5 @@ def test_readme_snippet_runs(index, adapter, tmp_path):
     done = subprocess.run([sys.executable, "-c", PREAMBLE + code], cwd=tmp_path, capture_output=True, text=True,
                           env=marked_env(mark, PYTHONPATH=str(ROOT)), timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert done.stdout.strip(), "the snippet printed nothing"
+    assert all(re.search(p, done.stdout, flags=re.M) for p in PRINTS[index]), done.stdout[-2000:]
     assert left_behind(mark) == []

@@ -6,7 +6,7 @@ Rows, side by side in one run on one pool (same program, data, seed, metric-call
 (b) ``tandem``: ``GEPAStep(metric, max_metric_calls=B, num_threads=T)`` — the program's own metric,
     evaluations sized to the pool;
 (c) ``tandem xN``: the same with ``proposals=N`` (gepa's parallel proposals).
-Each: wall time, metric calls, valset and held-out test score (%), and how many distinct answers the
+DSPy's cache is off (each variant pays for its own calls). Each: wall time, metric calls, valset and held-out test score (%), and how many distinct answers the
 test predictions hold (a one-class program scores that class's share). Prints a table, writes JSON.
 
     python benchmarks/gepa_step.py --budget 120 --seeds 0
@@ -84,7 +84,7 @@ def main() -> None:
             splits = Splits(full.train[:args.train], full.dev[:args.val], full.test)
             for variant in args.variants.split(","):
                 program = spec.program()
-                program.set_lm(pool_lm(pool, max_tokens=args.max_tokens, stop=stop_for("constrained")))
+                program.set_lm(pool_lm(pool, max_tokens=args.max_tokens, stop=stop_for("constrained"), cache=False))
                 rows.append(one(variant.strip(), program, splits, spec, args.budget, args.threads, seed))
                 r = rows[-1]
                 print(f"{r['variant']:<10} seed {seed} wall {r['wall_s']:>7.1f}s calls {r['metric_calls']} "

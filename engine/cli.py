@@ -180,11 +180,11 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from actors import connect
-    from serve.app import DRAIN_GRACE_S, ServeConfig, start, stop
+    from serve.app import ServeConfig, start, stop
 
     cfg = ServeConfig(run_dir=args.run_dir, step=args.step, host=args.host, port=args.port, token=args.token,
                       lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
-                      lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus)
+                      lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus, drain_grace_s=args.drain_grace_s)
     connect(args.address)
     try:  # from the start: the app answers before serve.run returns, so a stop then must drain it too
         start(cfg)
@@ -194,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         while not args.once:
             time.sleep(3600)
     finally:  # --once, Ctrl-C or SIGTERM: drain (new requests 503, those in flight finish), then exit 0 / 130 / 143
-        logger.info("stopping the server: new requests get 503, those in flight get up to %.0f s", DRAIN_GRACE_S)
+        logger.info("stopping the server: new requests get 503, those in flight get up to %.0f s", cfg.drain_grace_s)
         stop(cfg)
     return 0
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="publish a run's winning program over HTTP with Ray Serve",
                        description="Publish a run's winning program over HTTP with Ray Serve until SIGTERM or "
                                    "Ctrl-C, which drain it (new requests get 503 + Retry-After, those in flight "
-                                   "finish, at most serve.app.DRAIN_GRACE_S seconds) and exit 143 / 130.")
+                                   "finish, at most --drain-grace-s seconds) and exit 143 / 130.")
     v.add_argument("run_dir", help="a finished run dir (has best.json and program.json)")
     v.add_argument("--step", help="serve this completed step's program (e.g. 02_w) instead of the winner")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lm-cpus", type=float, default=1, help="CPUs per LM replica")
     v.add_argument("--lm-gpus", type=float, help="GPUs per LM replica (default: the run's --gpus-per-replica)")
     v.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    v.add_argument("--drain-grace-s", type=float, default=25.0,
+                   help="on SIGTERM / Ctrl-C, seconds the requests in flight get to finish (default 25; keep it "
+                        "below your platform's grace, Kubernetes' is 30)")
     v.add_argument("--once", action="store_true", help="deploy, print the URL, and stop (a deploy check)")
     v.set_defaults(func=_serve)
     return parser

@@ -6,7 +6,7 @@ tensor parallelism and vLLM ``engine_kwargs`` the run was optimized with), turni
 Serve ``Application`` (``build_app``: the LM deployment bound into the program deployment), the
 builder ``app`` for ``serve run serve.app:app run_dir=RUN_DIR`` and Serve config YAML
 (``import_path: serve.app:app`` + ``args``), and starting/stopping Serve for the CLI (stopping drains
-first: new requests 503 + Retry-After, those in flight get ``DRAIN_GRACE_S`` seconds to finish). The token
+first: new requests 503 + Retry-After, those in flight get ``drain_grace_s`` seconds to finish, 25 by default). The token
 comes from the config or ``$TANDEM_SERVE_TOKEN``. Does not know the HTTP routes.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from actors.typed_config import from_mapping, typed_config
 
 TOKEN_ENV = "TANDEM_SERVE_TOKEN"
-DRAIN_GRACE_S = 15.0  # seconds the requests in flight get to finish when the server stops (SIGTERM, Ctrl-C)
+DRAIN_GRACE_S = 25.0  # default seconds the requests in flight get when the server stops (Kubernetes gives 30)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class ServeConfig:
     lm_cpus: float = field(default=1.0, metadata={"help": "CPUs per LM replica"})
     lm_gpus: float | None = field(default=None, metadata={
         "help": "GPUs per LM replica (per tensor-parallel worker); default the run's gpus_per_replica (0 = CPU)"})
+    drain_grace_s: float = field(default=DRAIN_GRACE_S, metadata={
+        "help": "on SIGTERM / Ctrl-C, seconds the requests in flight get to finish before Serve shuts down; keep "
+                "it below the platform's own grace (Kubernetes' terminationGracePeriodSeconds, 30 by default)"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -52,6 +55,8 @@ class ServeConfig:
             raise ValueError("lm_replicas, lm_max_replicas, max_batch and max_body_bytes must be >= 1")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if not self.drain_grace_s >= 0:
+            raise ValueError(f"drain_grace_s must be >= 0 seconds, got {self.drain_grace_s}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
@@ -120,7 +125,7 @@ def start(cfg: ServeConfig):
     return serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)
 
 
-def stop(cfg: ServeConfig, grace_s: float = DRAIN_GRACE_S) -> None:
+def stop(cfg: ServeConfig, grace_s: float | None = None) -> None:
     """Drain the application, then shut Serve down (what ``tandem serve`` does on SIGTERM / Ctrl-C).
 
     Draining: the program deployment answers every new request 503 with ``Retry-After`` (not the
@@ -132,10 +137,11 @@ def stop(cfg: ServeConfig, grace_s: float = DRAIN_GRACE_S) -> None:
 
     Args:
         cfg: the served config (its ``app_name``).
-        grace_s: most seconds the requests in flight get to finish.
+        grace_s: most seconds the requests in flight get to finish (default ``cfg.drain_grace_s``).
     """
     from ray import serve
 
+    grace_s = cfg.drain_grace_s if grace_s is None else grace_s
     try:
         drained = serve.get_app_handle(cfg.app_name).drain.remote(grace_s).result(timeout_s=grace_s + 30)
         logger.info("drained %s: %d request(s) were in flight, %d left unfinished after the grace of %.0f s",

@@ -188,7 +188,9 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     hidden = run_dir.rename(run_dir.with_name("first-hidden"))  # what is served comes from the moved copy only
     port = free_port()
     mark = new_mark()
-    server = _tandem(home, ["serve", str(moved), "--port", str(port)], mark, TANDEM_SERVE_TOKEN="s3cret")
+    # a grace far beyond the in-flight request's few seconds: the drain must not depend on this machine's speed
+    server = _tandem(home, ["serve", str(moved), "--port", str(port), "--drain-grace-s", "180"], mark,
+                     TANDEM_SERVE_TOKEN="s3cret")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"Authorization": "Bearer s3cret"}) as http:
@@ -210,7 +212,7 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
             first, late, stopping = _sigterm_with_a_request_in_flight(server, http)
     finally:
         server.send_signal(signal.SIGTERM)  # ignored if it is stopping already
-        out, _ = server.communicate(timeout=120)
+        out, _ = server.communicate(timeout=300)
         hidden.rename(run_dir)
     assert server.returncode == 143, out[-4000:]
     assert left_behind(mark) == []
@@ -223,8 +225,8 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
 
 
 def _sigterm_with_a_request_in_flight(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 120):
-    """SIGTERM the server while a long chat completion (8 x 300 tokens, ~3-8 s: longer than the server takes from
-    the signal to the drain, shorter than the drain's grace) is in flight, then send one more request while it
+    """SIGTERM the server while a long chat completion (8 x 300 tokens, ~3-20 s by machine: longer than the server
+    takes from the signal to the drain, far shorter than the grace the test gives) is in flight, then send one more request while it
     drains: (the in-flight response, the late response, /healthz's body while stopping)."""
     long_chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "n": 8, "temperature": 1.0}
     deadline = time.monotonic() + timeout_s

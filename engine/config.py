@@ -102,9 +102,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
-        table = resolve_steps(self.steps)
-        keys = strategies.parse(self.strategy, table) if self.strategy.strip() else []
-        if self.adapter == "json" and set(keys) & weight_keys(table):
+        trains = self.trains()  # also checks the steps table and the strategy's keys, by name
+        if self.adapter == "json" and trains:
             raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
                              "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
         if self.lifecycle not in LIFECYCLES:

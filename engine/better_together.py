@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
@@ -66,7 +66,8 @@ class BetterTogether(Teleprompter):
                 provide_traceback: bool | None = None, seed: int | None = None,
                 valset_ratio: float = 0.1, shuffle_trainset_between_steps: bool = True,
                 strategy: str = "p -> w -> p", optimizer_compile_args: dict[str, dict[str, Any]] | None = None,
-                run_dir: str | None = None, fingerprint: dict | None = None) -> dspy.Module:
+                run_dir: str | None = None, fingerprint: dict | None = None,
+                around_step: Callable[[int, str], ContextManager] | None = None) -> dspy.Module:
         """Run the strategy; return the best program on the valset (the latest without a valset).
 
         ``max_errors`` (default ``dspy.settings.max_errors``, as in dspy): a parse failure scores 0;
@@ -77,6 +78,8 @@ class BetterTogether(Teleprompter):
         own evaluators inside a step honour it), and a failed step's traceback is logged.
         ``run_dir`` stores each completed step and resumes from them; ``fingerprint`` is what must
         match for a resume (model, program, settings).
+        ``around_step(index, key)``: a context manager each step that runs (not one restored from
+        ``run_dir``) runs inside, e.g. ``engine.groups.ModelGroups.around`` (a teacher up for its steps only).
 
         Raises:
             ValueError: empty trainset, valset_ratio outside [0, 1) or leaving an empty valset, empty
@@ -107,6 +110,8 @@ class BetterTogether(Teleprompter):
                     rng.shuffle(trainset)
                 prefix = strategies.prefix(steps, index)
                 run = self._runner(key, program, trainset, valset, teacher, compile_args.get(key, {}), store, index)
+                if around_step is not None:
+                    run = _inside(around_step, index, key, run)
                 try:
                     program = self._step(store, index, key, prefix, student, run, valset, threads, candidates)
                 except Exception as exc:
@@ -210,6 +215,15 @@ class BetterTogether(Teleprompter):
                     raise ValueError(f"Invalid compile arguments for optimizer '{key}': {sorted(invalid)}. "
                                      f"{type(self.optimizers[key]).__name__}.compile() accepts: {list(params)}")
         return args
+
+
+def _inside(around: Callable[[int, str], ContextManager], index: int, key: str,
+            run: Callable[[], dspy.Module]) -> Callable[[], dspy.Module]:
+    def inside() -> dspy.Module:
+        with around(index, key):
+            return run()
+
+    return inside
 
 
 def _split(trainset: list, valset: list | None, ratio: float) -> tuple[list, list | None]:

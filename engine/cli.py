@@ -76,9 +76,10 @@ def _run_config(args: argparse.Namespace):
 
 
 def _dest(cls: type, name: str) -> str:
-    """A field's flag, as an argparse dest: its name, or for a mapping the singular (``program_args`` ->
-    ``program_arg``: ``--program-arg KEY=VALUE``, repeatable)."""
-    return name.removesuffix("s") if _kind(cls, name) is dict else name
+    """A field's flag, as an argparse dest: its ``flag`` metadata, else its name, or for a mapping the
+    singular (``program_args`` -> ``program_arg``: ``--program-arg KEY=VALUE``, repeatable)."""
+    flag = cls.__dataclass_fields__[name].metadata.get("flag")
+    return flag or (name.removesuffix("s") if _kind(cls, name) is dict else name)
 
 
 def _kind(cls: type, name: str) -> type | None:

@@ -20,7 +20,7 @@ from actors.models import EMBEDDED
 from actors.typed_config import from_mapping, typed_config
 from engine import strategy as strategies
 from engine.adapters.registry import ADAPTERS
-from engine.steps.kinds import resolve_steps, weight_keys
+from engine.steps.kinds import model_refs, resolve_steps, weight_keys
 
 
 @typed_config
@@ -30,6 +30,33 @@ class PromptConfig:
     num_candidate_programs: int = field(default=6, metadata={"help": "random candidates besides the 3 fixed seeds"})
     max_bootstrapped_demos: int = field(default=3, metadata={"help": "bootstrapped demos per predictor"})
     max_labeled_demos: int = field(default=3, metadata={"help": "demos per predictor in all"})
+
+
+@typed_config
+class ModelGroup:
+    """A model served beside the run's own (the student): its own vLLM replicas, named by steps as a
+    teacher (``teacher:`` of a bfrs or finetune step), GEPA's reflection LM (``reflection_model:``) or
+    MIPROv2's prompt model (``prompt_model:``). Never fine-tuned: the weight steps touch only the student."""
+
+    model: str = field(metadata={"help": "built-in name, HF checkpoint dir or hub id"})
+    replicas: int = field(default=1, metadata={"help": "vLLM replicas of this model"})
+    cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per replica"})
+    gpus_per_replica: float = field(default=0.0, metadata={"help": "GPUs per replica (0 = CPU path)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
+    max_model_len: int = field(default=2048, metadata={"help": "context length"})
+    max_tokens: int | None = field(default=None, metadata={"help": "completion tokens per call (default: the run's)"})
+    engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
+    replica_resources: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "custom Ray resources each replica reserves"})
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
+            raise ValueError("replicas must be >= 1, cpus_per_replica > 0 and gpus_per_replica >= 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+STUDENT = "student"  # the run's own model (``model:``), which the weight steps fine-tune
 
 
 @typed_config
@@ -86,6 +113,11 @@ class RunConfig:
         "help": "step keys a strategy can name, beside the built-in p (bfrs), w (finetune), gepa and mipro: "
                 "KEY={kind: bfrs|finetune|gepa|mipro|'package.module:Class', <its arguments>, compile_args: {...}}; "
                 "an entry for a built-in key without kind changes its arguments (gepa={max_metric_calls: 200})"})
+    models: dict[str, ModelGroup] = field(default_factory=dict, metadata={
+        "flag": "model_group",
+        "help": "models served beside the run's own, by name, for steps to use as teacher / reflection_model / "
+                "prompt_model: NAME={model: ..., replicas: 1, cpus_per_replica: 1, ...}; each is up from the first "
+                "step that names it to the last"})
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(num_candidate_programs=3),
                                  metadata={"help": "prompt-step budget (3 random + 3 fixed = 6 candidates)"})
     lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(
@@ -103,6 +135,7 @@ class RunConfig:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         trains = self.trains()  # also checks the steps table and the strategy's keys, by name
+        self.group_uses()  # every model a step names is one of models:
         if self.adapter == "json" and trains:
             raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
                              "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
@@ -124,6 +157,10 @@ class RunConfig:
                     "replica_resources", "evaluators"):
             data.pop(key)
         data["lora"].pop("resources")  # where the workers run, not what they compute
+        for group in data["models"].values():
+            group.pop("replica_resources")
+        if not data["models"]:
+            data.pop("models")  # as run dirs written before model groups have it
         return data
 
     def step_table(self) -> dict[str, dict]:
@@ -137,6 +174,27 @@ class RunConfig:
     def trains(self) -> bool:
         """Whether a step of the strategy trains the model (a ``finetune`` kind)."""
         return bool(set(self.strategy_keys()) & weight_keys(self.step_table()))
+
+    def group_uses(self) -> dict[str, list[int]]:
+        """Each model group -> the strategy's step positions (1-based) that use it; empty for a group no
+        step names (it is never launched).
+
+        Raises:
+            ValueError: a step names a model that is not in ``models`` (named, with the ones there are), or
+                ``models`` has a group named ``student``.
+        """
+        if STUDENT in self.models:
+            raise ValueError(f"models: '{STUDENT}' is the run's own model (model:); name a group otherwise")
+        table = self.step_table()
+        uses: dict[str, list[int]] = {name: [] for name in self.models}
+        for index, key in enumerate(self.strategy_keys(), start=1):
+            for arg, name in model_refs(table[key]).items():
+                if name not in self.models:
+                    raise ValueError(f"steps.{key}.{arg}: no model {name!r} in this run's models "
+                                     f"({sorted(self.models) or 'none declared'}); declare it under models: "
+                                     f"(--model-group {name}={{model: ...}})")
+                uses[name].append(index)
+        return uses
 
     def with_overrides(self, **changes: Any) -> "RunConfig":
         """A copy with the non-None ``changes`` applied."""

@@ -3,7 +3,8 @@
 Knows the run's resource phases — the prompt steps (N vLLM replicas, each a placement group of
 one bundle per tensor-parallel worker, packed on one node) and the weight step (Ray Train
 workers: with ``relaunch`` they take the resources the killed replicas free; with ``hotswap``
-they run beside the live replicas), the evaluator actors (if any) in both — and places every bundle first-fit on the nodes' total
+they run beside the live replicas), the evaluator actors (if any) in both, the model groups'
+replicas in the phases their steps span — and places every bundle first-fit on the nodes' total
 resources, as Ray's scheduler would on an idle cluster. A plan with problems makes ``run`` fail
 at once with them named, and with the smallest change of flags that fits (``suggest``), instead
 of waiting for resources that will never come. Does not know
@@ -19,6 +20,7 @@ from actors import ReplicaConfig
 from actors.inference import device
 from actors.training.guards import worker_resources
 from engine.config import RunConfig
+from engine.steps.kinds import weight_keys
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,36 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     workers = [(f"training worker {w}", (worker,)) for w in range(cfg.lora.num_workers)]
     ev = cfg.evaluators  # they live as long as the run, beside everything else
     evaluators = [(f"evaluator {e}", ({"CPU": ev.num_cpus, **ev.resources},)) for e in range(ev.count)]
-    phases = [Phase("prompt steps", _place(replicas + evaluators, nodes))]
+    prompt_groups, weight_groups = _groups_up(cfg)
+    phases = [Phase("prompt steps", _place(replicas + evaluators + prompt_groups, nodes))]
     if cfg.trains():
         if cfg.lifecycle == "relaunch":
-            phases.append(Phase("weight step (relaunch)", _place(workers + evaluators, nodes)))
+            phases.append(Phase("weight step (relaunch)", _place(workers + evaluators + weight_groups, nodes)))
         else:
-            phases.append(Phase("weight step (hotswap)", _place(replicas + workers + evaluators, nodes)))
+            phases.append(Phase("weight step (hotswap)", _place(replicas + workers + evaluators + weight_groups, nodes)))
     return phases
+
+
+def _groups_up(cfg: RunConfig) -> tuple[list, list]:
+    """The model groups' replicas up beside the student's replicas (every step that uses a group runs them
+    together, a weight step while it bootstraps) and during the weight steps' training: a group
+    is up from the first step that names it to the last, less the training of that last step when it is a
+    weight step that names it as teacher (released once its traces are in: ``engine.groups``)."""
+    keys, table = cfg.strategy_keys(), cfg.step_table()
+    trains = weight_keys(table)
+    up: tuple[list, list] = ([], [])
+    for name, steps in cfg.group_uses().items():
+        if not steps:
+            continue
+        group = cfg.models[name]
+        rcfg = ReplicaConfig(model=group.model, num_cpus=group.cpus_per_replica, num_gpus=group.gpus_per_replica,
+                             tensor_parallel_size=group.tensor_parallel_size, resources=group.replica_resources)
+        placed = [(f"{name} replica {r}", tuple(device.bundles(rcfg))) for r in range(group.replicas)]
+        alive = range(min(steps), max(steps) + 1)
+        up[0].extend(placed)  # beside the student's replicas: a weight step bootstraps its traces on them too
+        if any(keys[i - 1] in trains and (i < max(steps) or i not in steps) for i in alive):
+            up[1].extend(placed)
+    return up
 
 
 def warnings(cfg: RunConfig) -> list[str]:

@@ -1,8 +1,8 @@
 """``run(cfg)``: the driver of one optimization run, from launching the pool to the report.
 
 Knows the order of things: take the run dir's lock (one writer: ``engine.store.lock``), connect to
-Ray, launch the pool, build the program with the pool's
-LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), score
+Ray, launch the pool (and the model groups around the steps that use them: ``engine.groups``), build
+the program with the pool's LM, run BetterTogether with Tandem's steps into the run dir (resuming completed steps), score
 every step's program on the held-out test split (``engine.held_out``; stored per step, so a rerun
 does not score again), save the winner (``program.json`` + ``best.json``), write the report, and
 kill the pool whatever happens (try/finally, so Ctrl-C leaves no replica behind); then mirror the
@@ -30,6 +30,7 @@ from engine.adapters.registry import check_fits, make_adapter, stop_for
 from engine.better_together import BetterTogether
 from engine.config import RunConfig
 from engine.console import FILE_ONLY, first_line
+from engine.groups import ModelGroups
 from engine.evaluate import TooManyErrors, collect_errors, evaluators_of
 from engine.held_out import HeldOut, score_held_out
 from engine.plan import check, describe, make_plan, nodes_now, suggest, summary, warnings
@@ -82,8 +83,10 @@ def make_pool(cfg: RunConfig, name: str | None = None) -> ReplicaPool:
         name=name or pool_name("run", cfg.run_dir)))
 
 
-def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, splits: Splits) -> dspy.Module:
-    """BetterTogether on a fresh program with the pool's LM: ``cfg.strategy`` into ``cfg.run_dir``.
+def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, splits: Splits,
+                     groups: ModelGroups | None = None) -> dspy.Module:
+    """BetterTogether on a fresh program with the pool's LM: ``cfg.strategy`` into ``cfg.run_dir``;
+    ``groups``: the run's other models (steps name them; each up only around the steps that use it).
 
     Returns dspy's result: the best program with ``candidate_programs`` (every strategy prefix),
     ``best_strategy``, ``flag_compilation_error_occurred`` and ``compilation_error``.
@@ -92,7 +95,8 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     program.set_lm(pool_lm(pool, max_tokens=cfg.max_tokens, stop=stop_for(cfg.adapter)))
     ctx = StepContext(spec.metric, threads=cfg.threads, seed=cfg.seed, prompt=vars(cfg.prompt),
                       weight=dict(train=cfg.lora, lifecycle=cfg.lifecycle, exclude_demos=cfg.exclude_demos,
-                                  max_rounds=cfg.w_rounds, storage=cfg.storage), feedback=spec.feedback)
+                                  max_rounds=cfg.w_rounds, storage=cfg.storage), feedback=spec.feedback,
+                      models=dict(groups.lms) if groups else {}, release=groups.release if groups else None)
     table = cfg.step_table()
     keys = dict.fromkeys(cfg.strategy_keys())
     optimizer = BetterTogether(spec.metric, **{key: build_step(key, table[key], ctx) for key in keys})
@@ -101,7 +105,8 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
         return optimizer.compile(program, trainset=splits.train[: cfg.train_size or None],
                                  valset=splits.dev[: cfg.val_size or None], strategy=cfg.strategy,
                                  seed=cfg.seed, num_threads=cfg.threads, run_dir=cfg.run_dir,
-                                 optimizer_compile_args=compile_args, fingerprint=cfg.fingerprint())
+                                 optimizer_compile_args=compile_args, fingerprint=cfg.fingerprint(),
+                                 around_step=groups.around if groups and groups.pools else None)
 
 
 def held_out_examples(cfg: RunConfig, splits: Splits) -> list:
@@ -188,6 +193,7 @@ def _run(cfg: RunConfig) -> RunOutcome:
     check_fits(cfg.adapter, spec.program(**cfg.program_args), cfg.max_tokens)
     splits = spec.splits(cfg.seed, **cfg.data_args)
     pool = make_pool(cfg)
+    groups = ModelGroups(cfg, lambda name: pool_name(f"run-{name}", cfg.run_dir))
     if cfg.plan_check:
         nodes = nodes_now()
         phases = make_plan(cfg, nodes)
@@ -198,20 +204,25 @@ def _run(cfg: RunConfig) -> RunOutcome:
         check(phases, suggest(cfg, nodes))
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)
-    with usage.metered(pool) as meter:
+    with usage.metered(pool, groups.pools) as meter:
         try:
             pool.launch()
             with evaluators_of(cfg.evaluators):
-                best = compile_strategy(cfg, spec, pool, splits)
+                best = compile_strategy(cfg, spec, pool, splits, groups)
+                groups.kill()  # released after their last step already, unless that step failed
                 before_test = meter.costs()
                 test = score_after(cfg, spec, pool, held_out_examples(cfg, splits), best)
                 test_costs = meter.costs() - before_test
         finally:
+            groups.kill()
             pool.kill()
             if cfg.storage and Path(cfg.run_dir, "run.json").is_file():
                 push(cfg.run_dir, cfg.storage)  # what was done survives this machine, finished or not
     costs = meter.costs()
     logger.info("spent: %s (held-out test scoring: %s)", costs.describe(), test_costs.describe())
+    by_group = meter.by_group()
+    for name, spent in by_group.items():
+        logger.info("spent by model '%s': %s", name, spent.describe())
     run_dir = Path(cfg.run_dir)
     top = best.candidate_programs[0]
     store = RunStore(run_dir)
@@ -221,7 +232,8 @@ def _run(cfg: RunConfig) -> RunOutcome:
     store.write_best(BestRecord(
         cfg.program, cfg.program_args, cfg.model, best.best_strategy, top.score, models,
         {m: adapters[m] for m in models.values() if m in adapters}, best.flag_compilation_error_occurred,
-        test[best.best_strategy].score if best.best_strategy in test else None, costs.as_dict(),
+        test[best.best_strategy].score if best.best_strategy in test else None,
+        {**costs.as_dict(), **({"by_model": {k: v.as_dict() for k, v in by_group.items()}} if by_group else {})},
         test_costs.as_dict()))
     write_report(run_dir, f"Tandem run: {cfg.program} on {cfg.model}, strategy `{cfg.strategy}`",
                  best.best_strategy, best.flag_compilation_error_occurred,

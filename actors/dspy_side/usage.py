@@ -10,7 +10,10 @@ driver; table cells run one after another). It counts, in the driver:
 - ``replica_s``: the pool's replica-seconds (each replica from start to stop, ``ReplicaPool``);
 - ``train_device_s``: the fit seconds of each LoRA training x its workers (``actors.dspy_side.finetune``).
 
-``meter.costs()`` is a frozen ``Costs``; ``later - earlier`` is what a step spent. Thread-safe
+``meter.costs()`` is a frozen ``Costs``; ``later - earlier`` is what a step spent. With model groups
+(``metered(pool, groups={"teacher": pool2})``), ``costs()`` counts every pool and ``by_group()`` splits
+it: a call counts to the group whose pool serves its model id, the rest to ``"student"`` (so a group
+serving the student's own base model counts to the student). Thread-safe
 (evaluation threads and the training thread count into one meter). Knows dspy's callback and
 usage-tracker hooks; does not know steps or runs.
 """
@@ -69,29 +72,58 @@ class Costs:
 class Meter(BaseCallback):
     """Counts into one ``Costs``; see the module docstring."""
 
-    def __init__(self, pool=None):
+    def __init__(self, pool=None, groups: dict | None = None):
         self._pool = pool
+        self._groups = dict(groups or {})
         self._lock = threading.Lock()
         self._counts = Costs()
+        self._by_model: dict[str, Costs] = {}  # the same counts per model id (model groups only)
+        self._calls: dict[str, str] = {}  # call id -> model id, between on_lm_start and on_lm_end
 
     def costs(self) -> Costs:
         with self._lock:
             counts = self._counts
-        replica_s = self._pool.replica_seconds() if self._pool is not None else 0.0
-        return dataclasses.replace(counts, replica_s=replica_s)
+        pools = [self._pool, *self._groups.values()] if self._pool is not None else list(self._groups.values())
+        return dataclasses.replace(counts, replica_s=sum(p.replica_seconds() for p in pools))
 
-    def _add(self, **deltas) -> None:
+    def by_group(self) -> dict[str, Costs]:
+        """``costs()`` split by model group, ``"student"`` first (empty without groups)."""
+        if not self._groups:
+            return {}
+        with self._lock:
+            by_model = dict(self._by_model)
+        ids = {pool.model_id: name for name, pool in self._groups.items()}
+        student_id = self._pool.model_id if self._pool is not None else None
+        out = {name: Costs(replica_s=pool.replica_seconds()) for name, pool in self._groups.items()}
+        total = self.costs()
+        for model, counts in by_model.items():
+            name = ids.get(model) if model != student_id else None
+            if name is not None:
+                out[name] = out[name] + dataclasses.replace(counts, replica_s=0.0)
+        student = total - sum(out.values(), Costs())
+        return {"student": student, **out}
+
+    def _add(self, model: str | None = None, **deltas) -> None:
         with self._lock:
             self._counts = self._counts + Costs(**deltas)
+            if self._groups and model is not None:
+                self._by_model[model] = self._by_model.get(model, Costs()) + Costs(**deltas)
 
-    # dspy's callback: every LM call, answered from the cache or not
+    # dspy's callbacks: every LM call, answered from the cache or not
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        if self._groups:
+            with self._lock:
+                self._calls[call_id] = getattr(instance, "model", None)
+
     def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
-        self._add(lm_calls=1)
+        with self._lock:
+            model = self._calls.pop(call_id, None)
+        self._add(model, lm_calls=1)
 
     # dspy's usage tracker: only calls that were not cache hits (``settings.usage_tracker.add_usage``)
     def add_usage(self, lm: str, usage: dict) -> None:
         usage = usage or {}
-        self._add(requests=1, prompt_tokens=int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+        self._add(lm, requests=1, prompt_tokens=int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
                   completion_tokens=int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))
 
     def add(self, spent: Costs) -> None:
@@ -119,8 +151,9 @@ def now() -> Costs | None:
 
 
 @contextlib.contextmanager
-def metered(pool=None) -> Iterator[Meter]:
-    """Count what the block spends (LM calls through dspy in this thread and its dspy workers).
+def metered(pool=None, groups: dict | None = None) -> Iterator[Meter]:
+    """Count what the block spends (LM calls through dspy in this thread and its dspy workers); ``groups``:
+    the run's model-group pools by name (``Meter.by_group``).
 
     Example:
         >>> with metered(pool) as meter:  # doctest: +SKIP
@@ -129,7 +162,7 @@ def metered(pool=None) -> Iterator[Meter]:
         1
     """
     global _active
-    meter, previous = Meter(pool), _active
+    meter, previous = Meter(pool, groups), _active
     _active = meter
     try:
         with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), meter], usage_tracker=meter):

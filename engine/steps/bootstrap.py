@@ -23,6 +23,15 @@ from engine.evaluate import run_all
 logger = logging.getLogger(__name__)
 
 
+def teacher_on(student: dspy.Module, lm: dspy.LM) -> dspy.Module:
+    """The student's program (its prompts and demos) with every predictor on ``lm``: a teacher on another
+    model whose traces map to the student's predictors by name."""
+    teacher = student.deepcopy()
+    for pred in teacher.predictors():
+        pred.lm = lm
+    return teacher
+
+
 @dataclass(frozen=True)
 class Trace:
     """A passing run: the example and, per predictor call, (predictor name, inputs, outputs)."""

@@ -160,5 +160,10 @@ def reflection_of(program: dspy.Module) -> dspy.LM:
         raise ValueError("GEPA's reflection LM defaults to the program's LM, but its predictors use "
                          f"{len(lms)} LMs; give reflection_lm= (or reflection_model: in the run config)")
     (lm,) = lms.values()
+    return as_reflection(lm)
+
+
+def as_reflection(lm: dspy.LM) -> dspy.LM:
+    """``lm`` sampling at ``REFLECTION_TEMPERATURE`` with at least ``REFLECTION_MAX_TOKENS``."""
     return lm.copy(temperature=REFLECTION_TEMPERATURE,
                    max_tokens=max(lm.kwargs.get("max_tokens") or 0, REFLECTION_MAX_TOKENS))

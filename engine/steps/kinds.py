@@ -12,6 +12,7 @@ arguments>..., compile_args: {...}}``; ``compile_args`` are the step's ``compile
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, Callable
 KINDS = ("bfrs", "finetune", "gepa", "mipro")
 DEFAULT_STEPS = {"p": {"kind": "bfrs"}, "w": {"kind": "finetune"}, "gepa": {"kind": "gepa"},
                  "mipro": {"kind": "mipro"}}
+MODEL_ARGS = {"bfrs": ("teacher",), "finetune": ("teacher",), "gepa": ("reflection_model",),
+              "mipro": ("prompt_model",)}  # a kind's arguments that name a model group (engine.config.ModelGroup)
 WEIGHT_KINDS = ("finetune",)  # kinds that train the model (the plan reserves training workers for them)
 
 
@@ -27,7 +30,7 @@ WEIGHT_KINDS = ("finetune",)  # kinds that train the model (the plan reserves tr
 class StepContext:
     """What every step of a run shares: the metric, the run's thread count and seed, and the run-level
     settings the built-in kinds default to (``prompt``, ``weight``: keyword arguments of PromptStep and
-    WeightStep; ``models``: LMs by name for ``reflection_model:`` / ``prompt_model:``)."""
+    WeightStep; ``models``: LMs by model-group name for ``teacher:`` / ``reflection_model:`` / ``prompt_model:``)."""
 
     metric: Callable
     threads: int = 32
@@ -36,6 +39,7 @@ class StepContext:
     weight: dict = field(default_factory=dict)
     feedback: Callable | None = None
     models: dict = field(default_factory=dict)
+    release: Callable[[str], None] | None = None  # release(name): a model group's use in this step is done
 
 
 def kind_of(entry: dict) -> str:
@@ -65,6 +69,19 @@ def resolve_steps(steps: dict[str, dict]) -> dict[str, dict]:
     return table
 
 
+def model_refs(entry: dict) -> dict[str, str]:
+    """The model groups a step entry names: argument -> group name (``{"teacher": "qwen"}``).
+
+    Raises:
+        ValueError: such an argument that is not a model name (a string).
+    """
+    refs = {arg: entry[arg] for arg in MODEL_ARGS.get(entry["kind"], ()) if entry.get(arg) is not None}
+    for arg, name in refs.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{arg} names a model of the run's models:, got {name!r}")
+    return refs
+
+
 def weight_keys(table: dict[str, dict]) -> set[str]:
     """The keys whose steps train the model."""
     return {key for key, entry in table.items() if entry["kind"] in WEIGHT_KINDS}
@@ -85,15 +102,21 @@ def build(key: str, entry: dict, ctx: StepContext):
     if kind == "bfrs":
         from engine.steps.prompt import PromptStep
 
+        args = _model_arg(args, "teacher", "teacher_lm", ctx, key)
         return PromptStep(ctx.metric, **{"num_threads": ctx.threads, "seed": ctx.seed, **ctx.prompt, **args})
     if kind == "finetune":
         from engine.steps.weight import WeightStep
 
+        if args.get("teacher") is not None and ctx.release is not None:
+            args["after_teacher"] = functools.partial(ctx.release, args["teacher"])
+        args = _model_arg(args, "teacher", "teacher_lm", ctx, key)
         return WeightStep(ctx.metric, **{"num_threads": ctx.threads, **ctx.weight, **args})
     if kind == "gepa":
-        from engine.steps.gepa import GEPAStep
+        from engine.steps.gepa import GEPAStep, as_reflection
 
         args = _model_arg(args, "reflection_model", "reflection_lm", ctx, key)
+        if "reflection_lm" in args:
+            args["reflection_lm"] = as_reflection(args["reflection_lm"])
         return GEPAStep(ctx.metric, **{"feedback": ctx.feedback, "num_threads": ctx.threads, "seed": ctx.seed,
                                        **args})
     if kind == "mipro":
@@ -108,7 +131,8 @@ def build(key: str, entry: dict, ctx: StepContext):
 
 
 def _model_arg(args: dict, name: str, param: str, ctx: StepContext, key: str) -> dict:
-    """``reflection_model: <name>`` -> ``reflection_lm=<LM>`` from ``ctx.models`` (absent: the program's LM)."""
+    """``reflection_model: <name>`` -> ``reflection_lm=<LM>`` from ``ctx.models`` (absent: the program's LM);
+    the same for ``teacher`` -> ``teacher_lm`` and ``prompt_model``."""
     args = dict(args)
     model = args.pop(name, None)
     if model is None:

@@ -34,7 +34,7 @@ from typing import Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from engine.steps.bootstrap import Trace, as_demo, bootstrap
+from engine.steps.bootstrap import Trace, as_demo, bootstrap, teacher_on
 from engine.evaluate import evaluate_many
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class PromptStep(Teleprompter):
         num_threads: concurrent LM calls.
         seed: the run's seed; candidate ``s >= 0`` shuffles with ``random.Random(s + 1_000_000 * seed)``
             (``shuffle_seed``), so 0 gives stock dspy's candidates.
+        teacher_lm: when ``compile`` gets no ``teacher``, the student's program on this LM bootstraps the
+            demos (e.g. a larger model of the run's ``models:``); default the student itself.
 
     Example:
         >>> step = PromptStep(metric, num_candidate_programs=6)  # doctest: +SKIP
@@ -70,7 +72,7 @@ class PromptStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, num_candidate_programs: int = 6, max_bootstrapped_demos: int = 3,
-                 max_labeled_demos: int = 3, num_threads: int = 16, seed: int = 0):
+                 max_labeled_demos: int = 3, num_threads: int = 16, seed: int = 0, teacher_lm: dspy.LM | None = None):
         if num_candidate_programs < 0 or max_bootstrapped_demos < 0 or max_labeled_demos < 0:
             raise ValueError("candidate and demo counts must be >= 0")
         self.metric = metric
@@ -79,6 +81,7 @@ class PromptStep(Teleprompter):
         self.max_labeled_demos = max_labeled_demos
         self.num_threads = num_threads
         self.seed = seed
+        self.teacher_lm = teacher_lm
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset: list | None = None,
                 restrict=None, labeled_sample: bool = True) -> dspy.Module:
@@ -100,6 +103,8 @@ class PromptStep(Teleprompter):
         valset = valset or trainset
         if isinstance(teacher, list):  # dspy's BetterTogether wraps the teacher in a list
             teacher = teacher[0] if teacher else None
+        if teacher is None and self.teacher_lm is not None:
+            teacher = teacher_on(student, self.teacher_lm)
         seeds = list(range(-3, self.num_candidate_programs))
         if restrict is not None:
             restrict = set(restrict)

@@ -31,7 +31,7 @@ from actors.training.config import LoraTrainConfig
 from actors.training.rows import write_rows
 from actors.inference.pool import ReplicaPool
 from actors.dspy_side.provider import TandemProvider
-from engine.steps.bootstrap import bootstrap, chat_rows
+from engine.steps.bootstrap import bootstrap, chat_rows, teacher_on
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class WeightStep(Teleprompter):
         storage: a URI (or shared path) for Ray Train's checkpoints, ``STORAGE/ray_train/ft-NN``, so
             that training workers on any node and the driver reach them (a multi-node cluster without
             a shared filesystem needs one); default the step dir, which only the driver's node sees.
+        teacher_lm: when ``compile`` gets no ``teacher``, the traces come from the student's program on this
+            LM (e.g. a larger model of the run's ``models:``); only the student's LM is fine-tuned.
+        after_teacher: called once ``teacher_lm``'s traces are in, before training (the run releases the
+            teacher's replicas there when no later step uses them).
 
     Example:
         >>> step = WeightStep(metric, LoraTrainConfig(epochs=2), lifecycle="relaunch")  # doctest: +SKIP
@@ -64,7 +68,8 @@ class WeightStep(Teleprompter):
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
                  num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1,
-                 storage: str | None = None):
+                 storage: str | None = None, teacher_lm: dspy.LM | None = None,
+                 after_teacher: Callable[[], None] | None = None):
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -75,6 +80,8 @@ class WeightStep(Teleprompter):
         self.exclude_demos = exclude_demos
         self.max_rounds = max_rounds
         self.storage = storage
+        self.teacher_lm = teacher_lm
+        self.after_teacher = after_teacher
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
     def compile(self, student: dspy.Module, *, trainset: list, teacher=None, valset=None,
@@ -99,12 +106,16 @@ class WeightStep(Teleprompter):
         provider = provider_of(student)
         if isinstance(teacher, list):  # dspy's BetterTogether passes a list
             teacher = teacher[0] if teacher else None
+        if teacher is None and self.teacher_lm is not None:
+            teacher = teacher_on(student, self.teacher_lm)
         source = _check_teacher(teacher, student) if teacher is not None else student
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
         result = bootstrap(source, trainset, self.metric, num_threads=self.num_threads, exclude_own_demo=True,
                            desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""),
                            max_rounds=self.max_rounds)
+        if self.teacher_lm is not None and self.after_teacher is not None:
+            self.after_teacher()
         rows = chat_rows(student, result.traces, with_demos=not self.exclude_demos)
         if not rows:
             hint = (f"{result.broken} of them broke (not a wrong answer): fix that first, e.g. a pool with no live "
@@ -128,6 +139,7 @@ class WeightStep(Teleprompter):
                                           storage=self._train_storage(step_dir, step_index))
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle, "teacher": teacher is not None,
+                         "teacher_model": _model_of(teacher) if teacher is not None else None,
                          "exclude_demos": self.exclude_demos, "max_rounds": self.max_rounds,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
                                       "train_metrics": r.metrics} for tag, r in trained.items()]}
@@ -143,6 +155,12 @@ class WeightStep(Teleprompter):
         if self.storage is None:
             return (step_dir / "ray_train").resolve()
         return f"{self.storage.rstrip('/')}/ray_train/ft-{step_index:02d}"
+
+
+def _model_of(program: dspy.Module) -> str | None:
+    """The model id a program's predictors share (None: several or none)."""
+    models = {pred.lm.model for pred in program.predictors() if pred.lm is not None}
+    return models.pop() if len(models) == 1 else None
 
 
 def _check_teacher(teacher: dspy.Module, student: dspy.Module) -> dspy.Module:

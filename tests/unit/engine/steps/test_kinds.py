@@ -56,9 +56,18 @@ def test_each_kind_builds_its_step_with_the_runs_settings():
     assert isinstance(mipro, MIPROStep) and mipro.num_threads == 48 and mipro.mipro_options == {"num_candidates": 3}
     echo = build("e", {"kind": "tests.unit.engine.steps.test_kinds:Echo", "times": 2}, ctx)
     assert isinstance(echo, Echo) and echo.times == 2
-    lm = dspy.LM("reflector")
-    assert build("g", {"kind": "gepa", "reflection_model": "big"}, StepContext(metric, models={"big": lm})
-                 ).reflection_lm is lm
+    lm = dspy.LM("reflector", max_tokens=200)
+    reflection = build("g", {"kind": "gepa", "reflection_model": "big"}, StepContext(metric, models={"big": lm})
+                       ).reflection_lm
+    assert reflection.model == "reflector" and reflection.kwargs["temperature"] == 1.0
+    assert reflection.kwargs["max_tokens"] >= 512  # room for an instruction, as the default reflection LM
+    released = []
+    big = StepContext(metric, models={"big": lm}, release=released.append)
+    weight = build("w", {"kind": "finetune", "teacher": "big"}, big)
+    assert weight.teacher_lm is lm and weight.after_teacher is not None
+    weight.after_teacher()
+    assert released == ["big"]  # the run releases the teacher's replicas once its traces are in
+    assert build("p", {"kind": "bfrs", "teacher": "big"}, big).teacher_lm is lm
     with pytest.raises(ValueError, match=r"no model 'big' in this run"):
         build("g", {"kind": "gepa", "reflection_model": "big"}, ctx)
     with pytest.raises(ValueError, match="is not a dspy Teleprompter class"):

@@ -6,7 +6,9 @@ store then skips them), which program a strategy ends with (the program after it
 in the paper, not the best prefix), the test-set evaluation, and that a strategy whose prefix
 failed (e.g. fine-tuning with no passing traces) gets "–" with the reason instead of a score. Each
 strategy's test score is stored beside its run (``test.json``, with the settings that made it), so
-a rerun with the same output dir and settings resumes; other settings are refused. The table files
+a rerun with the same output dir and settings resumes; other settings are refused. A cell's model groups
+(``engine.groups``: a teacher...) are up only around its steps that use them; a cell that reuses its
+prefix's steps launches none for them. The table files
 are written by ``engine.table.report``; the finished table is logged to MLflow (``engine.report.tracking``:
 one parent run, a nested run per cell). Does not know vLLM or training.
 """
@@ -29,6 +31,7 @@ from engine.config import RunConfig
 from engine.table.config import VANILLA, Cell, TableConfig, plan
 from engine.evaluate import collect_errors, evaluate_many, evaluators_of
 from engine.held_out import score_held_out
+from engine.groups import ModelGroups
 from engine.run import compile_strategy, make_pool, pool_name
 from engine.store.run_store import copy_steps
 from engine.report.tracking import track_table_or_warn
@@ -100,7 +103,11 @@ def _cell(cfg: RunConfig, spec: ProgramSpec, pool, splits: Splits, test: list, n
             dev_score = evaluate_many([program], splits.dev[: cfg.val_size or None], spec.metric,
                                       num_threads=cfg.threads, desc="evaluate vanilla on dev")[0]
         else:
-            result = compile_strategy(cfg, spec, pool, splits)
+            groups = ModelGroups(cfg, lambda group: pool_name(f"table-{group}", cfg.run_dir))
+            try:
+                result = compile_strategy(cfg, spec, pool, splits, groups)
+            finally:
+                groups.kill()
             final = {c.strategy: c for c in result.candidate_programs}.get(name)
             if final is None:
                 reached = {c.strategy for c in result.candidate_programs}

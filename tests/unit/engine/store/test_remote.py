@@ -30,3 +30,50 @@ def test_push_keeps_finished_files_and_pull_restores_them(tmp_path):
     assert (elsewhere / "01_p" / "step.json").is_file()
     assert pull(str(store), elsewhere) is False  # a local run is never overwritten
     assert pull(str(tmp_path / "empty"), tmp_path / "fresh") is False
+
+
+def test_pull_refreshes_a_stale_copy_and_keeps_newer_local_files(tmp_path):
+    local, store = tmp_path / "run", tmp_path / "store"
+    _run_dir(local)
+    push(local, str(store))
+    elsewhere = tmp_path / "node2"
+    assert pull(str(store), elsewhere) is True
+    (local / "02_w").mkdir()  # the first machine went on: a new step, a rewritten record
+    (local / "02_w" / "step.json").write_text('{"score": 50}')
+    (local / "best.json").write_text('{"best": "p -> w"}')
+    push(local, str(store))
+    (elsewhere / "01_p" / "note.txt").write_text("written here after the pull")
+    assert pull(str(store), elsewhere) is True  # stale: the new step and record come over
+    assert json.loads((elsewhere / "02_w" / "step.json").read_text()) == {"score": 50}
+    assert json.loads((elsewhere / "best.json").read_text()) == {"best": "p -> w"}
+    assert (elsewhere / "01_p" / "note.txt").read_text() == "written here after the pull"
+    (elsewhere / "best.json").write_text('{"best": "p -> w -> p", "newer": true}')  # newer here
+    assert pull(str(store), elsewhere) is False
+    assert json.loads((elsewhere / "best.json").read_text())["newer"] is True
+
+
+def test_push_copies_what_a_record_names_before_the_record(tmp_path, monkeypatch):
+    from engine.store import remote
+
+    local = tmp_path / "run"
+    _run_dir(local)
+    (local / "01_p" / "program.json").write_text("{}")
+    (local / "best.json").write_text("{}")
+    order = []
+    real = remote._copy
+    monkeypatch.setattr(remote, "_copy", lambda src, sfs, dst, dfs: (order.append(dst.split("/store/")[1]),
+                                                                      real(src, sfs, dst, dfs)))
+    push(local, str(tmp_path / "store"))
+    assert order == ["adapters/m:ft/adapter_config.json", "01_p/program.json", "01_p/step.json", "best.json",
+                     "run.json"]
+    assert not list((tmp_path / "store").rglob("*.part-*"))  # every file landed whole under its name
+
+
+def test_pull_refuses_keys_outside_the_run_dir():
+    import pytest
+
+    from engine.store.remote import _key
+
+    assert str(_key("/s/run/01_p/step.json", "/s/run")) == "01_p/step.json"
+    with pytest.raises(ValueError, match="not inside"):
+        _key("/s/run/../../etc/passwd", "/s/run")

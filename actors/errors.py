@@ -30,6 +30,11 @@ class PoolUnavailableError(RuntimeError):
     """No live replica could answer (all dead, the pool was killed, or no answer in time)."""
 
 
+class EngineAbortedError(RuntimeError):
+    """The engine ended a request without an answer (vLLM's finish reason ``abort`` or ``error``): the
+    text so far is not an answer. The router sends the request to another replica."""
+
+
 class EngineDeadError(RuntimeError):
     """The replica's inference engine is gone for good (vLLM's ``EngineDeadError``: its EngineCore
     process died); only a new engine in a new replica process can serve again."""

@@ -32,7 +32,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from actors.dspy_side import usage
 
 from engine import strategy as strategies
-from engine.evaluate import collect_errors, evaluate_many
+from engine.evaluate import collect_errors, percent, run_grid
 from engine.steps.prompt import Candidate, PromptStep
 from engine.store.run_store import AdapterRef, RunStore
 from engine.steps.weight import WeightStep, pool_of
@@ -168,14 +168,18 @@ class BetterTogether(Teleprompter):
         started, before = time.perf_counter(), usage.now()
         with collect_errors() as errors:
             program = run()
-            score = evaluate_many([program], valset, self.metric, num_threads=threads,
-                                  desc=f"evaluate '{prefix or 'baseline'}'")[0] if valset else None
+            score, completed = None, 0
+            if valset:
+                (runs,) = run_grid([program], valset, self.metric, num_threads=threads,
+                                   desc=f"evaluate '{prefix or 'baseline'}'")
+                score, completed = percent(runs), sum(not r.broke for r in runs)
         spent = usage.now() - before if before is not None else None
         logger.info("step '%s': score %s (%.0fs%s)", prefix or "baseline", score, time.perf_counter() - started,
                     f"; {spent.describe()}" if spent else "")
         candidates.append(Candidate(program, score, prefix))
         if store:
-            extra = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors.as_dict()}
+            extra = {"wall_s": round(time.perf_counter() - started, 1), "errors": errors.as_dict(),
+                     "valset": {"n": len(valset or []), "completed": completed}}  # the score is over the completed
             if spent is not None:
                 extra["costs"] = spent.as_dict()
             extra.update(getattr(self.optimizers.get(key), "last_run", None) or {})  # Tandem steps' own figures

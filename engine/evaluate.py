@@ -4,8 +4,10 @@ Knows: one thread pool over every (program, example) pair, so all candidates are
 once and the replicas batch them (dspy evaluates candidates one after another); scores are
 percentages (0-100) like ``dspy.Evaluate``. Only an answer that does not parse
 (``AdapterParseError``) scores 0 as a wrong answer. Every other exception (LM or pool errors left
-after DSPy's retries, a dead engine, a retriever outage, a bug in the metric) is an *error*: the
-pair scores 0, the error is counted, and once ``max_errors`` errors happened (dspy's meaning and
+after the pool's re-sends to other replicas and DSPy's retries, an engine abort, a dead engine, a
+retriever outage, a bug in the metric) is an *error*: never a score — a program's score is taken over
+its completed runs only (a program with none has no score: ``TooManyErrors``) —, the error is
+counted, and once ``max_errors`` errors happened (dspy's meaning and
 default: ``dspy.settings.max_errors``) the remaining pairs are cancelled and ``TooManyErrors``
 names the first error and the count. Errors below the limit are added to the active
 ``ErrorLog`` (``collect_errors()``) so the caller can record them. Also runs a program over
@@ -168,5 +170,14 @@ def run_grid(programs: Sequence[dspy.Module], examples: Sequence[dspy.Example], 
 
 
 def percent(runs: Sequence[Run]) -> float:
-    """The score (0-100, two decimals) of one program's runs, as ``dspy.Evaluate`` reports it."""
-    return round(100.0 * sum(r.score for r in runs) / len(runs), 2)
+    """The score (0-100, two decimals) of one program's runs, as ``dspy.Evaluate`` reports it, over the
+    runs that completed (a parse failure completed, as a wrong answer; an error did not).
+
+    Raises:
+        TooManyErrors: no run completed (every one raised): there is nothing to score.
+    """
+    done = [r for r in runs if not r.broke]
+    if not done:
+        first = next((r.error for r in runs if r.broke), "?")
+        raise TooManyErrors(f"all {len(runs)} runs of a program failed with errors, none to score; first: {first}")
+    return round(100.0 * sum(r.score for r in done) / len(done), 2)

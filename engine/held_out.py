@@ -90,7 +90,8 @@ def _summary(program: dspy.Module, test: Sequence[dspy.Example], runs) -> HeldOu
     gold.pop(None, None)
     top, count = answers.most_common(1)[0] if answers else (None, 0)
     return HeldOut(
-        score=percent(runs), n=len(runs),
+        # a result with errors is never stored or shown (callers check ``errors``); all broken: nothing to score
+        score=percent(runs) if any(not r.broke for r in runs) else 0.0, n=len(runs),
         parse_failures=sum(r.parse_failure for r in runs),
         errors=sum(r.error is not None and not r.parse_failure for r in runs), field=field,
         answered=sum(answers.values()), distinct=len(answers), top=top, top_count=count,

@@ -111,8 +111,10 @@ def run_jobs(jobs: Sequence[tuple[dspy.Module, dspy.Example]], metric: Callable,
         finally:
             done()
 
+    # timeout=0: no straggler re-runs (dspy re-submits a job running over 120 s, which runs it, its LM calls
+    # and its metric twice); a slow request is re-sent by the pool's router (PoolConfig.request_timeout_s)
     executor = ParallelExecutor(num_threads=max(1, num_threads), max_errors=len(jobs) + 1, disable_progress_bar=True,
-                                provide_traceback=False)
+                                provide_traceback=False, timeout=0)
     return executor.execute(one, list(range(len(jobs))))
 
 

@@ -37,9 +37,10 @@ from typing import Callable, NoReturn
 from actors.inference import adapter_files
 from actors.config import ReplicaConfig
 from actors.inference.watchdog import kill_children
-from actors.errors import AdapterError, ContextLengthError, EngineDeadError, UnknownModelError
+from actors.errors import AdapterError, ContextLengthError, EngineAbortedError, EngineDeadError, UnknownModelError
 from actors.types import Adapter, Completion, Engine, GenerateRequest
 
+ABORTED = ("abort", "error")  # vLLM finish reasons that mean "no answer"
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ReplicaConfig, str], Engine]
@@ -191,6 +192,10 @@ class LMReplica:
                 texts, finishes, out_tokens = await engine.generate(ids, request, adapter, uuid.uuid4().hex)
             except EngineDeadError as exc:
                 self._engine_lost(engine, f"generate: {exc}")
+            aborted = [f for f in finishes if f in ABORTED]
+            if aborted:  # an engine abort is not an answer, however much text it left
+                raise EngineAbortedError(f"replica {self.rank}'s engine ended the request with finish reason "
+                                         f"{aborted[0]!r}")
         except BaseException:
             self._counts["errors"] += 1
             raise

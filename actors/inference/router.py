@@ -26,7 +26,7 @@ import time
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from actors.errors import PoolUnavailableError
+from actors.errors import EngineAbortedError, PoolUnavailableError
 from actors.runtime import stopping
 from actors.types import Completion, GenerateRequest
 
@@ -239,6 +239,9 @@ class Router:
                 tried.add(rank)
                 self._lost(rank, handle, exc)
                 last = exc
+            except EngineAbortedError as exc:  # the replica lives; its engine gave no answer: ask another
+                tried.add(rank)
+                last = exc
             finally:
                 self._release(rank)
         raise self._exhausted(request, tried, last)
@@ -259,6 +262,9 @@ class Router:
             except _REPLICA_LOST as exc:
                 tried.add(rank)
                 self._lost(rank, handle, exc)
+                last = exc
+            except EngineAbortedError as exc:  # the replica lives; its engine gave no answer: ask another
+                tried.add(rank)
                 last = exc
             finally:
                 self._release(rank)

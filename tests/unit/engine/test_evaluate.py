@@ -60,11 +60,13 @@ def test_a_parse_failure_is_a_wrong_answer_not_an_error():
     assert [r.parse_failure for r in runs] == [False, True, True, False]
 
 
-def test_errors_below_the_limit_score_zero_and_are_logged():
+def test_errors_below_the_limit_are_no_score_and_are_logged():
     with collect_errors() as log:
         scores = evaluate_many([program(Scripted(broken={"q3"}))], data(4), metric, num_threads=2)
-    assert scores == [75.0]
+    assert scores == [100.0]  # the 3 completed runs, all right: the broken one is not a wrong answer
     assert log.count == 1 and log.runs == 4 and "replica lost while answering q3" in log.messages[0]
+    with pytest.raises(TooManyErrors, match="all 2 runs of a program failed with errors, none to score"):
+        evaluate_many([program(Scripted(broken={"q0", "q1"}))], data(2), metric, num_threads=2)
 
 
 def test_errors_at_the_limit_stop_with_the_first_error_and_the_count():
@@ -118,3 +120,13 @@ def test_a_step_that_hits_max_errors_is_not_committed(tmp_path):
     assert "TooManyErrors" in result.compilation_error and "retriever unreachable" in result.compilation_error
     assert (tmp_path / "00_baseline" / "step.json").is_file() and not (tmp_path / "01_p").exists()
     assert json.loads((tmp_path / "00_baseline" / "step.json").read_text())["extra"]["errors"]["count"] == 0
+
+
+def test_a_steps_valset_score_is_over_its_completed_runs_and_says_so(tmp_path):
+    prog = program(Scripted(broken={"q1"}))  # one valset run breaks (below max_errors): not a wrong answer
+    result = BetterTogether(metric, p=PromptStep(metric, num_candidate_programs=0, num_threads=2)).compile(
+        prog, trainset=data(8), valset=data(4), strategy="p", run_dir=str(tmp_path))
+    record = json.loads((tmp_path / "00_baseline" / "step.json").read_text())
+    assert record["score"] == 100.0 and record["extra"]["valset"] == {"n": 4, "completed": 3}
+    assert record["extra"]["errors"]["count"] == 1
+    assert not result.flag_compilation_error_occurred

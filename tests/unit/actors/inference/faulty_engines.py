@@ -73,3 +73,17 @@ def slow_on_rank0_factory(cfg, model_path) -> ScriptedEngine:
 
 def slow_factory(cfg, model_path) -> ScriptedEngine:
     return SlowEngine(cfg, model_path)
+
+
+class AbortingOnRank0Engine(ScriptedEngine):
+    """Rank 0's engine ends every request with vLLM's finish reason ``abort`` and some text; others answer."""
+
+    async def generate(self, prompt_ids, request, adapter, request_id):
+        if _rank() == 0:
+            await asyncio.sleep(self.delay_s)
+            return ["[[ ## answer ## ]]\nhalf an ans"] * request.n, ["abort"] * request.n, 3
+        return await super().generate(prompt_ids, request, adapter, request_id)
+
+
+def aborting_on_rank0_factory(cfg, model_path) -> AbortingOnRank0Engine:
+    return AbortingOnRank0Engine(cfg, model_path)

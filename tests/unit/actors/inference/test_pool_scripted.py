@@ -349,6 +349,19 @@ def test_request_out_of_time_everywhere_fails_naming_the_timeout(ray_local, mode
         assert time.monotonic() - started < faulty.SLOW_S / 2
 
 
+# -- engine aborts -------------------------------------------------------------------------
+
+
+def test_an_engine_abort_is_an_error_resent_elsewhere_never_an_answer(ray_local, model_dir):
+    with _pool(model_dir, "aborts", factory=faulty.aborting_on_rank0_factory).launch() as pool:
+        out = pool.router.map([GenerateRequest("base", prompt=f"q {i}") for i in range(4)])
+        assert [c.text for c in out] == ["ok"] * 4 and {c.replica for c in out} == {1}
+    with _pool(model_dir, "abortsonly", n=1, factory=faulty.aborting_on_rank0_factory,
+               pool={"request_retries": 1}).launch() as pool:
+        with pytest.raises(PoolUnavailableError, match="EngineAbortedError: .*finish reason 'abort'"):
+            pool.router.submit(GenerateRequest("base", prompt="x"))
+
+
 # -- a launch that fails half-way leaves nothing behind -------------------------------------
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 from actors.typed_config import from_mapping, typed_config
@@ -34,7 +36,9 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (0.0.0.0 to expose)"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
     token: str | None = field(default=None, metadata={"help": f"bearer token (default ${TOKEN_ENV})"})
-    app_name: str = field(default="tandem", metadata={"help": "Serve application name"})
+    app_name: str | None = field(default=None, metadata={
+        "help": "Serve application name; default tandem-<run dir's name>, so runs served on one cluster do not "
+                "replace each other (each needs its own route_prefix there: Serve's proxy is shared)"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the routes"})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "larger request bodies get 413"})
     max_batch: int = field(default=64, metadata={"help": "most inputs in one /v1/predict list"})
@@ -49,6 +53,9 @@ class ServeConfig:
                 "it below the platform's own grace (Kubernetes' terminationGracePeriodSeconds, 30 by default)"})
 
     def __post_init__(self) -> None:
+        if self.app_name is None:  # the run's identity, as its pools carry it
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.run_dir).resolve().name)[:40] or "run"
+            object.__setattr__(self, "app_name", f"tandem-{slug}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.lm_replicas < 1 or self.lm_max_replicas < 1 or self.max_batch < 1 or self.max_body_bytes < 1:

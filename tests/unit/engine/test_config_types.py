@@ -149,3 +149,8 @@ def test_serve_config_names_a_bad_arg(args, message):
     with pytest.raises(ValueError, match=message):
         ServeConfig.from_args(args)
     assert ServeConfig.from_args({"run_dir": "r", "lm_cpus": "0.5"}).lm_cpus == 0.5
+
+
+def test_a_served_app_is_named_after_its_run_unless_named():
+    assert ServeConfig(run_dir="runs/iris smollm2").app_name == "tandem-iris-smollm2"  # two runs never replace each other
+    assert ServeConfig(run_dir="runs/a", app_name="mine").app_name == "mine"

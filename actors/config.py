@@ -53,6 +53,9 @@ class ReplicaConfig:
         False)
     seed: int = _help("engine seed; a request's own seed wins", 0)
     max_restarts: int = _help("times Ray restarts a dead replica actor (-1 = always)", 3)
+    hung_after_s: float = _help(
+        "the replica's health check fails (and the replica is restarted) when requests are in flight and none "
+        "finished for this long: an engine that hangs (Serve polls the check every 10 s)", 900.0)
     engine_kwargs: Mapping[str, Any] = _help(
         "extra vllm AsyncEngineArgs fields, passed through unchanged", default_factory=dict)
     resources: Mapping[str, float] = _help(
@@ -67,6 +70,8 @@ class ReplicaConfig:
         for name in ("max_model_len", "max_loras", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hung_after_s <= 0:
+            raise ValueError(f"hung_after_s must be > 0, got {self.hung_after_s}")
         if self.num_cpus <= 0 or self.num_gpus < 0 or self.cpu_kvcache_gib < 1:
             raise ValueError("num_cpus must be > 0, cpu_kvcache_gib >= 1 and num_gpus >= 0")
         if self.tensor_parallel_size > 1 and self.num_gpus == 0:

@@ -185,7 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(run_dir=args.run_dir, step=args.step, host=args.host, port=args.port, token=args.token,
                       lm_replicas=args.lm_replicas, lm_max_replicas=args.lm_max_replicas or args.lm_replicas,
-                      lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus, drain_grace_s=args.drain_grace_s)
+                      lm_cpus=args.lm_cpus, lm_gpus=args.lm_gpus, drain_grace_s=args.drain_grace_s,
+                      request_timeout_s=args.request_timeout_s, max_queued_requests=args.max_queued_requests,
+                      allow_programs=tuple(args.allow_program or ()), open_without_token=args.open_without_token)
     connect(args.address)
     try:  # from the start: the app answers before serve.run returns, so a stop then must drain it too
         start(cfg)
@@ -331,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--drain-grace-s", type=float, default=25.0,
                    help="on SIGTERM / Ctrl-C, seconds the requests in flight get to finish (default 25; keep it "
                         "below your platform's grace, Kubernetes' is 30)")
+    v.add_argument("--request-timeout-s", type=float, default=300.0,
+                   help="seconds a request may take, then 504; an LM replica with requests in flight and none "
+                        "finished for this long fails its health check and is replaced (default 300)")
+    v.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting beyond the 64 in flight; more get 503 + Retry-After (default 256)")
+    v.add_argument("--allow-program", action="append", metavar="MODULE",
+                   help="serve a run whose program comes from MODULE (a package allows its modules), not from "
+                        "programs/: serving imports and runs it; repeatable")
+    v.add_argument("--open-without-token", action="store_true",
+                   help="allow a --host beyond loopback without --token / $TANDEM_SERVE_TOKEN (refused otherwise)")
     v.add_argument("--once", action="store_true", help="deploy, print the URL, and stop (a deploy check)")
     v.set_defaults(func=_serve)
     return parser

@@ -41,6 +41,15 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE = 500  # characters of an error message in a response body
 RETRY_AFTER_S = 5  # Retry-After of a 503 while the server starts or stops
+SERVER_SIDE = {  # status -> (type, message) of a failure on the server's side: bodies carry no internals
+    500: ("InternalError", "internal error while answering"),
+    503: ("Unavailable", "no LM replica could answer; retry later"),
+    504: ("Timeout", "no answer within the server's request timeout"),
+}
+
+
+class RequestTimedOut(Exception):
+    """The program did not answer within the server's request timeout (504)."""
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
 _TRACEBACK = "Traceback (most recent call last)"
 
@@ -263,7 +272,9 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         exc: what the program or the LM raised, possibly a Ray task error wrapping the cause.
 
     Returns:
-        ``{"error": message, "type": root cause's class name, "request_id": id}`` with the status.
+        ``{"error": message, "type": root cause's class name, "request_id": id}`` with the status; a
+        server-side failure (500, 503, 504) says only what happened and the request id — no exception
+        text (a Ray error names hosts, pids, paths), which goes to the server log under that id.
 
     Example:
         >>> error_response(request, errors.UnknownModelError("model 'x' is not served"))  # doctest: +SKIP
@@ -276,6 +287,11 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     else:
         detail = _ANSI.sub("", "".join(traceback.format_exception(exc)))
         logger.error("request %s %s -> %d: %s", rid, request.url.path, status, detail)
+    if status in SERVER_SIDE:
+        kind, text = SERVER_SIDE[status]
+        return JSONResponse({"error": f"{text} (request id {rid}; the server log has the details)", "type": kind,
+                             "request_id": rid}, status,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
     return JSONResponse({"error": message, "type": type(root).__name__, "request_id": rid}, status)
 
 
@@ -326,7 +342,7 @@ def _status(exc: BaseException) -> tuple[int, str]:
 
     kinds: list[tuple[type[BaseException], int, str]] = [
         (errors.UnknownModelError, 404, ""), (errors.LMRequestError, 400, ""),
-        (errors.PoolUnavailableError, 503, "no LM replica could answer: "),
+        (errors.PoolUnavailableError, 503, "no LM replica could answer: "), (RequestTimedOut, 504, ""),
         (AdapterParseError, 502, "the model's answer did not parse into the program's output fields: "),
     ]
     chain = list(_chain(exc))

@@ -48,6 +48,15 @@ class ServeConfig:
     lm_cpus: float = field(default=1.0, metadata={"help": "CPUs per LM replica"})
     lm_gpus: float | None = field(default=None, metadata={
         "help": "GPUs per LM replica (per tensor-parallel worker); default the run's gpus_per_replica (0 = CPU)"})
+    request_timeout_s: float = field(default=300.0, metadata={
+        "help": "seconds a request may take; then 504 (a hung LM replica fails its health check and is replaced)"})
+    max_queued_requests: int = field(default=256, metadata={
+        "help": "requests waiting beyond the 64 in flight; more get 503 + Retry-After (Serve's back-pressure)"})
+    allow_programs: tuple[str, ...] = field(default=(), metadata={
+        "help": "modules whose programs may be served besides the built-in ones (serving imports and runs the "
+                "module best.json names)"})
+    open_without_token: bool = field(default=False, metadata={
+        "help": "listen beyond loopback without a bearer token (refused otherwise)"})
     drain_grace_s: float = field(default=DRAIN_GRACE_S, metadata={
         "help": "on SIGTERM / Ctrl-C, seconds the requests in flight get to finish before Serve shuts down; keep "
                 "it below the platform's own grace (Kubernetes' terminationGracePeriodSeconds, 30 by default)"})
@@ -60,6 +69,8 @@ class ServeConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.lm_replicas < 1 or self.lm_max_replicas < 1 or self.max_batch < 1 or self.max_body_bytes < 1:
             raise ValueError("lm_replicas, lm_max_replicas, max_batch and max_body_bytes must be >= 1")
+        if self.request_timeout_s <= 0 or self.max_queued_requests < 1:
+            raise ValueError("request_timeout_s must be > 0 and max_queued_requests >= 1")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if not self.drain_grace_s >= 0:
@@ -89,15 +100,16 @@ def build_app(cfg: ServeConfig):
     from actors.inference import device
     from actors.config import ReplicaConfig
     from serve.deployments import LMServer, ProgramServer
-    from serve.winner import load_winner
+    from serve.winner import check_allowed, load_winner
 
     winner = load_winner(cfg.run_dir, cfg.step)
+    check_allowed(winner.program, cfg.allow_programs)
     run = winner.settings
     gpus = cfg.lm_gpus if cfg.lm_gpus is not None else float(run.get("gpus_per_replica", 0))
     replica = ReplicaConfig(model=winner.base_model, max_model_len=winner.max_model_len, num_cpus=cfg.lm_cpus,
                             num_gpus=gpus, max_lora_rank=winner.max_lora_rank,
                             tensor_parallel_size=int(run.get("tensor_parallel_size", 1)) if gpus else 1,
-                            engine_kwargs=dict(run.get("engine_kwargs") or {}))
+                            engine_kwargs=dict(run.get("engine_kwargs") or {}), hung_after_s=cfg.request_timeout_s)
     placement = {}
     if replica.tensor_parallel_size > 1:  # vLLM's Ray workers take one bundle each, as in the optimizer's pool
         placement = {"placement_group_bundles": device.bundles(replica), "placement_group_strategy": "STRICT_PACK"}
@@ -108,7 +120,9 @@ def build_app(cfg: ServeConfig):
         ray_actor_options=device.actor_resources(replica), **placement,
     ).bind(replica, winner.adapters)
     token = cfg.token or os.environ.get(TOKEN_ENV) or None
-    return ProgramServer.bind(lm, str(winner.run_dir), cfg.step, token, cfg.max_body_bytes, cfg.max_batch)
+    return ProgramServer.options(max_queued_requests=cfg.max_queued_requests).bind(
+        lm, str(winner.run_dir), cfg.step, token, cfg.max_body_bytes, cfg.max_batch,
+        request_timeout_s=cfg.request_timeout_s)
 
 
 def app(args: dict):
@@ -120,6 +134,22 @@ def app(args: dict):
     return build_app(ServeConfig.from_args(dict(args)))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to listen beyond loopback with no bearer token, unless ``open_without_token`` says so.
+
+    Raises:
+        ValueError: naming the host and the two ways out.
+    """
+    token = cfg.token or os.environ.get(TOKEN_ENV)
+    if cfg.host not in LOOPBACK and not token and not cfg.open_without_token:
+        raise ValueError(f"refusing to serve on {cfg.host} without a token: anyone who reaches the port could run the "
+                         f"program and its LM. Set --token (or ${TOKEN_ENV}), or pass --open-without-token to serve "
+                         "openly on purpose")
+
+
 def start(cfg: ServeConfig):
     """Start Serve bound to ``cfg.host:cfg.port`` and deploy the run; returns the ingress handle.
 
@@ -127,6 +157,7 @@ def start(cfg: ServeConfig):
     """
     from ray import serve
 
+    check_exposure(cfg)
     application = build_app(cfg)
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(application, name=cfg.app_name, route_prefix=cfg.route_prefix)

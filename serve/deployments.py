@@ -37,7 +37,7 @@ from actors.errors import PoolUnavailableError, own_message
 from actors.inference.replica import LMReplica
 from actors.types import Completion, GenerateRequest
 from engine.adapters.registry import make_adapter, stop_for
-from serve.api import Gate
+from serve.api import Gate, RequestTimedOut
 from serve.runner import DEFAULT_MAX_THREADS, ProgramRunner
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ProgramServer:
     """The winning program behind the HTTP API of ``serve.api``."""
 
     def __init__(self, lm, run_dir: str, step: str | None, token: str | None, max_body_bytes: int,
-                 max_batch: int, max_threads: int = DEFAULT_MAX_THREADS):
+                 max_batch: int, max_threads: int = DEFAULT_MAX_THREADS, request_timeout_s: float = 300.0):
         from serve.winner import build_program, interface, load_winner
 
         self.lm = lm
@@ -166,6 +166,7 @@ class ProgramServer:
                                     max_threads=max_threads)
         self.settings = (token, max_body_bytes, max_batch)
         self.gate = Gate()
+        self.timeout_s = request_timeout_s
 
     async def ready(self) -> dict:
         """Whether the program can answer: an LM replica is RUNNING (Serve's status of the LM deployment)."""
@@ -181,11 +182,21 @@ class ProgramServer:
         return await self.gate.drain(grace_s)
 
     async def run_program(self, inputs: dict) -> tuple[dict, dict]:
-        """The program's outputs and per-LM token usage for one input (async or worker-thread path)."""
-        return await self.runner.run(inputs)
+        """The program's outputs and per-LM token usage for one input (async or worker-thread path).
+
+        Raises:
+            RequestTimedOut: no answer within the request timeout (504).
+        """
+        return await self._in_time(self.runner.run(inputs))
 
     async def chat(self, request: GenerateRequest) -> Completion:
-        return await self.lm.generate.remote(request)
+        return await self._in_time(self.lm.generate.remote(request))
+
+    async def _in_time(self, work):
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimedOut(f"no answer within {self.timeout_s:g} s") from None
 
     def program_info(self) -> dict:
         w = self.winner

@@ -98,10 +98,37 @@ def load_winner(run_dir: str | Path, step: str | None = None) -> Winner:
         if path is None or not (path / "adapter_config.json").is_file():
             raise RunDirError(f"the program uses adapter {model!r} but {path or 'the run dir'} does not hold it "
                               f"(adapters present: {sorted(p.name for p in store.adapters.glob('*'))})")
+        if not path.resolve().is_relative_to(root):
+            raise RunDirError(f"the program's adapter {model!r} is recorded at {path}, outside the run dir {root}; "
+                              "only adapters inside the run dir are served")
         adapters[model] = str(path)
     return Winner(root, best.program, best.base_model, strategy, score, dict(models), dict(best.program_args),
                   adapters, int(settings.get("max_tokens", 512)), int(settings.get("max_model_len", 2048)),
                   hashlib.sha256(program_file.read_bytes()).hexdigest()[:12], program_file, settings, test)
+
+
+def check_allowed(program: str, allowed: tuple[str, ...] | list[str] = ()) -> None:
+    """Serving imports and runs the module ``best.json`` names: a built-in program (``programs/``) or one
+    whose module (or a parent package) the operator allowed.
+
+    Raises:
+        RunDirError: another module, named with the setting that allows it.
+    """
+    import importlib.util
+
+    module = program.partition(":")[0]
+    if module.startswith("programs."):
+        module_builtin = True
+    else:
+        try:
+            module_builtin = "." not in module and importlib.util.find_spec(f"programs.{module}") is not None
+        except (ImportError, ValueError):
+            module_builtin = False
+    if module_builtin or any(module == a or module.startswith(f"{a}.") for a in allowed):
+        return
+    raise RunDirError(f"best.json names the program {program!r}; serving imports and runs the module {module!r}, "
+                      f"which is not a built-in program: allow it with --allow-program {module} "
+                      f"(allow_programs: [{module}]) if you trust it")
 
 
 def build_program(winner: Winner) -> dspy.Module:

@@ -81,6 +81,7 @@ class LMReplica:
         self._next_adapter_id = 1
         self._started = time.time()
         self._inflight = 0
+        self._progress_at = time.monotonic()  # the last time a request finished, or work began after none was in flight
         self._counts = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._latencies: deque[float] = deque(maxlen=10_000)
 
@@ -150,6 +151,10 @@ class LMReplica:
         engine = await self._ensure_engine()
         if getattr(engine, "dead", False):
             self._engine_lost(engine, "found dead by health()")
+        stalled = time.monotonic() - self._progress_at
+        if self._inflight and stalled > self.cfg.hung_after_s:  # e.g. an EngineCore stopped (SIGSTOP, a wedged kernel)
+            self._engine_lost(engine, f"hung: {self._inflight} request(s) in flight and none finished for "
+                                      f"{stalled:.0f} s (hung_after_s={self.cfg.hung_after_s:g})")
         return {"rank": self.rank, "pid": os.getpid(), "model": self.cfg.base_id,
                 "adapters": sorted(self._adapters), "max_model_len": engine.max_model_len,
                 "inflight": self._inflight}
@@ -174,6 +179,8 @@ class LMReplica:
         """
         engine = await self._ensure_engine()
         self._counts["requests"] += 1
+        if not self._inflight:
+            self._progress_at = time.monotonic()
         self._inflight += 1
         started = time.perf_counter()
         try:
@@ -201,6 +208,7 @@ class LMReplica:
             raise
         finally:
             self._inflight -= 1
+            self._progress_at = time.monotonic()
         self._latencies.append(time.perf_counter() - started)
         self._counts["prompt_tokens"] += len(ids)
         self._counts["completion_tokens"] += out_tokens

@@ -177,3 +177,27 @@ def test_replicas_and_training_land_on_their_nodes_and_an_impossible_job_fails_f
     assert "tandem run failed" in last and "replica 0 needs 1 CPU, 1 GPU" in last, logs[-2000:]
     assert [p.name for p in (tmp_path / "run-gpu").iterdir()] == ["logs"]  # failed before any step was written
     assert f"(full log: {tmp_path / 'run-gpu' / 'logs' / 'tandem.log'})" in last
+
+
+def test_two_runs_submitted_at_once_share_the_cluster_and_score_as_alone(head, tmp_path):
+    package = tmp_path / "modules" / "stranger_prog"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(STRANGER)
+    runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.local.yaml").read_text())
+    runtime_env["py_modules"] = [str(package)]
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    config = tmp_path / "twin.yaml"
+    config.write_text(yaml.safe_dump({
+        "program": "stranger_prog", "model": "tiny-llama", "strategy": "p", "train_size": 8, "val_size": 6,
+        "test_size": 4, "replicas": 1, "cpus_per_replica": 0.5, "max_tokens": 8, "adapter": "chat", "threads": 8,
+        "prompt": {"num_candidate_programs": 1, "max_bootstrapped_demos": 1, "max_labeled_demos": 2}}))
+    for twin in ("a", "b"):  # the same run twice, in two run dirs, at the same time (they took one name before)
+        head.submit(f"tandem-twin-{twin}", "run", "--config", str(config), "--run-dir", str(tmp_path / twin),
+                    runtime_env=tmp_path / "runtime_env.yaml")
+    results = [head.wait(f"tandem-twin-{twin}", 600) for twin in ("a", "b")]
+    assert [status for status, _ in results] == ["SUCCEEDED", "SUCCEEDED"], results[0][1][-2000:] + results[1][1][-2000:]
+    scores = [{p.name: json.loads((p / "step.json").read_text())["score"] for p in sorted((tmp_path / t).glob("0*_*"))}
+              for t in ("a", "b")]
+    assert scores[0] == scores[1] and set(scores[0]) == {"00_baseline", "01_p"}  # what each gets alone: the same
+    pools = {a["name"].split(":")[1] for a in _state(head, "actors") if a["class_name"] == "LMReplica"}
+    assert any(p.startswith("run-a-") for p in pools) and any(p.startswith("run-b-") for p in pools)  # one each

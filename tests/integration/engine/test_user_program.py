@@ -189,7 +189,8 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     port = free_port()
     mark = new_mark()
     # a grace far beyond the in-flight request's few seconds: the drain must not depend on this machine's speed
-    server = _tandem(home, ["serve", str(moved), "--port", str(port), "--drain-grace-s", "180"], mark,
+    server = _tandem(home, ["serve", str(moved), "--port", str(port), "--drain-grace-s", "180",
+                            "--allow-program", "userprog"], mark,
                      TANDEM_SERVE_TOKEN="s3cret")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
@@ -273,7 +274,11 @@ def _wait_healthy(server: subprocess.Popen, http: httpx.Client, timeout_s: float
 
 def test_serve_once_deploys_and_stops(first_run, home):
     mark = new_mark()
-    proc = _tandem(home, ["serve", str(first_run.run_dir), "--port", str(free_port()), "--once"], mark)
+    refused = _tandem(home, ["serve", str(first_run.run_dir), "--port", str(free_port()), "--once"], mark)
+    out, _ = refused.communicate(timeout=600)  # the stranger's module is imported and run only once allowed
+    assert refused.returncode == 1 and "allow it with --allow-program userprog" in out.strip().splitlines()[-1], out
+    proc = _tandem(home, ["serve", str(first_run.run_dir), "--port", str(free_port()), "--once",
+                          "--allow-program", "userprog"], mark)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "serving " in out, out[-4000:]
     assert left_behind(mark) == []
@@ -287,7 +292,7 @@ def test_the_shipped_serve_config_serves_the_run_with_serve_run(first_run, home)
     config = yaml.safe_load((Path.cwd() / "serve" / "serve_config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
-    config["applications"][0]["args"].update(run_dir=str(run_dir), lm_max_replicas=1)
+    config["applications"][0]["args"].update(run_dir=str(run_dir), lm_max_replicas=1, allow_programs=["userprog"])
     (home / "serve_config.yaml").write_text(yaml.safe_dump(config))
     mark = new_mark()
     server = _start(home, [str(Path(sys.executable).parent / "serve"), "run", str(home / "serve_config.yaml")], mark)

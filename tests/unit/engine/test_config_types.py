@@ -142,7 +142,7 @@ def test_help_shows_each_fields_help_and_default():
 
 @pytest.mark.parametrize("args, message", [
     ({"run_dir": "r", "port": "eighty"}, r"^serve args: port: input should be a valid integer \(got 'eighty'\)$"),
-    ({"run_dir": "r", "colour": "x"}, r"serve args: unknown keys \['colour'\]; valid keys: \['app_name'"),
+    ({"run_dir": "r", "colour": "x"}, r"serve args: unknown keys \['colour'\]; valid keys: \['allow_programs', 'app_name'"),
     ({"port": "80"}, "serve args: run_dir: required, not given"),
 ])
 def test_serve_config_names_a_bad_arg(args, message):

@@ -65,3 +65,16 @@ def test_the_lm_is_served_with_the_runs_engine_settings(tmp_path):
     assert actor["num_gpus"] == 0 and placement.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
     replica, _, actor, _ = lm_options(ServeConfig.from_args({"run_dir": str(root), "lm_gpus": "0"}))  # told: CPU
     assert (replica.num_gpus, replica.tensor_parallel_size, actor["num_cpus"]) == (0, 1, 1.0)
+
+
+def test_serving_beyond_loopback_needs_a_token_or_an_explicit_yes(monkeypatch):
+    from serve.app import ServeConfig, check_exposure
+
+    monkeypatch.delenv("TANDEM_SERVE_TOKEN", raising=False)
+    check_exposure(ServeConfig(run_dir="r"))  # 127.0.0.1: fine without a token
+    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without a token"):
+        check_exposure(ServeConfig(run_dir="r", host="0.0.0.0"))
+    check_exposure(ServeConfig(run_dir="r", host="0.0.0.0", token="t"))
+    check_exposure(ServeConfig(run_dir="r", host="0.0.0.0", open_without_token=True))
+    monkeypatch.setenv("TANDEM_SERVE_TOKEN", "t")
+    check_exposure(ServeConfig(run_dir="r", host="0.0.0.0"))

@@ -94,3 +94,26 @@ def test_interface_takes_the_programs_own_inputs():
     assert [(f.name, f.annotation) for f in outputs] == [("reasoning", str), ("answer", int)]
     inputs, _ = interface(dspy.ChainOfThought("a: int, b -> c"))  # forward(**kwargs): the predictor's fields
     assert [(f.name, f.annotation) for f in inputs] == [("a", int), ("b", str)]
+
+
+def test_adapters_outside_the_run_dir_are_refused(run_dir, tmp_path):
+    outside = tmp_path / "outside" / FOLDER
+    outside.mkdir(parents=True)
+    (outside / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    record = json.loads((run_dir / "02_w" / "step.json").read_text())
+    record["adapters"] = [{"name": ADAPTER, "path": f"../outside/{FOLDER}"}]
+    (run_dir / "02_w" / "step.json").write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="outside the run dir"):
+        load_winner(run_dir, "02_w")
+
+
+def test_only_built_in_or_allowed_program_modules_are_served():
+    from serve.winner import check_allowed
+
+    check_allowed("iris")
+    check_allowed("programs.hotpotqa")
+    check_allowed("acme.progs.qa:Make", ["acme"])
+    with pytest.raises(RunDirError, match="allow it with --allow-program os"):
+        check_allowed("os")
+    with pytest.raises(RunDirError, match="--allow-program acmex.progs"):
+        check_allowed("acmex.progs", ["acme"])  # a prefix of the name is not its package

@@ -44,6 +44,9 @@ class ModelGroup:
     gpus_per_replica: float = field(default=0.0, metadata={"help": "GPUs per replica (0 = CPU path)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
+    dtype: str = field(default="auto", metadata={
+        "help": "'auto' (float32 on CPU, bfloat16 on GPU) or a torch dtype; bfloat16 on a CPU with AVX512-BF16 "
+                "(benchmarks/teacher_model.py)"})
     max_tokens: int | None = field(default=None, metadata={"help": "completion tokens per call (default: the run's)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
     replica_resources: dict[str, float] = field(default_factory=dict, metadata={

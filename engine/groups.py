@@ -46,7 +46,7 @@ class ModelGroups:
         for name in self.first:
             group = cfg.models[name]
             pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(
-                model=group.model, max_model_len=group.max_model_len, num_cpus=group.cpus_per_replica,
+                model=group.model, dtype=group.dtype, max_model_len=group.max_model_len, num_cpus=group.cpus_per_replica,
                 num_gpus=group.gpus_per_replica, tensor_parallel_size=group.tensor_parallel_size,
                 enable_lora=False, engine_kwargs=group.engine_kwargs, resources=group.replica_resources),
                 num_replicas=group.replicas, name=name_of(name)), engine_factory=engine_factory)

@@ -165,3 +165,20 @@ def as_demo(trace: Trace, name: str) -> dspy.Example | None:
         rng = random.Random(Hasher.hash(tuple(demos)))
         return rng.choice(demos[:-1]) if rng.random() < 0.5 else demos[-1]
     return demos[0] if demos else None
+
+
+def labeled(program: dspy.Module, trainset: list, k: int, *, sample: bool) -> dspy.Module:
+    """dspy's ``LabeledFewShot(k)``: one ``random.Random(0)`` samples ``k`` demos per predictor; LMs kept."""
+    copy = copy_without_demos(program)
+    rng = random.Random(0)
+    for pred in copy.predictors():
+        pred.demos = rng.sample(trainset, min(k, len(trainset))) if sample else list(trainset[:k])
+    return copy
+
+
+def copy_without_demos(program: dspy.Module) -> dspy.Module:
+    """A deep copy with no demos that keeps each predictor's LM (``reset_copy`` would drop it)."""
+    copy = program.deepcopy()
+    for pred in copy.predictors():
+        pred.demos = []
+    return copy

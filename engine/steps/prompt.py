@@ -34,7 +34,7 @@ from typing import Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from engine.steps.bootstrap import Trace, as_demo, bootstrap, teacher_on
+from engine.steps.bootstrap import Trace, as_demo, bootstrap, copy_without_demos, labeled, teacher_on
 from engine.evaluate import evaluate_many
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class PromptStep(Teleprompter):
     def _teacher_traces(self, student, teacher, trainset) -> list[Trace]:
         teacher = (teacher if teacher is not None else student).deepcopy()
         if self.max_labeled_demos and not getattr(teacher, "_compiled", False):  # dspy's BootstrapFewShot
-            teacher = _labeled(teacher, trainset, self.max_labeled_demos, sample=True)
+            teacher = labeled(teacher, trainset, self.max_labeled_demos, sample=True)
         result = bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, desc="bootstrap demos",
                            exclude_own_demo=True)
         return result.traces
@@ -139,9 +139,9 @@ class PromptStep(Teleprompter):
     def _candidate(self, student, seed: int, trainset: list, traces: list[Trace],
                    labeled_sample: bool = True) -> dspy.Module:
         if seed == -3:
-            return _copy_without_demos(student)
+            return copy_without_demos(student)
         if seed == -2:
-            return _labeled(student, trainset, self.max_labeled_demos, sample=labeled_sample)
+            return labeled(student, trainset, self.max_labeled_demos, sample=labeled_sample)
         order = list(range(len(trainset)))  # the candidate's trainset, as indices
         size = self.max_bootstrapped_demos
         if seed >= 0:
@@ -153,26 +153,9 @@ class PromptStep(Teleprompter):
         raw = [trainset[i] for i in order if i not in used]  # BootstrapFewShot's ``validation``
         random.Random(0).shuffle(raw)
         rng = random.Random(0)
-        program = _copy_without_demos(student)
+        program = copy_without_demos(student)
         for name, pred in program.named_predictors():
             demos = [d for d in (as_demo(t, name) for t in chosen) if d is not None][:size]
             pred.demos = demos + rng.sample(raw, max(0, min(self.max_labeled_demos - len(demos), len(raw))))
         program._compiled = True  # as BootstrapFewShot marks its result
         return program
-
-
-def _labeled(program: dspy.Module, trainset: list, k: int, *, sample: bool) -> dspy.Module:
-    """dspy's ``LabeledFewShot(k)``: one ``random.Random(0)`` samples ``k`` demos per predictor; LMs kept."""
-    copy = _copy_without_demos(program)
-    rng = random.Random(0)
-    for pred in copy.predictors():
-        pred.demos = rng.sample(trainset, min(k, len(trainset))) if sample else list(trainset[:k])
-    return copy
-
-
-def _copy_without_demos(program: dspy.Module) -> dspy.Module:
-    """A deep copy with no demos that keeps each predictor's LM (``reset_copy`` would drop it)."""
-    copy = program.deepcopy()
-    for pred in copy.predictors():
-        pred.demos = []
-    return copy

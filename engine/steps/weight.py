@@ -31,7 +31,7 @@ from actors.training.config import LoraTrainConfig
 from actors.training.rows import write_rows
 from actors.inference.pool import ReplicaPool
 from actors.dspy_side.provider import TandemProvider
-from engine.steps.bootstrap import bootstrap, chat_rows, teacher_on
+from engine.steps.bootstrap import bootstrap, chat_rows, labeled, teacher_on
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class WeightStep(Teleprompter):
             a shared filesystem needs one); default the step dir, which only the driver's node sees.
         teacher_lm: when ``compile`` gets no ``teacher``, the traces come from the student's program on this
             LM (e.g. a larger model of the run's ``models:``); only the student's LM is fine-tuned.
+        teacher_demos: labelled demos per predictor (sampled from the trainset, as dspy's BootstrapFewShot gives
+            its teacher ``max_labeled_demos``) the teacher answers with; an example never sees itself among
+            them, and the training rows keep the student's own prompt. 0 (default): the teacher as given.
         after_teacher: called once ``teacher_lm``'s traces are in, before training (the run releases the
             teacher's replicas there when no later step uses them).
 
@@ -68,8 +71,10 @@ class WeightStep(Teleprompter):
 
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
                  num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1,
-                 storage: str | None = None, teacher_lm: dspy.LM | None = None,
+                 storage: str | None = None, teacher_lm: dspy.LM | None = None, teacher_demos: int = 0,
                  after_teacher: Callable[[], None] | None = None):
+        if teacher_demos < 0:
+            raise ValueError(f"teacher_demos must be >= 0, got {teacher_demos}")
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -81,6 +86,7 @@ class WeightStep(Teleprompter):
         self.max_rounds = max_rounds
         self.storage = storage
         self.teacher_lm = teacher_lm
+        self.teacher_demos = teacher_demos
         self.after_teacher = after_teacher
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
@@ -108,6 +114,8 @@ class WeightStep(Teleprompter):
             teacher = teacher[0] if teacher else None
         if teacher is None and self.teacher_lm is not None:
             teacher = teacher_on(student, self.teacher_lm)
+        if teacher is not None and self.teacher_demos:
+            teacher = labeled(teacher, trainset, self.teacher_demos, sample=True)
         source = _check_teacher(teacher, student) if teacher is not None else student
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +148,7 @@ class WeightStep(Teleprompter):
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle, "teacher": teacher is not None,
                          "teacher_model": _model_of(teacher) if teacher is not None else None,
+                         "teacher_demos": self.teacher_demos,
                          "exclude_demos": self.exclude_demos, "max_rounds": self.max_rounds,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
                                       "train_metrics": r.metrics} for tag, r in trained.items()]}

@@ -91,3 +91,26 @@ def test_better_together_hands_its_teacher_to_the_weight_step(tmp_path):
         strategy="w")
     assert not result.flag_compilation_error_occurred, result.compilation_error
     assert len(provider.jobs[0][""]) == 6  # every teacher trace passed; the student alone had none
+
+
+def test_a_teacher_lm_answers_with_labelled_demos_and_the_student_learns_its_own_prompt(tmp_path):
+    provider = RecordingProvider()
+    student = _program(Scripted(garbage={f"q{i}" for i in range(6)}), provider)  # the student passes nothing
+    teacher_engine = Scripted()
+    teacher_lm = dspy.LM("teacher", engine=teacher_engine, cache=False, num_retries=0)
+    released = []
+    step = WeightStep(metric, LoraTrainConfig(), teacher_lm=teacher_lm, teacher_demos=2,
+                      after_teacher=lambda: released.append(len(teacher_engine.prompts)))
+    tuned = step.compile(student, trainset=data(6), step_dir=tmp_path, step_index=1)
+    assert len(teacher_engine.prompts) == 6 and released == [6]  # released once all its traces were in
+    counts = []
+    for request in teacher_engine.prompts:  # two labelled demos, less the example itself if drawn
+        asked = request.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0]
+        shown = [m.text for m in request.messages[:-1] if m.role == "user"]
+        counts.append(len(shown))
+        assert not any(t.split("[[ ## question ## ]]")[-1].split()[0] == asked for t in shown)
+    assert sorted(set(counts)) == [1, 2]
+    (job,) = provider.jobs
+    assert len(job[""]) == 6 and all(len(chat) == 3 for chat in job[""])  # the student's vanilla prompt
+    assert tuned.lm.model == "base:ft-01-all"
+    assert step.last_run["teacher_model"] == "teacher" and step.last_run["teacher_demos"] == 2

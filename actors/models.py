@@ -104,9 +104,9 @@ _DESCRIPTIONS = {
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The model cache: ``override``, else ``$TANDEM_MODEL_CACHE``, else ``~/.cache/tandem/models``."""
     if override is not None:
-        return Path(override).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tandem" / "models"
+        return Path(override).expanduser().absolute()
+    env = os.environ.get(CACHE_ENV)  # absolute: Ray's workers (training, replicas) run in other directories
+    return Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "tandem" / "models"
 
 
 def list_models(cache: str | os.PathLike | None = None) -> list[ModelInfo]:

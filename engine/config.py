@@ -9,7 +9,7 @@ not part of it). The CLI's flags are made from these fields. Does not run anythi
 
 from __future__ import annotations
 
-from dataclasses import asdict, field, replace
+from dataclasses import asdict, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,9 @@ class RunConfig:
 
 
 def load_yaml(path: str | Path) -> RunConfig:
-    """A ``RunConfig`` from YAML; nested ``prompt:`` and ``lora:`` sections; values typed by field.
+    """A ``RunConfig`` from YAML; nested ``prompt:`` and ``lora:`` sections; values typed by field. A section
+    changes only the keys it names: the others keep the run's defaults (``lora: {epochs: 4}`` keeps lr 1e-3 and
+    q/k/v/o, as ``--lora-epochs 4`` does), not the section class's own.
 
     Raises:
         ValueError: a malformed file, unknown keys (named, with the valid ones) or values of the
@@ -217,4 +219,11 @@ def load_yaml(path: str | Path) -> RunConfig:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    return from_mapping(RunConfig, {} if data is None else data, str(path))
+    data = {} if data is None else data
+    if isinstance(data, dict):
+        defaults = RunConfig()
+        for f in fields(RunConfig):
+            section = getattr(defaults, f.name)
+            if is_dataclass(section) and isinstance(data.get(f.name), dict):
+                data = {**data, f.name: {**{g.name: getattr(section, g.name) for g in fields(section)}, **data[f.name]}}
+    return from_mapping(RunConfig, data, str(path))

@@ -96,37 +96,7 @@ def _state(head: Head, kind: str) -> list[dict]:
     return head._get(f"/api/v0/{kind}?detail=true&limit=10000")["data"]["result"]["result"]
 
 
-STRANGER = """
-import dspy
-
-
-class Lenient(dspy.ChatAdapter):
-    def parse(self, signature, completion):  # the random tiny model never writes the field markers
-        return {name: "forty two" for name in signature.output_fields}
-
-
-class OneStep(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.answer = dspy.Predict("question -> answer")
-
-    def forward(self, question):
-        with dspy.context(adapter=Lenient()):
-            return self.answer(question=question)
-
-
-def Program():
-    return OneStep()
-
-
-def load_splits(seed=0):
-    rows = [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question") for i in range(30)]
-    return rows[:12], rows[12:18], rows[18:]
-
-
-def metric(example, prediction, trace=None):
-    return int(example.question.split()[2]) % 2 == 0  # half the examples pass, whatever the model says
-"""
+STRANGER = (Path(__file__).parents[1] / "stranger_program.py").read_text()  # a module of the user's
 
 
 def test_replicas_and_training_land_on_their_nodes_and_an_impossible_job_fails_fast(head, tmp_path):

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,40 +22,7 @@ from tests.integration.processes import kill_marked, left_behind, marked_env, ne
 
 pytestmark = pytest.mark.integration
 
-PROGRAM = '''
-import dspy
-
-
-class Lenient(dspy.ChatAdapter):
-    """Read any completion as an answer: the metric below does not look at it."""
-
-    def parse(self, signature, completion):
-        return {name: completion.strip()[:40] or "?" for name in signature.output_fields}
-
-
-class Echo(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.answer = dspy.Predict("question -> answer")
-
-    def forward(self, question):
-        with dspy.context(adapter=Lenient()):
-            return self.answer(question=question)
-
-
-def Program():
-    return Echo()
-
-
-def load_splits(seed=0):
-    rows = [dspy.Example(question=f"What is {i} + 1?", answer=str(i + 1)).with_inputs("question")
-            for i in range(30)]
-    return rows[:12], rows[12:16], rows[16:]
-
-
-def metric(example, prediction, trace=None):
-    return int(example.question.split()[2]) % 2 == 0
-'''
+PROGRAM = (Path(__file__).parents[1] / "stranger_program.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +32,7 @@ def taught(tmp_path_factory, tiny_model, smollm2_model):
     if ray.is_initialized():  # the CLI starts its own local Ray: free the session's cores
         ray.shutdown()
     home = tmp_path_factory.mktemp("groups")
-    (home / "groupprog.py").write_text(textwrap.dedent(PROGRAM))
+    (home / "groupprog.py").write_text(PROGRAM)
     mark = new_mark()
     argv = [sys.executable, "-m", "engine", "run", "--program", "groupprog", "--model", "tiny-llama",
             "--model-group", "big={model: smollm2-135m-instruct, replicas: 1, max_tokens: 16}",

@@ -154,3 +154,10 @@ def test_serve_config_names_a_bad_arg(args, message):
 def test_a_served_app_is_named_after_its_run_unless_named():
     assert ServeConfig(run_dir="runs/iris smollm2").app_name == "tandem-iris-smollm2"  # two runs never replace each other
     assert ServeConfig(run_dir="runs/a", app_name="mine").app_name == "mine"
+
+
+def test_a_yaml_section_changes_only_the_keys_it_names(tmp_path):
+    cfg = load_yaml(_yaml(tmp_path, "lora: {epochs: 4}\nprompt: {max_labeled_demos: 2}\n"))
+    default = RunConfig()
+    assert cfg.lora == dataclasses.replace(default.lora, epochs=4)  # lr 1e-3, q/k/v/o, batch 4: the run's, not the class's
+    assert cfg.prompt == dataclasses.replace(default.prompt, max_labeled_demos=2)

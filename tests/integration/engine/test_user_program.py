@@ -15,6 +15,7 @@ Ctrl-C (SIGINT) in the prompt step of a run on a relative checkpoint path exits 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -182,7 +183,8 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     proc = _tandem(home, ["run", *FLAGS, "--run-dir", str(moved), "--storage", str(store)])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    assert "storage: resumed" in out and out.count("done in an earlier run") == 3, out[-4000:]
+    pulled = re.search(r"storage: \d+ file\(s\) of .* brought .* up to date", out)
+    assert pulled and out.count("done in an earlier run") == 3, out[-4000:]
     assert {p.name: (p / "step.json").read_text() for p in moved.glob("0*_*")} == stored
 
     hidden = run_dir.rename(run_dir.with_name("first-hidden"))  # what is served comes from the moved copy only
@@ -222,7 +224,7 @@ def test_moved_run_dir_resumes_with_nothing_recomputed_and_serves_until_sigterm(
     assert late.status_code == 503 and late.headers["retry-after"], late.text  # not 404 (route deleted) nor 500
     assert late.json()["type"] == "ServerStopping" and late.json()["request_id"], late.text
     log = (moved / "logs" / "serve.log").read_text()
-    assert "drained tandem: 1 request(s) were in flight, 0 left unfinished" in log, log[-3000:]
+    assert "drained tandem-run: 1 request(s) were in flight, 0 left unfinished" in log, log[-3000:]  # the app: the dir's
 
 
 def _sigterm_with_a_request_in_flight(server: subprocess.Popen, http: httpx.Client, timeout_s: float = 120):

@@ -9,7 +9,8 @@ Also knows stopping: ``stop_on_signals()`` (the CLI's) makes SIGINT and SIGTERM 
 docker, systemd and Kubernetes send — raise ``Stopped`` in the main thread, so ``finally`` blocks
 kill replicas and Serve before the process exits with 128 + the signal number; ``ray.init``
 (which installs its own SIGTERM handler) keeps it. ``cluster_now()`` reads what the cluster can
-hold (the replicas' and the training workers' fit checks both use it). Does not know pools or models.
+hold (the replicas' and the training workers' fit checks both use it); ``run_slug()`` is the run dir's
+name as the Ray names of a run (pools, Serve apps) carry it. Does not know pools or models.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import ray
@@ -139,3 +142,14 @@ def cluster_now() -> tuple[dict, list[dict] | None]:
     if limits:
         return {k: max(total.get(k, 0.0), float(limits.get(k, 0))) for k in {*total, *limits}}, None
     return total, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def run_slug(run_dir: str | Path) -> str:
+    """The run dir's own name, cut to what a Ray name may carry (runs sharing a cluster tell their pools
+    and Serve apps apart by it).
+
+    Example:
+        >>> run_slug("/data/runs/iris seed 0/")
+        'iris-seed-0'
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name)[:40] or "run"

@@ -29,9 +29,12 @@ whether the step still ran at the fault is recorded (``in_step``).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -58,7 +61,9 @@ FLAGS = ["--program", "faultprog", "--model", "tiny-llama", "--strategy", "p -> 
          "--lora-epochs", "1", "--lora-lr", "1e-3", "--lora-cpus-per-worker", "1", "--lora-max-seq-len", "256",
          "--no-tracking"]
 ROWS = ["replica_kill", "engine_kill", "replicas_gone", "train_worker_kill", "driver_kill", "sigterm_run",
-        "sigterm_serve"]
+        "sigterm_serve", "two_runs_one_cluster", "two_runs_one_dir", "truncated_files", "push_killed", "http_flood",
+        "engine_sigstop"]
+SERVE_FLAGS = ["--allow-program", "faultprog"]  # the stranger's program is not a built-in one
 
 
 @dataclass
@@ -94,16 +99,18 @@ class Row:
 
 
 class Invocation:
-    """One ``python -m engine ARGS`` subprocess with its own mark, console written to a file."""
+    """One ``python -m engine ARGS`` subprocess (or ``command``) with its own mark, console written to a file."""
 
-    def __init__(self, bench: Bench, args: list[str], label: str):
+    def __init__(self, bench: Bench, args: list[str], label: str, command: list[str] | None = None,
+                 **env_extra: str):
         self.mark = new_mark()
         bench.started.append(self)
         self.console = bench.home / f"{len(bench.started):02d}-{label}.out"
         env = marked_env(self.mark, PYTHONPATH=f"{bench.home}{os.pathsep}{REPO}", HF_HUB_OFFLINE="1",
-                         MLFLOW_DISABLE_TELEMETRY="true", DSPY_CACHEDIR=tempfile.mkdtemp(dir=bench.home))
+                         MLFLOW_DISABLE_TELEMETRY="true", DSPY_CACHEDIR=tempfile.mkdtemp(dir=bench.home), **env_extra)
+        env.pop("RAY_ADDRESS", None)  # every run names its Ray: its own local one, or --address
         with open(self.console, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=bench.home, env=env,
+            self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "engine"]), *args], cwd=bench.home, env=env,
                                          stdout=out, stderr=subprocess.STDOUT, text=True,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started, self.timeout_s = time.monotonic(), bench.timeout_s
@@ -153,9 +160,10 @@ class Invocation:
         return ([""] + [ln.strip() for ln in self.console.read_text(errors="replace").splitlines() if ln.strip()])[-1]
 
 
-def start_run(bench: Bench, run_dir: Path, label: str) -> Invocation:
-    """``tandem run`` with this benchmark's flags into ``run_dir`` (the same command again resumes it)."""
-    return Invocation(bench, ["run", *FLAGS, "--run-dir", str(run_dir)], label)
+def start_run(bench: Bench, run_dir: Path, label: str, *more: str) -> Invocation:
+    """``tandem run`` with this benchmark's flags (and ``more``) into ``run_dir`` (the same command again
+    resumes it)."""
+    return Invocation(bench, ["run", *FLAGS, "--run-dir", str(run_dir), *more], label)
 
 
 def describe(proc: psutil.Process) -> str:
@@ -214,18 +222,32 @@ def ended(bench: Bench, inv: Invocation) -> tuple[int | str, list[str]]:
     return code, [describe(p) + ("" if mark else " [no mark]") for p, mark in alive.values()]
 
 
+def read(path: Path) -> dict:
+    """A run-dir JSON file, ``{}`` when absent, ``{"damaged": True}`` when it cannot be read."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {"damaged": True}
+
+
 def scores(run_dir: Path) -> dict:
-    """Every completed step's valset and test score and error counts, and best.json's winner."""
+    """Every completed step's valset and test score and error counts, and best.json's winner (a damaged
+    file reads as ``"damaged"``)."""
     steps = {}
     for path in sorted(run_dir.glob("[0-9][0-9]_*")):
         if path.suffix == ".tmp" or not (path / "step.json").is_file():
             continue
-        record = json.loads((path / "step.json").read_text())
-        test = json.loads((path / "test.json").read_text()) if (path / "test.json").is_file() else {}
+        record, test = read(path / "step.json"), read(path / "test.json")
+        if record.get("damaged"):
+            steps[path.name] = {"val": "damaged", "val_errors": None, "test": test.get("score"),
+                                "test_errors": test.get("errors"), "models": None}
+            continue
         steps[path.name] = {"val": record["score"], "val_errors": (record["extra"].get("errors") or {}).get("count"),
-                            "test": test.get("score"), "test_errors": test.get("errors"), "models": record["models"]}
-    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
-    return {"steps": steps, "best": {k: best.get(k) for k in ("strategy", "score", "test_score", "failed_step")}}
+                            "test": "damaged" if test.get("damaged") else test.get("score"),
+                            "test_errors": test.get("errors"), "models": record["models"]}
+    best = read(run_dir / "best.json")
+    return {"steps": steps, "best": {k: "damaged" if best.get("damaged") else best.get(k)
+                                     for k in ("strategy", "score", "test_score", "failed_step")}}
 
 
 def compare(got: dict, want: dict | None) -> str:
@@ -374,15 +396,38 @@ def row_sigterm_run(bench: Bench) -> Row:
                          lambda inv, run_dir: bool(busy_replica(bench, inv, run_dir)))
 
 
+def answering(url: str) -> bool:
+    """Ready = answers (/healthz is liveness: 200 while the LM deployment still starts)."""
+    import httpx
+    try:
+        return httpx.post(f"{url}/v1/predict", json={"question": "What is 1 + 1?"}, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def start_serve(bench: Bench, label: str, *flags: str) -> tuple[Invocation, str, bool]:
+    """``tandem serve`` on the undisturbed run dir; (invocation, its URL, whether it answered in time)."""
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    inv = Invocation(bench, ["serve", str(bench.baseline_dir), "--port", str(port), *SERVE_FLAGS, *flags], label)
+    return inv, url, wait_until(lambda: answering(url), inv, bench.timeout_s, poll_s=2)
+
+
+def no_baseline(bench: Bench, row: Row) -> Row | None:
+    """The row, skipped, when there is no finished undisturbed run dir to serve or copy; else None."""
+    if bench.baseline_dir is None or not (bench.baseline_dir / "best.json").is_file():
+        return replace(row, outcome="skipped: no finished baseline run dir")
+    return None
+
+
 def row_sigterm_serve(bench: Bench, clients: int = 4, load_s: float = 5.0) -> Row:
     """``tandem serve`` on the undisturbed run dir under HTTP load, then SIGTERM: exit 143, nothing left."""
     import httpx
     row = Row("sigterm_serve", f"answers; {clients} clients x {load_s:g} s of /v1/predict; SIGTERM the server",
               scores="n/a")
-    if bench.baseline_dir is None or not (bench.baseline_dir / "best.json").is_file():
-        return replace(row, outcome="skipped: no finished baseline run dir")
-    started, url = time.monotonic(), f"http://127.0.0.1:{(port := free_port())}"
-    inv = Invocation(bench, ["serve", str(bench.baseline_dir), "--port", str(port)], "sigterm_serve")
+    if skipped := no_baseline(bench, row):
+        return skipped
+    started = time.monotonic()
+    inv, url, ready = start_serve(bench, "sigterm_serve")
     statuses, phase, stop, lock = {}, ["before"], threading.Event(), threading.Lock()  # '<phase>:<status>' -> n
 
     def client(k: int) -> None:
@@ -397,13 +442,7 @@ def row_sigterm_serve(bench: Bench, clients: int = 4, load_s: float = 5.0) -> Ro
                 with lock:
                     statuses[f"sent {sent}:{status}"] = statuses.get(f"sent {sent}:{status}", 0) + 1
 
-    def up() -> bool:  # ready = answers (/healthz is liveness: 200 while the LM deployment still starts)
-        try:
-            return httpx.post(f"{url}/v1/predict", json={"question": "What is 1 + 1?"}, timeout=10).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    if wait_until(up, inv, bench.timeout_s, poll_s=2):
+    if ready:
         threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
         for t in threads:
             t.start()
@@ -417,6 +456,252 @@ def row_sigterm_serve(bench: Bench, clients: int = 4, load_s: float = 5.0) -> Ro
     code, left = ended(bench, inv)
     row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
     row.extra["statuses"], row.wall_s = statuses, round(time.monotonic() - started, 1)
+    return row
+
+
+async def _load(url: str, clients: int, seconds: float, phase: list[str], stats: dict, timeout_s: float) -> None:
+    """``clients`` concurrent clients posting /v1/predict for ``seconds``; counts '<phase>:<status>' (the phase
+    when sent) in ``stats['statuses']``, the slowest answer per status in ``stats['slowest_s']``. A 503
+    client waits 0.5 s before its next request (a flood, not a busy loop on these 2 cores)."""
+    import httpx
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
+        async def client(k: int) -> None:
+            while time.monotonic() < deadline:
+                sent, t0 = phase[0], time.monotonic()
+                try:
+                    r = await http.post("/v1/predict", json={"question": f"What is {k} + 1?"})
+                    status = str(r.status_code) + (" no Retry-After" if r.status_code == 503
+                                                   and "retry-after" not in r.headers else "")
+                except Exception as exc:  # a transport failure is counted, the load goes on
+                    status = type(exc).__name__
+                key = f"sent {sent}:{status}"
+                stats["statuses"][key] = stats["statuses"].get(key, 0) + 1
+                stats["slowest_s"][key] = round(max(stats["slowest_s"].get(key, 0.0), time.monotonic() - t0), 2)
+                if status != "200":
+                    await asyncio.sleep(0.5)
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+
+
+def load_in_background(url: str, clients: int, seconds: float, phase: list[str], timeout_s: float = 600):
+    """Start ``_load`` in a thread; (thread, stats) — join the thread, then read the stats."""
+    stats: dict = {"statuses": {}, "slowest_s": {}}
+    thread = threading.Thread(target=lambda: asyncio.run(_load(url, clients, seconds, phase, stats, timeout_s)),
+                              daemon=True)
+    thread.start()
+    return thread, stats
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def rss_gb(inv: Invocation) -> float:
+    """Resident memory of everything the invocation runs (its processes carrying its mark), GB."""
+    total = 0
+    for p, _ in inv.survivors().values():
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return round(total / 1e9, 2)
+
+
+def row_http_flood(bench: Bench, clients: int = 1000, load_s: float = 30.0) -> Row:
+    """1,000 concurrent clients on ``tandem serve`` (its defaults: 64 in flight, 256 queued): the rest get
+    503 + Retry-After, none a 500, memory stays flat, it still answers after; then SIGTERM."""
+    row = Row("http_flood", f"answers; {clients} concurrent clients x {load_s:g} s of /v1/predict, then SIGTERM",
+              scores="n/a")
+    if skipped := no_baseline(bench, row):
+        return skipped
+    started = time.monotonic()
+    inv, url, ready = start_serve(bench, "http_flood")
+    if ready:
+        memory = {"before": rss_gb(inv)}
+        thread, stats = load_in_background(url, clients, load_s, ["flood"])
+        peak = memory["before"]
+        while thread.is_alive():
+            peak = max(peak, rss_gb(inv))
+            thread.join(timeout=1.0)
+        memory["peak"] = peak
+        time.sleep(10)
+        memory["10 s after"] = rss_gb(inv)
+        row.extra.update(stats, memory_gb=memory, answers_after=answering(url))
+        row.killed = signal_driver_only(inv, signal.SIGTERM)
+    code, left = ended(bench, inv)
+    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+    if ready:
+        counts = row.extra["statuses"]
+        row.outcome += (f"; {sum(counts.values())} requests: " + ", ".join(f"{k.split(':', 1)[1]} x{n}"
+                        for k, n in sorted(counts.items())) + f"; RSS GB {row.extra['memory_gb']}; "
+                        f"answers after: {row.extra['answers_after']}")
+    row.wall_s = round(time.monotonic() - started, 1)
+    return row
+
+
+def row_engine_sigstop(bench: Bench, clients: int = 4, timeout_s: float = 20.0, load_s: float = 120.0) -> Row:
+    """SIGSTOP the served LM replica's vLLM EngineCore under load (``--request-timeout-s`` 20, so its health
+    check fails after 20 s without progress): requests time out as 504, never hang; Serve replaces the
+    replica; answers come back; the stopped engine is gone; then SIGTERM."""
+    row = Row("engine_sigstop", f"answers; {clients} clients; SIGSTOP the LM's EngineCore; --request-timeout-s "
+              f"{timeout_s:g}; {load_s:g} s of load", scores="n/a")
+    if skipped := no_baseline(bench, row):
+        return skipped
+    started = time.monotonic()
+    inv, url, ready = start_serve(bench, "engine_sigstop", "--request-timeout-s", f"{timeout_s:g}")
+    engines = find(inv.mark, "EngineCore") if ready else []
+    if engines:
+        phase = ["before"]
+        thread, stats = load_in_background(url, clients, load_s, phase, timeout_s=timeout_s * 3)
+        time.sleep(5)
+        victim, stopped_at = engines[0], time.monotonic()
+        row.killed = [k for k in [kill(victim, signal.SIGSTOP)] if k]
+        phase[0] = "after SIGSTOP"
+
+        def replaced() -> bool:
+            return any(p.pid != victim.pid for p in find(inv.mark, "EngineCore"))
+
+        if wait_until(replaced, inv, load_s):
+            row.extra["new_engine_after_s"] = round(time.monotonic() - stopped_at, 1)
+        thread.join()
+        row.extra.update(stats, stopped_engine_alive=alive(victim), answers_after=answering(url))
+        row.killed += signal_driver_only(inv, signal.SIGTERM)
+    code, left = ended(bench, inv)
+    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+    if engines:
+        counts, slowest = row.extra["statuses"], row.extra["slowest_s"]
+        row.outcome += ("; " + ", ".join(f"{k} x{n} (slowest {slowest[k]} s)" for k, n in sorted(counts.items()))
+                        + f"; a new EngineCore {row.extra.get('new_engine_after_s', 'never')} s after the stop; "
+                        f"stopped engine alive at the end: {row.extra['stopped_engine_alive']}; "
+                        f"answers after: {row.extra['answers_after']}")
+    row.wall_s = round(time.monotonic() - started, 1)
+    return row
+
+
+def settle_many(bench: Bench, row: Row, invs: list[tuple[Invocation, Path]], started: float) -> Row:
+    """``settle`` for runs that went at once: every exit code, outcome, leftovers and score comparison."""
+    outcomes, compared, finals = [], [], {}
+    for inv, run_dir in invs:
+        code, left = ended(bench, inv)
+        row.exit_codes.append(code)
+        row.leftovers.append(left)
+        outcomes.append(f"{run_dir.name}: {outcome(code, inv)}")
+        finals[run_dir.name] = scores(run_dir)
+        compared.append(f"{run_dir.name}: {compare(finals[run_dir.name], bench.baseline)}")
+    row.outcome, row.scores, row.final = "; ".join(outcomes), "; ".join(compared), finals
+    row.wall_s = round(time.monotonic() - started, 1)
+    return row
+
+
+def row_two_runs_one_cluster(bench: Bench, cpus: int = 6) -> Row:
+    """``ray start --head``, then two runs on it 3 s apart (``--address``, two run dirs): both complete with
+    the undisturbed scores, each with its own pool; nothing of theirs is left on the cluster."""
+    started, ray = time.monotonic(), str(Path(sys.executable).parent / "ray")
+    row = Row("two_runs_one_cluster", f"`ray start --head --num-cpus {cpus}`; two `tandem run --address` 3 s apart")
+    port, temp = free_port(), tempfile.mkdtemp(prefix="rayf")  # short: Ray's socket paths have a length limit
+    head = Invocation(bench, ["start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
+                              f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                      "ray-head", command=[ray], RAY_process_group_cleanup_enabled="1")
+    address = f"127.0.0.1:{port}"
+    try:
+        up = wait_until(lambda: subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                                               timeout=30).returncode == 0, head, 120, poll_s=2)
+        if not up:
+            return replace(row, outcome=f"BENCHMARK ERROR: the head did not come up: {head.last_line()}")
+        invs = []
+        for k in (1, 2):
+            run_dir = bench.home / f"shared-{k}"
+            invs.append((start_run(bench, run_dir, f"shared-{k}", "--address", address), run_dir))
+            time.sleep(3)
+        row.killed = ["(none: two runs at once)"]
+        row = settle_many(bench, row, invs, started)
+        on_cluster = [describe(p) for p in marked(head.mark)
+                      if any(t in title(p) for t in ("LMReplica", "EngineCore", "RayTrainWorker", "PoolState"))]
+        row.extra["run_processes_left_on_cluster"] = on_cluster
+        row.outcome += f"; the runs' processes left on the cluster: {len(on_cluster)}"
+        pools = {}
+        for inv, run_dir in invs:
+            text = inv.console.read_text(errors="replace")
+            pools[run_dir.name] = sorted(set(re.findall(r"run-shared-\d-[0-9a-f]{8}", text)))
+        row.extra["pools"] = pools
+    finally:
+        head.proc.send_signal(signal.SIGTERM)
+        ended(bench, head)
+        shutil.rmtree(temp, ignore_errors=True)
+    return row
+
+
+def row_two_runs_one_dir(bench: Bench) -> Row:
+    """A second ``tandem run`` on a run dir another run holds: refused at once, naming the holder, nothing
+    written; the first completes with the undisturbed scores."""
+    run_dir, started = bench.home / "one_dir", time.monotonic()
+    row = Row("two_runs_one_dir", "run.lock taken by the first run: start the same command on the same dir")
+    first = start_run(bench, run_dir, "one_dir-first")
+    invs = [(first, run_dir)]
+    if wait_until(lambda: (run_dir / "run.lock").exists(), first, bench.timeout_s, poll_s=0.05):
+        invs.append((start_run(bench, run_dir, "one_dir-second"), run_dir))
+        row.killed = ["(none: a second writer)"]
+    for inv, _ in invs[::-1]:  # the second first: it should be refused at once
+        inv.finish()
+    return settle_many(bench, row, invs, started)
+
+
+def truncate(path: Path) -> None:
+    """Cut ``path`` to half its bytes, as a crash mid-write on a filesystem without rename would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+TRUNCATED = ["run.json", "01_p/step.json", "01_p/test.json", "01_p/program.json", "best.json"]
+
+
+def row_truncated_files(bench: Bench) -> list[Row]:
+    """A copy of the finished undisturbed run dir with one file cut to half its bytes, then the same command
+    (a resume): a record is refused naming the file and what to do, an optional file is scored again."""
+    rows = []
+    for rel in TRUNCATED:
+        row = Row(f"truncated {rel}", f"finished run dir copied, {rel} cut to half its bytes; the same command")
+        if skipped := no_baseline(bench, row):
+            rows.append(skipped)
+            continue
+        run_dir, started = bench.home / f"truncated-{rel.replace('/', '-')}", time.monotonic()
+        shutil.copytree(bench.baseline_dir, run_dir)
+        truncate(run_dir / rel)
+        row.killed = [f"(truncated {rel})"]
+        rows.append(settle(bench, row, start_run(bench, run_dir, run_dir.name), run_dir, started))
+    return rows
+
+
+def row_push_killed(bench: Bench) -> Row:
+    """``--storage DIR``: SIGKILL the driver as soon as its push has put a first file there, then the same
+    command on another run dir with the same storage (another machine): it must not take the half-pushed
+    copy for a run, and completes with the undisturbed scores; the storage then holds the whole run."""
+    run_dir, remote, started = bench.home / "push_a", bench.home / "remote", time.monotonic()
+    row = Row("push_killed", "--storage DIR: first file at DIR: SIGKILL the driver; rerun on another dir")
+    inv = start_run(bench, run_dir, "push_killed", "--storage", str(remote))
+
+    def pushed() -> list[str]:
+        return [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()] if remote.exists() else []
+
+    scored = wait_until(lambda: len(list(run_dir.glob("*/test.json"))) >= 3, inv, bench.timeout_s, poll_s=0.2)
+    if scored and wait_until(lambda: bool(pushed()), inv, bench.timeout_s, poll_s=0.0):  # the push follows
+        row.killed = signal_driver_only(inv, signal.SIGKILL)
+        row.in_step = True
+    row = settle(bench, row, inv, run_dir, started)
+    at_kill = pushed()
+    row.extra["remote_after_kill"] = {"files": len(at_kill), "run.json": "run.json" in at_kill}
+    elsewhere = bench.home / "push_b"
+    row.extra["first_scores"] = row.final
+    row = settle(bench, row, start_run(bench, elsewhere, "push_killed-elsewhere", "--storage", str(remote)),
+                 elsewhere, started)
+    whole = sorted(pushed())
+    row.extra["remote_at_end"] = {"files": len(whole), "run.json": "run.json" in whole, "best.json": "best.json" in whole}
+    row.outcome += (f"; storage after the kill: {len(at_kill)} file(s), run.json {'there' if 'run.json' in at_kill else 'absent'}"
+                    f"; at the end: {len(whole)} files, run.json and best.json "
+                    f"{'there' if {'run.json', 'best.json'} <= set(whole) else 'MISSING'}")
     return row
 
 
@@ -453,16 +738,17 @@ def run_rows(bench: Bench, names: list[str]) -> list[Row]:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         started = time.monotonic()
         try:
-            row = globals()[f"row_{name}"](bench)
+            got = globals()[f"row_{name}"](bench)
         except Exception as exc:  # a broken row is reported, the next one runs
-            row = Row(name, "", outcome=f"BENCHMARK ERROR: {type(exc).__name__}: {exc}", scores="n/a",
+            got = Row(name, "", outcome=f"BENCHMARK ERROR: {type(exc).__name__}: {exc}", scores="n/a",
                       wall_s=round(time.monotonic() - started, 1))
-            row.leftovers = [[describe(p) for inv in bench.started for p, _ in inv.survivors().values()]]
+            got.leftovers = [[describe(p) for inv in bench.started for p, _ in inv.survivors().values()]]
             for inv in bench.started:
                 inv.cleanup()
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {row.outcome} | {row.scores} | "
-              f"leftovers {[len(x) for x in row.leftovers]} | killed {row.killed}", flush=True)
-        rows.append(row)
+        for row in got if isinstance(got, list) else [got]:
+            print(f"[{time.strftime('%H:%M:%S')}] {row.fault}: {row.outcome} | {row.scores} | "
+                  f"leftovers {[len(x) for x in row.leftovers]} | killed {row.killed}", flush=True)
+            rows.append(row)
     return rows
 
 

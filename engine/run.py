@@ -14,7 +14,6 @@ Does not know vLLM or training internals.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 import dspy
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect
+from actors.runtime import run_slug
 from actors.dspy_side import usage
 from actors.dspy_side.provider import pool_lm
 from actors.dspy_side.usage import Costs
@@ -67,8 +67,7 @@ def pool_name(kind: str, run_dir: str) -> str:
     """A pool name of this process's run: ``kind``, the run dir's name and a random tag. Every Ray name a
     pool takes (its state actor, its replicas) carries it, so runs that share a cluster never join or
     kill each other's pool (they all took the name "run" before)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).name)[:40] or "run"
-    return f"{kind}-{slug}-{uuid.uuid4().hex[:8]}"
+    return f"{kind}-{run_slug(run_dir)}-{uuid.uuid4().hex[:8]}"
 
 
 def make_pool(cfg: RunConfig, name: str | None = None) -> ReplicaPool:

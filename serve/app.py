@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import field
-from pathlib import Path
 from typing import Any
 
 from actors.typed_config import from_mapping, typed_config
@@ -63,8 +61,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.app_name is None:  # the run's identity, as its pools carry it
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.run_dir).resolve().name)[:40] or "run"
-            object.__setattr__(self, "app_name", f"tandem-{slug}")
+            from actors.runtime import run_slug  # ray: imported only once a config is made
+            object.__setattr__(self, "app_name", f"tandem-{run_slug(self.run_dir)}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.lm_replicas < 1 or self.lm_max_replicas < 1 or self.max_batch < 1 or self.max_body_bytes < 1:

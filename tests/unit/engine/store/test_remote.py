@@ -15,6 +15,7 @@ def _run_dir(root):
     (root / "adapters" / "m:ft" / "adapter_config.json").write_text("{}")
     (root / "adapters" / ".ray_train" / "ckpt").mkdir(parents=True)
     (root / "adapters" / ".ray_train" / "ckpt" / "big.bin").write_bytes(b"x")
+    (root / "run.lock").write_text(json.dumps({"host": "this-machine", "pid": 1}))  # names this machine's run
 
 
 def test_push_keeps_finished_files_and_pull_restores_them(tmp_path):

@@ -394,7 +394,10 @@ def _log_file(args: argparse.Namespace) -> Path | None:
     also when the config does not load: the command then fails with that error on the terminal)."""
     try:
         if args.command == "run":
-            return Path(_run_config(args).run_dir) / "logs" / "tandem.log"
+            from engine.store.lock import live_holder
+
+            run_dir = Path(_run_config(args).run_dir)  # held by another run: refused, and writes nothing there
+            return None if live_holder(run_dir) else run_dir / "logs" / "tandem.log"
         if args.command == "table":
             return Path(_table_out(args, _run_config(args))) / "logs" / "tandem.log"
     except Exception:

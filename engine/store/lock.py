@@ -65,6 +65,13 @@ def holder_of(run_dir: str | Path) -> dict | None:
     return _read(Path(run_dir) / LOCK)
 
 
+def live_holder(run_dir: str | Path) -> dict | None:
+    """The record of a run that holds ``run_dir`` and is not known to be gone (another host's counts as live);
+    None when the run dir is free or its holder is gone (``hold`` would take it over)."""
+    holder = holder_of(run_dir)
+    return holder if holder is not None and not _gone(holder) else None
+
+
 def _take(path: Path, me: dict) -> None:
     if _create(path, me):
         return

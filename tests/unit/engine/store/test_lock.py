@@ -61,7 +61,7 @@ def test_tandem_run_on_a_held_run_dir_exits_1_and_writes_nothing(tmp_path, caplo
     _lock(tmp_path / "run", host="other-node", pid=1)
     assert main(["run", "--run-dir", str(tmp_path / "run"), "--no-tracking"]) == 1
     assert "is in use by another run (pid 1 on other-node" in caplog.text
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["logs", LOCK]  # no run.json, no step
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK]  # no run.json, no step, not even a log
 
 
 def test_a_stopped_run_is_tracked_and_gives_its_run_dir_back(tmp_path, monkeypatch):

@@ -186,6 +186,15 @@ def run(cfg: RunConfig) -> RunOutcome:
         return replace(outcome, tracked=track_run_or_warn(cfg))
 
 
+def readable(run_dir: str) -> None:
+    """Read the run dir's records (``run.json``, every step's ``step.json``) before any replica starts, so a
+    damaged one fails the run at once (``DamagedFile`` names the file and the fix), not after a pool launch."""
+    if (Path(run_dir) / "run.json").is_file():  # else a new run: nothing to read
+        store = RunStore(run_dir)
+        store.settings()
+        store.steps()
+
+
 def _run(cfg: RunConfig) -> RunOutcome:
     started = time.perf_counter()
     spec = resolve(cfg.program)
@@ -203,6 +212,7 @@ def _run(cfg: RunConfig) -> RunOutcome:
         check(phases, suggest(cfg, nodes))
     if cfg.storage:
         pull(cfg.storage, cfg.run_dir)
+    readable(cfg.run_dir)
     with usage.metered(pool, groups.pools) as meter:
         try:
             pool.launch()

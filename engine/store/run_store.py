@@ -33,7 +33,7 @@ from pathlib import Path
 import dspy
 
 from engine.store.files import DamagedFile, fsync_dir, read_json, write_json
-from engine.store.program_io import load_program, save_program
+from engine.store.program_io import ProgramFileError, load_program, save_program
 
 logger = logging.getLogger(__name__)
 RUN_JSON_FIX = "restore it (e.g. from storage:) or start over in a new run dir"
@@ -196,8 +196,17 @@ class RunStore:
         write_json(self.root / name / "test.json", result)
 
     def load(self, record: StepRecord, fresh: dspy.Module) -> dspy.Module:
-        """The step's program: ``fresh`` (a new instance of the program) with the saved state."""
-        return load_program(fresh, record.path / "program.json")
+        """The step's program: ``fresh`` (a new instance of the program) with the saved state.
+
+        Raises:
+            DamagedFile: the step's ``program.json`` cannot be read or does not fit the program; it names the
+                file and the fix (do the step again).
+        """
+        try:
+            return load_program(fresh, record.path / "program.json")
+        except ProgramFileError as exc:
+            raise DamagedFile(f"{record.path / 'program.json'} is damaged: {exc}; delete the folder {record.path} and "
+                              "rerun the same command: the step is done again") from exc
 
     # -- the winner --------------------------------------------------------------------------
 

@@ -48,3 +48,12 @@ def test_a_damaged_run_json_is_named_and_a_damaged_test_json_is_scored_again(tmp
         RunStore(store.root, {"strategy": "p"})
     with pytest.raises(DamagedFile, match="run.json is damaged"):
         RunStore(store.root).settings()
+
+
+def test_a_damaged_step_program_names_the_file_and_the_fix(tmp_path):
+    store = _store_with_a_step(tmp_path / "run")
+    path = store.root / "00_baseline" / "program.json"
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])  # cut short by a crash
+    (record,) = store.steps()
+    with pytest.raises(DamagedFile, match=r"00_baseline/program.json is damaged: .*delete the folder .*00_baseline"):
+        store.load(record, dspy.Predict("question -> answer"))

@@ -118,7 +118,11 @@ def build_app(cfg: ServeConfig):
         ray_actor_options=device.actor_resources(replica), **placement,
     ).bind(replica, winner.adapters)
     token = cfg.token or os.environ.get(TOKEN_ENV) or None
-    return ProgramServer.options(max_queued_requests=cfg.max_queued_requests).bind(
+    from ray.serve.config import BackpressureConfig
+    from serve.api import RETRY_AFTER_S
+
+    full = BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)  # Serve's own 503 has no Retry-After
+    return ProgramServer.options(max_queued_requests=cfg.max_queued_requests, backpressure_config=full).bind(
         lm, str(winner.run_dir), cfg.step, token, cfg.max_body_bytes, cfg.max_batch,
         request_timeout_s=cfg.request_timeout_s)
 

@@ -65,6 +65,10 @@ def test_the_lm_is_served_with_the_runs_engine_settings(tmp_path):
     assert actor["num_gpus"] == 0 and placement.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
     replica, _, actor, _ = lm_options(ServeConfig.from_args({"run_dir": str(root), "lm_gpus": "0"}))  # told: CPU
     assert (replica.num_gpus, replica.tensor_parallel_size, actor["num_cpus"]) == (0, 1, 1.0)
+    program = build_app(ServeConfig.from_args({"run_dir": str(root), "max_queued_requests": "32"}))._bound_deployment
+    config = program._deployment_config  # a full queue: Serve's 503 with Retry-After (it sends none by default)
+    assert (config.max_queued_requests, config.backpressure_config.status_code,
+            config.backpressure_config.retry_after_s) == (32, 503, 5)
 
 
 def test_serving_beyond_loopback_needs_a_token_or_an_explicit_yes(monkeypatch):

@@ -205,8 +205,10 @@ class RunStore:
         try:
             return load_program(fresh, record.path / "program.json")
         except ProgramFileError as exc:
-            raise DamagedFile(f"{record.path / 'program.json'} is damaged: {exc}; delete the folder {record.path} and "
-                              "rerun the same command: the step is done again") from exc
+            file = record.path / "program.json"
+            reason = str(exc).removeprefix(f"{file} ")[:60]  # short: the console shows a step's error in 300 chars
+            raise DamagedFile(f"{file} is damaged ({reason}); delete the folder {record.path} and rerun the same "
+                              "command: the step is done again") from exc
 
     # -- the winner --------------------------------------------------------------------------
 

@@ -55,5 +55,5 @@ def test_a_damaged_step_program_names_the_file_and_the_fix(tmp_path):
     path = store.root / "00_baseline" / "program.json"
     path.write_text(path.read_text()[: len(path.read_text()) // 2])  # cut short by a crash
     (record,) = store.steps()
-    with pytest.raises(DamagedFile, match=r"00_baseline/program.json is damaged: .*delete the folder .*00_baseline"):
+    with pytest.raises(DamagedFile, match=r"00_baseline/program.json is damaged \(is not valid JSON.*\); delete the folder .*00_baseline"):
         store.load(record, dspy.Predict("question -> answer"))

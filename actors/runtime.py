@@ -45,7 +45,14 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         with _stop_handlers_kept():
-            ray.init(address=address, namespace=namespace, log_to_driver=True)
+            try:
+                ray.init(address=address, namespace=namespace, log_to_driver=True)
+            except ConnectionError as exc:  # Ray logs the cause (InvalidAuthToken) but raises only this
+                if os.environ.get("RAY_AUTH_MODE") == "token":
+                    raise
+                raise ConnectionError(f"{exc}; if the cluster uses token authentication (Ray 2.60's `ray start` turns "
+                                      "it on when it finds a token file), set RAY_AUTH_MODE=token and the token "
+                                      "(RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from exc
         logger.info("joined Ray cluster at %s", address)
         return
     os.environ.setdefault(CHILD_CLEANUP, "1")

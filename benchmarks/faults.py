@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -44,12 +45,13 @@ import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from engine.store.remote import kept  # noqa: E402  (what storage copies)
 from tests.integration.engine.test_user_program import USER_PROGRAM  # noqa: E402  (the stranger's program)
 from tests.integration.ports import free_port  # noqa: E402
 from tests.integration.processes import marked, marked_env, new_mark  # noqa: E402
@@ -602,19 +604,22 @@ def row_two_runs_one_cluster(bench: Bench, cpus: int = 6) -> Row:
     started, ray = time.monotonic(), str(Path(sys.executable).parent / "ray")
     row = Row("two_runs_one_cluster", f"`ray start --head --num-cpus {cpus}`; two `tandem run --address` 3 s apart")
     port, temp = free_port(), tempfile.mkdtemp(prefix="rayf")  # short: Ray's socket paths have a length limit
-    head = Invocation(bench, ["start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
+    (Path(temp) / "token").write_text(secrets.token_hex(32))  # Ray 2.60: `ray start` turns token auth on
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(temp) / "token")}  # as the README says
+    head = Invocation(bench, ["start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              f"--num-cpus={cpus}",
                               f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
-                      "ray-head", command=[ray], RAY_process_group_cleanup_enabled="1")
+                      "ray-head", command=[ray], RAY_process_group_cleanup_enabled="1", **auth)
     address = f"127.0.0.1:{port}"
     try:
-        up = wait_until(lambda: subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
-                                               timeout=30).returncode == 0, head, 120, poll_s=2)
+        up = wait_until(lambda: "--block" in head.console.read_text(errors="replace"), head, 120, poll_s=1)
         if not up:
             return replace(row, outcome=f"BENCHMARK ERROR: the head did not come up: {head.last_line()}")
         invs = []
         for k in (1, 2):
             run_dir = bench.home / f"shared-{k}"
-            invs.append((start_run(bench, run_dir, f"shared-{k}", "--address", address), run_dir))
+            invs.append((Invocation(bench, ["run", *FLAGS, "--run-dir", str(run_dir), "--address", address],
+                                    f"shared-{k}", **auth), run_dir))
             time.sleep(3)
         row.killed = ["(none: two runs at once)"]
         row = settle_many(bench, row, invs, started)
@@ -683,8 +688,9 @@ def row_push_killed(bench: Bench) -> Row:
     row = Row("push_killed", "--storage DIR: first file at DIR: SIGKILL the driver; rerun on another dir")
     inv = start_run(bench, run_dir, "push_killed", "--storage", str(remote))
 
-    def pushed() -> list[str]:
-        return [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()] if remote.exists() else []
+    def pushed() -> list[str]:  # what the push copied (Ray Train writes its checkpoints under the storage too)
+        files = [PurePosixPath(p.relative_to(remote).as_posix()) for p in remote.rglob("*") if p.is_file()]
+        return [str(rel) for rel in files if kept(rel)] if remote.exists() else []
 
     scored = wait_until(lambda: len(list(run_dir.glob("*/test.json"))) >= 3, inv, bench.timeout_s, poll_s=0.2)
     if scored and wait_until(lambda: bool(pushed()), inv, bench.timeout_s, poll_s=0.0):  # the push follows

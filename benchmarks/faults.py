@@ -7,7 +7,10 @@ passes the even-numbered questions whatever the model says, so the weight step h
 invocation gets a fresh DSPy cache (every LM call reaches a replica) and its own
 ``TANDEM_TEST_MARK``: its replicas (``ray::LMReplica``), engines (``VLLM::EngineCore``) and Ray Train
 workers are found by mark and title and killed exactly. Rows: ``ROWS``, each ``row_*`` says what
-it does; ``baseline`` (undisturbed) always runs first.
+it does; ``baseline`` (undisturbed) always runs first. Beyond kills (issue 30): two runs on one
+``ray start --head`` cluster and two on one run dir, each run-dir file truncated in a copy of the
+finished baseline, a ``storage:`` push killed halfway and resumed on another run dir, and, on
+``tandem serve`` of the baseline, 1,000 concurrent clients and a SIGSTOPped vLLM EngineCore.
 
 Goal: every row completes with scores identical to the undisturbed run, or fails loudly with the
 cause in its last console line and a resumable run dir (the rerun completes, identical scores);

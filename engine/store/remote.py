@@ -70,7 +70,9 @@ def _copy(src: str, src_fs, dst: str, dst_fs) -> None:
 
 
 def push(run_dir: str | Path, uri: str) -> int:
-    """Copy the run dir's kept files to ``uri`` in dependency order; return how many were copied."""
+    """Copy the run dir's kept files to ``uri`` in dependency order, but those stored already and unchanged
+    here since (a run pushes at its end and when it stops; a resumed run does not upload its adapters
+    again); return how many were copied."""
     import pyarrow.fs as pafs
 
     fs, base = _fs(uri)
@@ -82,12 +84,27 @@ def push(run_dir: str | Path, uri: str) -> int:
             logger.warning("storage: %s is a symlink, not copied", path)
         elif path.is_file() and kept(rel):
             files.append(rel)
+    there = {_key(info.path, base): info for info in fs.get_file_info(pafs.FileSelector(base, recursive=True,
+                                                                                        allow_not_found=True))
+             if info.type == pafs.FileType.File}
     local = pafs.LocalFileSystem()
+    copied = 0
     for rel in sorted(files, key=rank):
+        if _current(there.get(rel), root / rel):
+            continue  # stored already, and not changed here since (steps and adapters never change)
         fs.create_dir(f"{base}/{rel.parent.as_posix()}", recursive=True)
         _copy(str(root / rel), local, f"{base}/{rel.as_posix()}", fs)
-    logger.info("storage: copied %d files of %s to %s", len(files), root, uri)
-    return len(files)
+        copied += 1
+    logger.info("storage: copied %d of %d files of %s to %s (the rest were stored already)", copied, len(files),
+                root, uri)
+    return copied
+
+
+def _current(stored, here: Path) -> bool:
+    """Whether the stored copy of ``here`` is up to date: the same size, and stored after ``here`` last changed."""
+    if stored is None or stored.size != here.stat().st_size or stored.mtime is None:
+        return False
+    return stored.mtime.timestamp() >= here.stat().st_mtime
 
 
 def pull(uri: str, run_dir: str | Path) -> bool:

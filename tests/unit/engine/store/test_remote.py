@@ -70,6 +70,21 @@ def test_push_copies_what_a_record_names_before_the_record(tmp_path, monkeypatch
     assert not list((tmp_path / "store").rglob("*.part-*"))  # every file landed whole under its name
 
 
+def test_push_copies_only_what_is_not_stored_yet_or_changed_since(tmp_path):
+    """A run pushes when it ends and when it stops, and a resumed run pushes again: stored adapters and
+    steps are not uploaded again (they were, every time: the end of every run uploaded its run dir twice)."""
+    local, store = tmp_path / "run", tmp_path / "store"
+    _run_dir(local)
+    assert push(local, str(store)) == 3
+    assert push(local, str(store)) == 0  # nothing new
+    (local / "best.json").write_text('{"best": "p"}')  # a new record
+    (local / "run.json").write_text(json.dumps({"strategy": "p", "resumed": 1}))  # a rewritten one
+    assert push(local, str(store)) == 2
+    assert json.loads((store / "run.json").read_text())["resumed"] == 1
+    (store / "01_p" / "step.json").write_text("")  # a stored copy cut short: another size, copied again
+    assert push(local, str(store)) == 1 and (store / "01_p" / "step.json").read_text() == "{}"
+
+
 def test_pull_refuses_keys_outside_the_run_dir():
     import pytest
 

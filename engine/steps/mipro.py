@@ -1,30 +1,55 @@
 """``MIPROStep``: dspy's MIPROv2 (instructions and demos searched together) as a step kind, on the pool.
 
-Runs stock ``dspy.MIPROv2``, built at compile time so that its task model is the program's LM as the
-step gets it (after a weight step: the fine-tuned one; dspy binds ``settings.lm`` at construction)
-and its prompt model is the program's LM unless ``prompt_model=`` is given. Its evaluations run on
-``num_threads`` concurrent program runs sized to the pool (dspy's default is 8). ``optuna`` (its
-search, which dspy imports only after bootstrapping and instruction proposal have spent their LM
-calls) is a dependency (``dspy[optuna]``) and is imported here before any LM call. Trials run one at
-a time, as in dspy (TPE's ``n_jobs=1``). Compile arguments (``num_trials``, ``max_bootstrapped_demos``,
-``minibatch`` …) come from the run's per-step ``compile_args``. Does not know run dirs or pools.
+Runs ``PoolMIPROv2``, dspy's MIPROv2 with its two serial loops made concurrent, built at compile time
+so that its task model is the program's LM as the step gets it (after a weight step: the fine-tuned
+one; dspy binds ``settings.lm`` at construction) and its prompt model is the program's LM unless
+``prompt_model=`` is given:
+
+- Demo sets (MIPROv2's step 1): dspy bootstraps each of its N candidate sets with its own
+  ``BootstrapFewShot``, one example at a time (measured: ~4.5 min on the embedded model). Here the
+  teacher runs over the trainset once, every example at once, and the N sets are drawn from those
+  traces as ``engine.steps.prompt.PromptStep`` draws its candidates (seed -3 zero-shot, -2 labelled,
+  -1 the first passing examples, ``s >= 0`` a shuffled order; each shuffled set uses its own
+  ``random.Random`` instead of dspy's one shared generator, so the sets differ from dspy's for the
+  same seed; the teacher's answer for an example is the same in every set).
+- Instruction proposal (step 2): dspy asks for one instruction at a time. Here the tips and rollout ids
+  are drawn in dspy's order from its generator (the same draws for the same seed), then every proposal
+  is asked at once on ``num_threads`` threads.
+- Trials (step 3) stay dspy's, one at a time (TPE's ``n_jobs=1``): its objective keeps shared state.
+
+Its evaluations run on ``num_threads`` concurrent program runs sized to the pool (dspy's default is
+8). ``optuna`` (its search, which dspy imports only after bootstrapping and instruction proposal have
+spent their LM calls) is a dependency (``dspy[optuna]``) and is imported here before any LM call.
+Compile arguments (``num_trials``, ``max_bootstrapped_demos``, ``minibatch`` …) come from the run's
+per-step ``compile_args``. Does not know run dirs or pools.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import random
 from typing import Any, Callable
 
 import dspy
+from dspy.propose import GroundedProposer
+from dspy.propose.grounded_proposer import TIPS
+from dspy.teleprompt import mipro_optimizer_v2 as stock
 from dspy.teleprompt.teleprompt import Teleprompter
+from dspy.utils.parallelizer import ParallelExecutor
+
+from engine.steps.prompt import PromptStep
+
+logger = logging.getLogger(__name__)
 
 
 class MIPROStep(Teleprompter):
-    """Run ``dspy.MIPROv2`` as a BetterTogether step (see the module docstring).
+    """Run ``PoolMIPROv2`` as a BetterTogether step (see the module docstring).
 
     Args:
         metric: the program's metric.
         prompt_model: the LM that proposes instructions; default the program's LM.
-        num_threads: concurrent program runs for MIPROv2's evaluations (size it to the pool).
+        num_threads: concurrent program runs and proposals (size it to the pool).
         auto: MIPROv2's preset ('light', 'medium', 'heavy'; None with ``num_candidates``).
         seed: MIPROv2's seed.
         **mipro_options: more ``dspy.MIPROv2`` constructor arguments (``num_candidates``,
@@ -57,6 +82,108 @@ class MIPROStep(Teleprompter):
         """MIPROv2 on ``student`` with ``compile_args`` (dspy's ``MIPROv2.compile`` arguments)."""
         lms = {id(p.lm): p.lm for p in student.predictors() if p.lm is not None}
         task = next(iter(lms.values())) if len(lms) == 1 else None
-        optimizer = dspy.MIPROv2(metric=self.metric, prompt_model=self.prompt_model or task, task_model=task,
-                                 num_threads=self.num_threads, auto=self.auto, seed=self.seed, **self.mipro_options)
+        optimizer = PoolMIPROv2(metric=self.metric, prompt_model=self.prompt_model or task, task_model=task,
+                                num_threads=self.num_threads, auto=self.auto, seed=self.seed, **self.mipro_options)
         return optimizer.compile(student, trainset=trainset, valset=valset or None, teacher=teacher, **compile_args)
+
+
+class PoolMIPROv2(dspy.MIPROv2):
+    """dspy's MIPROv2 whose demo sets and instruction proposals are made concurrently (module docstring)."""
+
+    def _bootstrap_fewshot_examples(self, program: Any, trainset: list, seed: int, teacher: Any, *,
+                                    num_fewshot_candidates: int, max_bootstrapped_demos: int, max_labeled_demos: int,
+                                    max_errors: int | None, metric_threshold: float | None) -> dict | None:
+        if metric_threshold is not None:
+            raise ValueError("metric_threshold is not supported by Tandem's MIPROv2 step (its bootstrap passes a "
+                             "trace whose metric is truthy)")
+        zeroshot = max_bootstrapped_demos == 0 and max_labeled_demos == 0
+        draw = PromptStep(self.metric, num_candidate_programs=max(0, num_fewshot_candidates - 3),
+                          max_bootstrapped_demos=stock.BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT if zeroshot
+                          else max_bootstrapped_demos,
+                          max_labeled_demos=stock.LABELED_FEWSHOT_EXAMPLES_IN_CONTEXT if zeroshot else max_labeled_demos,
+                          num_threads=self.num_threads, seed=seed)
+        logger.info("MIPROv2 step 1: %d demo sets from one concurrent bootstrap of %d examples",
+                    num_fewshot_candidates, len(trainset))
+        traces = draw.teacher_traces(program, teacher, trainset)
+        sets: dict[int, list] = {i: [] for i in range(len(program.predictors()))}
+        for candidate_seed in range(-3, num_fewshot_candidates - 3):
+            candidate = draw.candidate(program, candidate_seed, trainset, traces)
+            for i, pred in enumerate(candidate.predictors()):
+                sets[i].append(pred.demos)
+        return sets
+
+    def _propose_instructions(self, program: Any, trainset: list, demo_candidates: dict | None,
+                              view_data_batch_size: int, program_aware_proposer: bool, data_aware_proposer: bool,
+                              tip_aware_proposer: bool, fewshot_aware_proposer: bool,
+                              num_instruct_candidates: int) -> dict[int, list[str]]:
+        proposer = ConcurrentProposer(
+            program=program, trainset=trainset, prompt_model=self.prompt_model,
+            view_data_batch_size=view_data_batch_size, program_aware=program_aware_proposer,
+            use_dataset_summary=data_aware_proposer, use_task_demos=fewshot_aware_proposer,
+            num_demos_in_context=stock.BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT, use_tip=tip_aware_proposer,
+            set_tip_randomly=tip_aware_proposer, use_instruct_history=False, set_history_randomly=False,
+            verbose=self.verbose, rng=self.rng, init_temperature=self.init_temperature)
+        proposer.num_threads = self.num_threads
+        candidates = proposer.propose_instructions_for_program(trainset=trainset, program=program,
+                                                               demo_candidates=demo_candidates,
+                                                               N=num_instruct_candidates, trial_logs={})
+        for i, pred in enumerate(program.predictors()):  # candidate 0 is the program's own (dspy's)
+            candidates[i][0] = stock.get_signature(pred).instructions
+        return candidates
+
+
+class _Drawn(random.Random):
+    """A generator whose ``randint`` returns a value drawn beforehand (a proposal's rollout id)."""
+
+    def __init__(self, value: int):
+        super().__init__(value)
+        self.value = value
+
+    def randint(self, a: int, b: int) -> int:
+        return self.value
+
+
+class ConcurrentProposer(GroundedProposer):
+    """dspy's GroundedProposer asking every instruction at once: each proposal gets its tip and rollout id
+    drawn beforehand in dspy's order from the shared generator, and its own copy of the proposer."""
+
+    num_threads = 8
+
+    def propose_instructions_for_program(self, trainset, program, demo_candidates, trial_logs,
+                                         N) -> dict[int, list[str]]:  # noqa: N803 (dspy's name)
+        if not demo_candidates:
+            self.use_task_demos = False
+            num_demos = N
+        else:
+            num_demos = max(len(demo_candidates[0]), 1)
+        jobs = []
+        for pred_i, predictor in enumerate(program.predictors()):
+            for demo_set_i in range(num_demos)[:min(N, num_demos)]:
+                tip, use_tip = None, self.use_tip
+                if self.set_tip_randomly:
+                    tip = TIPS[self.rng.choice(list(TIPS.keys()))]
+                    use_tip = bool(tip)
+                one = copy.copy(self)  # its own tip switch and rollout id; the rest is shared and read-only
+                one.use_tip, one.rng = use_tip, _Drawn(self.rng.randint(0, 10**9))
+                jobs.append((one, pred_i, predictor, demo_set_i, tip))
+
+        def ask(job):
+            one, pred_i, predictor, demo_set_i, tip = job
+            try:
+                return one.propose_instruction_for_predictor(program=program, predictor=predictor, pred_i=pred_i,
+                                                             demo_candidates=demo_candidates, demo_set_i=demo_set_i,
+                                                             trial_logs=trial_logs, tip=tip)
+            except Exception as exc:  # raised below, after the others finished
+                return exc
+
+        logger.info("MIPROv2 step 2: %d instruction proposals at once (%d threads)", len(jobs), self.num_threads)
+        answers = ParallelExecutor(num_threads=max(1, min(self.num_threads, len(jobs))), disable_progress_bar=True,
+                                   max_errors=len(jobs) + 1, provide_traceback=False, timeout=0).execute(ask, jobs)
+        failed = [a for a in answers if isinstance(a, Exception)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(jobs)} instruction proposals failed: "
+                               f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
+        proposed: dict[int, list[str]] = {}
+        for (_, pred_i, *_), answer in zip(jobs, answers):
+            proposed.setdefault(pred_i, []).append(answer)
+        return proposed

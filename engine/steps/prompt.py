@@ -112,8 +112,8 @@ class PromptStep(Teleprompter):
                 raise ValueError(f"`restrict` {restrict!r} does not match any candidate seed in "
                                  f"range(-3, {self.num_candidate_programs}); no candidate programs would be evaluated.")
             seeds = [s for s in seeds if s in restrict]
-        traces = self._teacher_traces(student, teacher, trainset) if max(seeds) >= -1 else []
-        candidates = [(seed, self._candidate(student, seed, trainset, traces, labeled_sample)) for seed in seeds]
+        traces = self.teacher_traces(student, teacher, trainset) if max(seeds) >= -1 else []
+        candidates = [(seed, self.candidate(student, seed, trainset, traces, labeled_sample)) for seed in seeds]
         scores = evaluate_many([c for _, c in candidates], valset, self.metric, num_threads=self.num_threads,
                                desc="prompt candidates")
         ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))  # ties keep the earlier
@@ -128,7 +128,8 @@ class PromptStep(Teleprompter):
         """The ``random.Random`` seed of candidate ``seed >= 0``: dspy's own when ``self.seed`` is 0."""
         return seed + 1_000_000 * self.seed
 
-    def _teacher_traces(self, student, teacher, trainset) -> list[Trace]:
+    def teacher_traces(self, student, teacher, trainset) -> list[Trace]:
+        """The teacher's (default the student's) passing traces over ``trainset``, every example at once."""
         teacher = (teacher if teacher is not None else student).deepcopy()
         if self.max_labeled_demos and not getattr(teacher, "_compiled", False):  # dspy's BootstrapFewShot
             teacher = labeled(teacher, trainset, self.max_labeled_demos, sample=True)
@@ -136,8 +137,9 @@ class PromptStep(Teleprompter):
                            exclude_own_demo=True)
         return result.traces
 
-    def _candidate(self, student, seed: int, trainset: list, traces: list[Trace],
-                   labeled_sample: bool = True) -> dspy.Module:
+    def candidate(self, student, seed: int, trainset: list, traces: list[Trace],
+                  labeled_sample: bool = True) -> dspy.Module:
+        """Candidate ``seed``'s program (module docstring), its demos drawn from ``traces``."""
         if seed == -3:
             return copy_without_demos(student)
         if seed == -2:

@@ -32,6 +32,8 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from engine.steps.options import check_options
+
 logger = logging.getLogger(__name__)
 
 REFLECTION_TEMPERATURE = 1.0
@@ -119,16 +121,8 @@ class GEPAStep(Teleprompter):
         self.seed = seed
         self.gepa_options = gepa_options
         self.last_run: dict = {}
-        self._check_options()
+        check_options(dspy.GEPA.__init__, gepa_options, ours={"metric"}, name="GEPA")
 
-    def _check_options(self) -> None:
-        """Fail at construction on an argument dspy.GEPA does not take (not after the pool is up)."""
-        import inspect
-
-        taken = set(inspect.signature(dspy.GEPA.__init__).parameters) - {"self", "metric"}
-        unknown = sorted(set(self.gepa_options) - taken)
-        if unknown:
-            raise ValueError(f"GEPA does not take {unknown}; its arguments: {sorted(taken)}")
 
     def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None,
                 state_dir: str | Path | None = None, **_: Any) -> dspy.Module:

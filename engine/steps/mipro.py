@@ -38,6 +38,7 @@ from dspy.teleprompt import mipro_optimizer_v2 as stock
 from dspy.teleprompt.teleprompt import Teleprompter
 from dspy.utils.parallelizer import ParallelExecutor
 
+from engine.steps.options import check_options
 from engine.steps.prompt import PromptStep
 
 logger = logging.getLogger(__name__)
@@ -62,14 +63,9 @@ class MIPROStep(Teleprompter):
 
     def __init__(self, metric: Callable, *, prompt_model: dspy.LM | None = None, num_threads: int = 32,
                  auto: str | None = "light", seed: int = 9, **mipro_options: Any):
-        import inspect
-
         import optuna  # noqa: F401  # pyflakes: ignore -- dspy imports it only after the bootstrap's LM calls
 
-        taken = set(inspect.signature(dspy.MIPROv2.__init__).parameters) - {"self", "metric", "task_model"}
-        unknown = sorted(set(mipro_options) - taken)
-        if unknown:
-            raise ValueError(f"MIPROv2 does not take {unknown}; its arguments: {sorted(taken)}")
+        check_options(dspy.MIPROv2.__init__, mipro_options, ours={"metric", "task_model"}, name="MIPROv2")
         self.metric = metric
         self.prompt_model = prompt_model
         self.num_threads = num_threads

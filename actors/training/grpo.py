@@ -1,0 +1,201 @@
+"""GRPO's learner: LoRA policy-gradient updates from groups of rollouts, kept in memory across steps.
+
+Knows dspy 3.4.1's GRPO data (``dspy.clients.utils_finetune.GRPOGroup``: ``{"batch_id", "group":
+[{"messages", "completion", "reward"}, ...]}``, one group = one input's rollouts), group-relative
+advantages (a rollout's reward minus its group's mean, divided by the group's std unless
+``scale_rewards`` is off — Dr. GRPO's variant), the policy-gradient loss on the completion's tokens
+(``loss``: 'grpo' averages each sequence's tokens, then the sequences; 'token' averages every
+completion token of the batch at once, so long answers weigh more), a KL penalty to the base model
+with weight ``beta`` (k3 estimator; the reference is the same model with the adapter disabled, so no
+second copy is held), gradient clipping, and the adapter saved in peft format for the pool to hot-load.
+
+One optimizer step per ``step`` call, on-policy: the rollouts come from the adapter being trained, so
+PPO's ratio is 1 and its clip never bites (several updates per batch are not implemented). A group
+whose rewards are all equal has no advantage and teaches nothing: it is counted
+(``zero_variance_groups``), not trained on. Plain Python: a Ray actor or a test holds one ``Learner``
+for the whole run, so the model and optimizer state persist between steps (no Ray Train start per step).
+Does not know Ray, the pool or DSPy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from actors.typed_config import typed_config
+
+LOSSES = ("grpo", "token")
+
+
+@typed_config
+class GRPOConfig:
+    """The learner's LoRA and update settings (typed by field, ``actors.typed_config``)."""
+
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            metadata={"help": "modules to adapt"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    beta: float = field(default=0.0, metadata={"help": "KL penalty to the base model (0: none, no reference pass)"})
+    loss: str = field(default="grpo", metadata={"help": "'grpo' (mean of per-sequence token means) or 'token' "
+                                                        "(mean over every completion token)", "choices": LOSSES})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std "
+                                                                "(off: Dr. GRPO)"})
+    max_seq_len: int = field(default=1024, metadata={"help": "truncate longer prompt + completion"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's L2 norm (0: no clipping)"})
+    seed: int = field(default=0, metadata={"help": "LoRA init seed"})
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.rank < 1 or self.lr <= 0 or self.beta < 0 or self.micro_batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError("rank, micro_batch_size >= 1, lr > 0, beta >= 0 and max_seq_len >= 2 are required")
+
+
+def advantages(rewards: list[float], scale: bool = True) -> list[float]:
+    """Group-relative advantages: reward minus the group's mean, over its (population) std when ``scale``.
+
+    Example:
+        >>> advantages([1.0, 0.0, 0.0, 1.0])
+        [1.0, -1.0, -1.0, 1.0]
+        >>> advantages([0.5, 0.5])
+        [0.0, 0.0]
+    """
+    mean = sum(rewards) / len(rewards)
+    centred = [r - mean for r in rewards]
+    std = math.sqrt(sum(c * c for c in centred) / len(rewards))
+    if not scale:
+        return centred
+    return [c / std if std > 1e-8 else 0.0 for c in centred]
+
+
+class Learner:
+    """A peft LoRA policy and its optimizer, updated once per ``step`` (see the module docstring).
+
+    Args:
+        model_path: a local Hugging Face model directory (the pool's base model).
+        cfg: the learner's settings.
+
+    Example:
+        >>> learner = Learner(str(models.materialize(models.TINY)), GRPOConfig(lr=1e-3))  # doctest: +SKIP
+        >>> learner.step([{"batch_id": 0, "group": rollouts}])["loss"]  # doctest: +SKIP
+    """
+
+    def __init__(self, model_path: str, cfg: GRPOConfig):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.torch = cfg, torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        self.model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                     target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+        self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        self.steps = 0
+
+    def encode(self, messages: list[dict], completion: dict) -> tuple[list[int], int]:
+        """Token ids of the prompt + completion (the training loop's chat encoding), cut to ``max_seq_len``,
+        and the prompt's length."""
+        from actors.training.loop import encode
+
+        full, prompt = encode(self.tokenizer, [*messages, completion])
+        return full[: self.cfg.max_seq_len], min(prompt, self.cfg.max_seq_len)
+
+    def step(self, groups: list[dict]) -> dict[str, Any]:
+        """One update from dspy GRPO groups; the step's metrics.
+
+        Returns:
+            ``{"step", "groups", "rollouts", "reward_mean", "reward_std", "zero_variance_groups", "loss", "kl",
+            "tokens", "grad_norm", "seconds"}`` (``loss`` and ``kl`` over the rollouts trained on; 0 when
+            every group had equal rewards and nothing was trained).
+        """
+        torch, started = self.torch, time.perf_counter()
+        rewards = [float(r["reward"]) for g in groups for r in g["group"]]
+        rows, flat = [], 0
+        for g in groups:
+            adv = advantages([float(r["reward"]) for r in g["group"]], self.cfg.scale_rewards)
+            flat += all(a == 0.0 for a in adv)
+            for rollout, a in zip(g["group"], adv):
+                ids, prompt = self.encode(rollout["messages"], rollout["completion"])
+                if a != 0.0 and len(ids) > prompt:
+                    rows.append((ids, prompt, a))
+        mean = sum(rewards) / max(1, len(rewards))
+        out = {"step": self.steps + 1, "groups": len(groups), "rollouts": len(rewards), "reward_mean": mean,
+               "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))),
+               "zero_variance_groups": flat, "loss": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0}
+        if rows:
+            self.model.train()
+            self.optim.zero_grad(set_to_none=True)
+            total_tokens = sum(len(ids) - prompt for ids, prompt, _ in rows)
+            loss_sum = kl_sum = 0.0
+            for i in range(0, len(rows), self.cfg.micro_batch_size):
+                part = rows[i: i + self.cfg.micro_batch_size]
+                loss, kl = self._loss(part, len(rows), total_tokens)
+                loss.backward()
+                loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
+                                                  else float("inf"))
+            self.optim.step()
+            out.update(loss=loss_sum, kl=kl_sum / total_tokens, tokens=total_tokens, grad_norm=float(norm))
+        self.steps += 1
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+    def _loss(self, rows: list[tuple[list[int], int, float]], n_rows: int, n_tokens: int):
+        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its KL sum."""
+        torch = self.torch
+        width = max(len(ids) for ids, _, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows], device=self.device)
+        mask = torch.zeros_like(ids, dtype=torch.float32)
+        for k, (seq, prompt, _) in enumerate(rows):
+            mask[k, prompt:len(seq)] = 1.0  # the completion's tokens
+        attention = (torch.arange(width, device=self.device)[None, :] < torch.tensor(
+            [len(r[0]) for r in rows], device=self.device)[:, None]).long()
+        adv = torch.tensor([r[2] for r in rows], device=self.device)[:, None]
+        logp = self._token_logprobs(ids, attention)
+        mask = mask[:, 1:]  # token t is predicted at position t-1
+        per_token = -adv * logp
+        kl = torch.zeros_like(logp)
+        if self.cfg.beta > 0:
+            with torch.no_grad(), self.model.disable_adapter():
+                ref = self._token_logprobs(ids, attention)
+            delta = ref - logp
+            kl = torch.exp(delta) - delta - 1.0  # k3: >= 0, unbiased for KL(policy || reference)
+            per_token = per_token + self.cfg.beta * kl
+        if self.cfg.loss == "grpo":
+            per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            loss = per_seq.sum() / n_rows
+        else:
+            loss = (per_token * mask).sum() / n_tokens
+        return loss, float((kl.detach() * mask).sum())
+
+    def _token_logprobs(self, ids, attention):
+        """log p(token t | tokens < t) for t >= 1, shape [batch, width - 1]."""
+        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        return self.torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    def logprob(self, messages: list[dict], completion: dict) -> float:
+        """The summed log-probability of ``completion``'s tokens after ``messages`` under the current adapter."""
+        torch = self.torch
+        seq, prompt = self.encode(messages, completion)
+        ids = torch.tensor([seq], device=self.device)
+        self.model.eval()
+        with torch.no_grad():
+            logp = self._token_logprobs(ids, torch.ones_like(ids))
+        return float(logp[0, prompt - 1:].sum())
+
+    def save(self, out_dir: str | Path) -> str:
+        """Write the adapter (peft format: what the pool's replicas hot-load); its path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(out))
+        return str(out)

@@ -1,0 +1,70 @@
+"""GRPO's learner on the tiny random Llama (real torch and peft, in this process): advantages, an update
+that moves probability towards the rewarded completion and away from the others, zero-variance
+groups that teach nothing, the KL penalty to the base model, a hot-loadable adapter."""
+
+import json
+
+import pytest
+
+from actors import models
+from actors.training.grpo import GRPOConfig, Learner, advantages
+
+PROMPT = [{"role": "user", "content": "Say a colour."}]
+GOOD, BAD = {"role": "assistant", "content": "blue"}, {"role": "assistant", "content": "seventeen horses"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return str(models.materialize(models.TINY))
+
+
+def _group(rewards_by_completion, batch_id=0):
+    return {"batch_id": batch_id, "group": [{"messages": PROMPT, "completion": c, "reward": r}
+                                            for c, r in rewards_by_completion]}
+
+
+def test_advantages_are_group_relative_and_scaled_unless_told_not_to():
+    assert advantages([1.0, 0.0, 0.0, 1.0]) == [1.0, -1.0, -1.0, 1.0]
+    assert advantages([1.0, 0.0, 0.0, 1.0], scale=False) == [0.5, -0.5, -0.5, 0.5]
+    assert advantages([0.3, 0.3, 0.3]) == [0.0, 0.0, 0.0]
+
+
+def test_a_step_moves_probability_to_the_rewarded_completion(tiny):
+    learner = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16))
+    before = learner.logprob(PROMPT, GOOD) - learner.logprob(PROMPT, BAD)
+    for _ in range(3):
+        metrics = learner.step([_group([(GOOD, 1.0), (BAD, 0.0), (GOOD, 1.0), (BAD, 0.0)])])
+    after = learner.logprob(PROMPT, GOOD) - learner.logprob(PROMPT, BAD)
+    assert after > before + 0.5  # the rewarded answer gained on the other
+    assert metrics["step"] == 3 and metrics["rollouts"] == 4 and metrics["reward_mean"] == 0.5
+    assert metrics["tokens"] > 0 and metrics["zero_variance_groups"] == 0
+
+
+def test_a_group_with_equal_rewards_teaches_nothing(tiny):
+    learner = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16))
+    before = learner.logprob(PROMPT, GOOD)
+    metrics = learner.step([_group([(GOOD, 1.0), (BAD, 1.0)]), _group([(GOOD, 0.0), (BAD, 0.0)], 1)])
+    assert metrics["zero_variance_groups"] == 2 and metrics["tokens"] == 0 and metrics["loss"] == 0.0
+    assert learner.logprob(PROMPT, GOOD) == before  # no update
+
+
+def test_the_kl_to_the_base_model_is_zero_at_first_and_grows_as_the_adapter_moves(tiny):
+    learner = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16, beta=0.1, loss="token"))
+    first = learner.step([_group([(GOOD, 1.0), (BAD, 0.0)])])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # peft starts with B = 0: the policy is the base model
+    later = learner.step([_group([(GOOD, 1.0), (BAD, 0.0)])])
+    assert later["kl"] > 0.0
+
+
+def test_the_adapter_is_saved_for_the_pool_to_load(tiny, tmp_path):
+    learner = Learner(tiny, GRPOConfig(rank=8, alpha=16))
+    path = learner.save(tmp_path / "v1")
+    config = json.loads((tmp_path / "v1" / "adapter_config.json").read_text())
+    assert path == str(tmp_path / "v1") and config["r"] == 8 and (tmp_path / "v1" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        GRPOConfig(loss="ppo")
+    with pytest.raises(ValueError, match="beta >= 0"):
+        GRPOConfig(beta=-1.0)

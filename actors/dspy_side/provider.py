@@ -5,7 +5,9 @@ changing only ``provider=``: ``lm.launch()`` brings the pool up serving ``lm.mod
 model or an adapter this provider trained), ``lm.kill()`` stops the replicas in the ``relaunch``
 lifecycle (the paper's: free the accelerators for training) and keeps them in ``hotswap``, and
 ``lm.finetune(...)`` writes dspy's chat rows as Parquet, trains a LoRA adapter with Ray Train
-(``actors.dspy_side.finetune``), serves it, and resolves the job to an LM addressing the new adapter id.
+(``actors.dspy_side.finetune``), serves it, and resolves the job to an LM addressing the new adapter id;
+``lm.reinforce(...)`` (what ``dspy.GRPO`` calls) gives a ``TandemReinforceJob``
+(``actors.dspy_side.reinforce``): a learner that stays up and a new adapter on every replica per step.
 Fine-tune jobs run one at a time: dspy starts each ``finetune`` in its own thread, and two jobs
 at once would kill/relaunch the same pool and compete for its cores, so a lock serializes them
 (input checks run before it; a second job waits for the first). Knows dspy's
@@ -28,6 +30,8 @@ from dspy.clients.utils_finetune import TrainDataFormat
 
 from actors.dspy_side.client import router_lm
 from actors.dspy_side.finetune import LIFECYCLES, FinetuneResult, finetune
+from actors.dspy_side.reinforce import TandemReinforceJob
+from actors.training.grpo import GRPOConfig
 from actors.training.config import LoraTrainConfig
 from actors.inference.pool import ReplicaPool
 from actors.inference.router import Router
@@ -58,6 +62,8 @@ class TandemProvider(Provider):
         train: LoRA settings; a job's ``train_kwargs`` override fields by name (or dspy alias).
         lifecycle: 'relaunch' (``kill()`` stops the replicas) or 'hotswap' (they keep serving).
         adapter_root: where adapters are written; default a new temporary directory.
+        grpo: the GRPO learner's settings for ``lm.reinforce`` (``dspy.GRPO``); a job's ``train_kwargs``
+            override fields by name.
 
     Example:
         >>> lm = TandemProvider(pool, lifecycle="hotswap").lm(max_tokens=150)  # doctest: +SKIP
@@ -66,12 +72,15 @@ class TandemProvider(Provider):
     """
 
     def __init__(self, pool: ReplicaPool, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
-                 adapter_root: str | Path | None = None):
+                 adapter_root: str | Path | None = None, grpo: GRPOConfig | None = None):
         super().__init__()
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.finetunable = True
         self.TrainingJob = TandemTrainingJob
+        self.reinforceable = True  # dspy.GRPO: actors.dspy_side.reinforce
+        self.ReinforceJob = TandemReinforceJob
+        self.grpo = grpo or GRPOConfig()
         self.pool = pool
         self.train = train or LoraTrainConfig()
         self.lifecycle = lifecycle

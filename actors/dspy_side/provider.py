@@ -81,6 +81,7 @@ class TandemProvider(Provider):
         self.reinforceable = True  # dspy.GRPO: actors.dspy_side.reinforce
         self.ReinforceJob = TandemReinforceJob
         self.grpo = grpo or GRPOConfig()
+        self.reinforce_jobs: list[TandemReinforceJob] = []  # every job's ``history`` (per-step metrics)
         self.pool = pool
         self.train = train or LoraTrainConfig()
         self.lifecycle = lifecycle

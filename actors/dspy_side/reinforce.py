@@ -10,7 +10,8 @@ LM's); ``step(groups)`` runs one learner update, saves the adapter as a new vers
 program's predictors hold, as GRPO expects: it updates the LM in place) at it and unloads the
 previous version, so the next batch of rollouts samples from the new policy; ``save_checkpoint``
 writes the adapter under a name; ``terminate()`` stops the learner and leaves the last version served.
-Each step's metrics (reward mean/std, zero-variance groups, loss, KL, tokens, learn and sync seconds)
+Each step's metrics (reward mean/std, zero-variance groups, loss, KL, tokens, rollout, learn and sync
+seconds)
 are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, ``groups_per_step``,
 ``learner_cpus``, ``learner_gpus``; dspy's own ``num_generations`` is accepted and only recorded.
 
@@ -92,6 +93,7 @@ class TandemReinforceJob(ReinforceJob):
         self.version = 0
         self.history: list[dict] = []
         self.state = "created"
+        getattr(self.provider, "reinforce_jobs", []).append(self)
 
     def initialize(self) -> None:
         """Launch the pool (no-op when up) and start the learner."""
@@ -100,6 +102,7 @@ class TandemReinforceJob(ReinforceJob):
         self.learner = self.learner_factory(model_path, self.cfg, float(self.options["learner_cpus"]),
                                             float(self.options["learner_gpus"]))
         self.state = "running"
+        self._since = time.perf_counter()  # the rollouts of a step run between two ``step`` calls
         logger.info("GRPO job %s: learner up for %s (lr %g, beta %g, loss %s, %d group(s) per step)", self.job_id,
                     self.pool.model_id, self.cfg.lr, self.cfg.beta, self.cfg.loss, self.options["groups_per_step"])
 
@@ -123,6 +126,7 @@ class TandemReinforceJob(ReinforceJob):
             raise ValueError(f"a GRPO step takes {TrainDataFormat.GRPO_CHAT.value!r} data, got {train_data_format!r}")
         if self.state != "running":
             raise ValueError(f"GRPO job {self.job_id} is {self.state}; initialize() it first")
+        rollout_s = time.perf_counter() - self._since
         metrics = _call(self.learner, "step", train_data)
         self.next_batch = max([self.next_batch - 1, *(int(g["batch_id"]) for g in train_data)]) + 1
         self.version += 1
@@ -133,12 +137,13 @@ class TandemReinforceJob(ReinforceJob):
         previous, self.lm.model = self.lm.model, name
         if previous != self.pool.model_id:
             self.pool.unload_adapter(previous)
-        metrics.update(model=name, sync_s=time.perf_counter() - started)
+        metrics.update(model=name, sync_s=time.perf_counter() - started, rollout_s=rollout_s)
+        self._since = time.perf_counter()
         self.history.append(metrics)
         logger.info("GRPO %s step %d: reward %.3f ± %.3f, %d/%d group(s) without variance, loss %.4f, kl %.4f, "
-                    "learn %.1fs, adapter on every replica in %.1fs", self.job_id, metrics["step"],
+                    "rollouts %.1fs, learn %.1fs, adapter on every replica in %.1fs", self.job_id, metrics["step"],
                     metrics["reward_mean"], metrics["reward_std"], metrics["zero_variance_groups"], metrics["groups"],
-                    metrics["loss"], metrics["kl"], metrics["seconds"], metrics["sync_s"])
+                    metrics["loss"], metrics["kl"], rollout_s, metrics["seconds"], metrics["sync_s"])
         return metrics
 
     def save_checkpoint(self, checkpoint_name: str) -> str:

@@ -4,6 +4,10 @@ Knows dspy 3.4.1's GRPO data (``dspy.clients.utils_finetune.GRPOGroup``: ``{"bat
 [{"messages", "completion", "reward"}, ...]}``, one group = one input's rollouts), group-relative
 advantages (a rollout's reward minus its group's mean, divided by the group's std unless
 ``scale_rewards`` is off — Dr. GRPO's variant), the policy-gradient loss on the completion's tokens
+where the group's completions differ (``mask_shared``: the tokens all of them start and end with are
+the answer format's scaffolding, forced under constrained decoding; trained on, they teach the
+policy what follows a choice instead of the choice — seen on the tiny model, where the reward did not
+move until they were masked)
 (``loss``: 'grpo' averages each sequence's tokens, then the sequences; 'token' averages every
 completion token of the batch at once, so long answers weigh more), a KL penalty to the base model
 with weight ``beta`` (k3 estimator; the reference is the same model with the adapter disabled, so no
@@ -45,6 +49,10 @@ class GRPOConfig:
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's std "
                                                                 "(off: Dr. GRPO)"})
     max_seq_len: int = field(default=1024, metadata={"help": "truncate longer prompt + completion"})
+    mask_shared: bool = field(default=True, metadata={
+        "help": "train only on the span where a group's completions differ: the tokens every completion of the "
+                "group starts or ends with are the answer format's scaffolding (under constrained decoding the "
+                "sampler had no choice there), on which the gradient would teach only what follows a choice"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's L2 norm (0: no clipping)"})
     seed: int = field(default=0, metadata={"help": "LoRA init seed"})
@@ -54,6 +62,21 @@ class GRPOConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.rank < 1 or self.lr <= 0 or self.beta < 0 or self.micro_batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("rank, micro_batch_size >= 1, lr > 0, beta >= 0 and max_seq_len >= 2 are required")
+
+
+def shared_ends(completions: list[list[int]]) -> tuple[int, int]:
+    """How many tokens all ``completions`` share at their start and, beyond that, at their end.
+
+    Example:
+        >>> shared_ends([[1, 2, 7, 9, 5], [1, 2, 8, 9, 5], [1, 2, 6, 6, 9, 5]])
+        (2, 2)
+    """
+    if len(completions) < 2:
+        return 0, 0
+    shortest = min(len(c) for c in completions)
+    head = next((i for i in range(shortest) if len({c[i] for c in completions}) > 1), shortest)
+    tail = next((i for i in range(shortest - head) if len({c[-1 - i] for c in completions}) > 1), shortest - head)
+    return head, tail
 
 
 def advantages(rewards: list[float], scale: bool = True) -> list[float]:
@@ -122,10 +145,12 @@ class Learner:
         for g in groups:
             adv = advantages([float(r["reward"]) for r in g["group"]], self.cfg.scale_rewards)
             flat += all(a == 0.0 for a in adv)
-            for rollout, a in zip(g["group"], adv):
-                ids, prompt = self.encode(rollout["messages"], rollout["completion"])
-                if a != 0.0 and len(ids) > prompt:
-                    rows.append((ids, prompt, a))
+            encoded = [self.encode(r["messages"], r["completion"]) for r in g["group"]]
+            head, tail = shared_ends([ids[prompt:] for ids, prompt in encoded]) if self.cfg.mask_shared else (0, 0)
+            for (ids, prompt), a in zip(encoded, adv):
+                start, end = prompt + head, len(ids) - tail
+                if a != 0.0 and end > start:
+                    rows.append((ids, start, end, a))
         mean = sum(rewards) / max(1, len(rewards))
         out = {"step": self.steps + 1, "groups": len(groups), "rollouts": len(rewards), "reward_mean": mean,
                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))),
@@ -133,7 +158,7 @@ class Learner:
         if rows:
             self.model.train()
             self.optim.zero_grad(set_to_none=True)
-            total_tokens = sum(len(ids) - prompt for ids, prompt, _ in rows)
+            total_tokens = sum(end - start for _, start, end, _ in rows)
             loss_sum = kl_sum = 0.0
             for i in range(0, len(rows), self.cfg.micro_batch_size):
                 part = rows[i: i + self.cfg.micro_batch_size]
@@ -149,18 +174,19 @@ class Learner:
         out["seconds"] = time.perf_counter() - started
         return out
 
-    def _loss(self, rows: list[tuple[list[int], int, float]], n_rows: int, n_tokens: int):
-        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its KL sum."""
+    def _loss(self, rows: list[tuple[list[int], int, int, float]], n_rows: int, n_tokens: int):
+        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its KL sum;
+        a row is (ids, first trained position, end, advantage)."""
         torch = self.torch
-        width = max(len(ids) for ids, _, _ in rows)
+        width = max(len(ids) for ids, _, _, _ in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows], device=self.device)
         mask = torch.zeros_like(ids, dtype=torch.float32)
-        for k, (seq, prompt, _) in enumerate(rows):
-            mask[k, prompt:len(seq)] = 1.0  # the completion's tokens
+        for k, (_, start, end, _) in enumerate(rows):
+            mask[k, start:end] = 1.0  # the completion's tokens the policy chose
         attention = (torch.arange(width, device=self.device)[None, :] < torch.tensor(
             [len(r[0]) for r in rows], device=self.device)[:, None]).long()
-        adv = torch.tensor([r[2] for r in rows], device=self.device)[:, None]
+        adv = torch.tensor([r[3] for r in rows], device=self.device)[:, None]
         logp = self._token_logprobs(ids, attention)
         mask = mask[:, 1:]  # token t is predicted at position t-1
         per_token = -adv * logp

@@ -97,7 +97,7 @@ def test_unmodified_dspy_grpo_trains_and_each_version_reaches_the_rollouts(tiny,
 
     (job,) = jobs
     assert [m["step"] for m in job.history] == [1, 2] and all(m["groups"] == 2 for m in job.history)
-    assert all(m["reward_mean"] == 0.5 and m["tokens"] > 0 for m in job.history)  # 'a' and 'b' in each group
+    assert all(m["reward_mean"] == 0.5 and m["tokens"] > 0 and m["rollout_s"] > 0 for m in job.history)  # 'a' and 'b' in each group
     v1, v2 = f"{BASE}:{job.job_id}-v1", f"{BASE}:{job.job_id}-v2"
     assert [name for name, _ in provider.pool.loaded] == [v1, v2] and provider.pool.unloaded == [v1]
     assert all((tmp_path / f"{job.job_id}-v{k}" / "adapter_config.json").is_file() for k in (1, 2))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from actors import models
-from actors.training.grpo import GRPOConfig, Learner, advantages
+from actors.training.grpo import GRPOConfig, Learner, advantages, shared_ends
 
 PROMPT = [{"role": "user", "content": "Say a colour."}]
 GOOD, BAD = {"role": "assistant", "content": "blue"}, {"role": "assistant", "content": "seventeen horses"}
@@ -27,6 +27,14 @@ def test_advantages_are_group_relative_and_scaled_unless_told_not_to():
     assert advantages([1.0, 0.0, 0.0, 1.0]) == [1.0, -1.0, -1.0, 1.0]
     assert advantages([1.0, 0.0, 0.0, 1.0], scale=False) == [0.5, -0.5, -0.5, 0.5]
     assert advantages([0.3, 0.3, 0.3]) == [0.0, 0.0, 0.0]
+
+
+def test_only_the_span_where_a_groups_completions_differ_is_trained():
+    """A constrained layout's scaffolding (the same tokens before and after the choice in every rollout) is
+    no choice of the policy: trained on, the tiny model learned what follows 'blue', not to say 'blue'."""
+    assert shared_ends([[1, 2, 7, 9, 5], [1, 2, 8, 9, 5], [1, 2, 6, 6, 9, 5]]) == (2, 2)
+    assert shared_ends([[1, 2], [1, 2]]) == (2, 0)  # identical completions: nothing differs
+    assert shared_ends([[4, 5, 6]]) == (0, 0)  # a lone rollout: all of it
 
 
 def test_a_step_moves_probability_to_the_rewarded_completion(tiny):

@@ -115,8 +115,8 @@ class Invocation:
                          MLFLOW_DISABLE_TELEMETRY="true", DSPY_CACHEDIR=tempfile.mkdtemp(dir=bench.home), **env_extra)
         env.pop("RAY_ADDRESS", None)  # every run names its Ray: its own local one, or --address
         with open(self.console, "w") as out:
-            self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "engine"]), *args], cwd=bench.home, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, text=True,
+            self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "engine"]), *args], cwd=bench.home,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started, self.timeout_s = time.monotonic(), bench.timeout_s
         self.seen: dict[int, float] = {}  # pid -> start time of every process seen below the invocation
@@ -707,8 +707,10 @@ def row_push_killed(bench: Bench) -> Row:
     row = settle(bench, row, start_run(bench, elsewhere, "push_killed-elsewhere", "--storage", str(remote)),
                  elsewhere, started)
     whole = sorted(pushed())
-    row.extra["remote_at_end"] = {"files": len(whole), "run.json": "run.json" in whole, "best.json": "best.json" in whole}
-    row.outcome += (f"; storage after the kill: {len(at_kill)} file(s), run.json {'there' if 'run.json' in at_kill else 'absent'}"
+    row.extra["remote_at_end"] = {"files": len(whole), "run.json": "run.json" in whole,
+                                  "best.json": "best.json" in whole}
+    row.outcome += (f"; storage after the kill: {len(at_kill)} file(s), run.json "
+                    f"{'there' if 'run.json' in at_kill else 'absent'}"
                     f"; at the end: {len(whole)} files, run.json and best.json "
                     f"{'there' if {'run.json', 'best.json'} <= set(whole) else 'MISSING'}")
     return row

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         shares = {m: blue_share(program.lm, m, args.samples) for m in (pool.model_id, program.lm.model)}
     finally:
         pool.kill()
-    print("| step | reward mean | groups w/o variance | loss | rollouts s | learn s | sync s |\n|---|---|---|---|---|---|---|")
+    print("| step | reward mean | groups w/o variance | loss | rollouts s | learn s | sync s |\n"
+          "|---|---|---|---|---|---|---|")
     for m in job.history:
         print(f"| {m['step']} | {m['reward_mean']:.3f} | {m['zero_variance_groups']}/{m['groups']} | {m['loss']:.4f} | "
               f"{m['rollout_s']:.1f} | {m['seconds']:.1f} | {m['sync_s']:.2f} |")

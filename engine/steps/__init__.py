@@ -5,7 +5,8 @@ Modules: ``prompt`` (``PromptStep``: BFRS, kind ``bfrs``, the ``p`` step), ``wei
 LoRA fine-tuning on passing traces, kind ``finetune``, the ``w`` step), ``gepa`` (``GEPAStep``: dspy's
 GEPA on the pool), ``mipro`` (``MIPROStep``: dspy's MIPROv2 on the pool), ``bootstrap`` (running a
 program over examples and keeping the passing traces), ``kinds`` (the kinds by name, the run's step
-table, building a step from its entry), ``options`` (a wrapped optimizer's arguments checked up front). A new kind (GRPO) is a new file here and a name in ``kinds``.
+table, building a step from its entry), ``options`` (a wrapped optimizer's arguments checked up
+front). A new kind (GRPO) is a new file here and a name in ``kinds``.
 Imports ``engine.evaluate`` and ``actors``; does not know run dirs, reports or the CLI.
 """
 

@@ -123,7 +123,6 @@ class GEPAStep(Teleprompter):
         self.last_run: dict = {}
         check_options(dspy.GEPA.__init__, gepa_options, ours={"metric"}, name="GEPA")
 
-
     def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None,
                 state_dir: str | Path | None = None, **_: Any) -> dspy.Module:
         """GEPA on ``student``: reflective updates on ``trainset``, Pareto tracking on ``valset``.

@@ -3,7 +3,8 @@
 Knows pyarrow's filesystems (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``, ``file://`` or a plain
 path), what of a run dir is worth keeping (everything but unfinished step dirs, ``*.tmp``, Ray
 Train's own checkpoint copies, ``ray_train/`` and ``.ray_train/`` — the adapters are kept in
-``adapters/`` — and the run dir's lock, which names this machine's process) and the order that keeps a copy cut halfway consistent: adapters first, then each
+``adapters/`` — and the run dir's lock, which names this machine's process) and the order that
+keeps a copy cut halfway consistent: adapters first, then each
 step's files, then the ``step.json`` that names them, then the run's records, ``run.json`` last —
 a copy that has a record has what it names. On a filesystem a file lands whole (a temp name, then a
 rename); an object store writes an object whole by itself. ``pull`` brings a stale local copy up to

@@ -424,6 +424,12 @@ def no_baseline(bench: Bench, row: Row) -> Row | None:
     return None
 
 
+def end_serve(bench: Bench, row: Row, inv: Invocation) -> None:
+    """Wait for the server's exit; its code, outcome and leftovers into ``row``."""
+    code, left = ended(bench, inv)
+    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+
+
 def row_sigterm_serve(bench: Bench, clients: int = 4, load_s: float = 5.0) -> Row:
     """``tandem serve`` on the undisturbed run dir under HTTP load, then SIGTERM: exit 143, nothing left."""
     import httpx
@@ -458,8 +464,7 @@ def row_sigterm_serve(bench: Bench, clients: int = 4, load_s: float = 5.0) -> Ro
         stop.set()
         for t in threads:
             t.join(timeout=35)
-    code, left = ended(bench, inv)
-    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+    end_serve(bench, row, inv)
     row.extra["statuses"], row.wall_s = statuses, round(time.monotonic() - started, 1)
     return row
 
@@ -536,8 +541,7 @@ def row_http_flood(bench: Bench, clients: int = 1000, load_s: float = 30.0) -> R
         memory["10 s after"] = rss_gb(inv)
         row.extra.update(stats, memory_gb=memory, answers_after=answering(url))
         row.killed = signal_driver_only(inv, signal.SIGTERM)
-    code, left = ended(bench, inv)
-    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+    end_serve(bench, row, inv)
     if ready:
         counts = row.extra["statuses"]
         row.outcome += (f"; {sum(counts.values())} requests: " + ", ".join(f"{k.split(':', 1)[1]} x{n}"
@@ -574,8 +578,7 @@ def row_engine_sigstop(bench: Bench, clients: int = 4, timeout_s: float = 20.0, 
         thread.join()
         row.extra.update(stats, stopped_engine_alive=alive(victim), answers_after=answering(url))
         row.killed += signal_driver_only(inv, signal.SIGTERM)
-    code, left = ended(bench, inv)
-    row.exit_codes, row.leftovers, row.outcome = [code], [left], outcome(code, inv)
+    end_serve(bench, row, inv)
     if engines:
         counts, slowest = row.extra["statuses"], row.extra["slowest_s"]
         row.outcome += ("; " + ", ".join(f"{k} x{n} (slowest {slowest[k]} s)" for k, n in sorted(counts.items()))

@@ -47,14 +47,18 @@ def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float):
     return ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus).remote(model_path, cfg)
 
 
+def _is_actor(learner) -> bool:
+    """Whether ``learner`` is a Ray actor handle (``ray_learner``'s) rather than an in-process ``Learner``."""
+    return hasattr(getattr(learner, "step", None), "remote")
+
+
 def _call(learner, method: str, *args):
     """A learner call, on a Ray actor (``ray.get`` of the ref) or an in-process ``Learner``."""
-    fn = getattr(learner, method)
-    if hasattr(fn, "remote"):
+    if _is_actor(learner):
         import ray
 
-        return ray.get(fn.remote(*args))
-    return fn(*args)
+        return ray.get(getattr(learner, method).remote(*args))
+    return getattr(learner, method)(*args)
 
 
 class TandemReinforceJob(ReinforceJob):
@@ -155,7 +159,7 @@ class TandemReinforceJob(ReinforceJob):
 
     def terminate(self) -> None:
         """Stop the learner; the last version stays served (``lm.model`` names it)."""
-        if self.learner is not None and hasattr(getattr(self.learner, "step", None), "remote"):
+        if self.learner is not None and _is_actor(self.learner):
             import ray
 
             ray.kill(self.learner)

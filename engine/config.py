@@ -20,7 +20,8 @@ from actors.models import EMBEDDED
 from actors.typed_config import from_mapping, typed_config
 from engine import strategy as strategies
 from engine.adapters.registry import ADAPTERS
-from engine.steps.kinds import model_refs, resolve_steps, weight_keys
+from engine.steps.grpo import GRPOStepConfig
+from engine.steps.kinds import RL_KINDS, model_refs, resolve_steps, weight_keys
 
 
 @typed_config
@@ -127,6 +128,9 @@ class RunConfig:
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), epochs=2, lr=1e-3, batch_size=4, cpus_per_worker=2),
         metadata={"help": "LoRA training (paper's r/alpha; on CPU q/k/v/o, 2 epochs, lr 1e-3, batch 4: "
                           "benchmarks/lora_defaults.py)"})
+    grpo: GRPOStepConfig = field(default_factory=lambda: GRPOStepConfig(lr=1e-4, rank=8, alpha=16), metadata={
+        "help": "the g step (GRPO): updates, examples per update, group size, rollout temperature, sync_every, the "
+                "learner's LoRA (rank 8 on CPU), lr, beta (KL), loss ('grpo' or 'token') and its CPUs/GPUs"})
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig, metadata={
         "help": "where program runs happen: the driver's threads, or evaluator actors (many replicas)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})
@@ -139,9 +143,10 @@ class RunConfig:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         trains = self.trains()  # also checks the steps table and the strategy's keys, by name
         self.group_uses()  # every model a step names is one of models:
-        if self.adapter == "json" and trains:
+        if self.adapter == "json" and (trains or self.reinforces()):
             raise ValueError("adapter 'json' cannot write the weight step's training rows (dspy's JSONAdapter has "
-                             "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without 'w'")
+                             "no fine-tuning format): use adapter 'chat' or 'constrained', or a strategy without "
+                             "'w' or 'g'")
         if self.lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be 'relaunch' or 'hotswap', got {self.lifecycle!r}")
         if self.train_size < 0 or self.val_size < 0 or self.replicas < 1 or self.threads < 1:
@@ -164,6 +169,8 @@ class RunConfig:
             group.pop("replica_resources")
         if not data["models"]:
             data.pop("models")  # as run dirs written before model groups have it
+        if not self.reinforces():
+            data.pop("grpo")  # no g step: its settings change nothing (and older run dirs lack them)
         return data
 
     def step_table(self) -> dict[str, dict]:
@@ -177,6 +184,10 @@ class RunConfig:
     def trains(self) -> bool:
         """Whether a step of the strategy trains the model (a ``finetune`` kind)."""
         return bool(set(self.strategy_keys()) & weight_keys(self.step_table()))
+
+    def reinforces(self) -> bool:
+        """Whether a step of the strategy is a GRPO step (a ``grpo`` kind: a learner beside the replicas)."""
+        return bool(set(self.strategy_keys()) & weight_keys(self.step_table(), RL_KINDS))
 
     def group_uses(self) -> dict[str, list[int]]:
         """Each model group -> the strategy's step positions (1-based) that use it; empty for a group no

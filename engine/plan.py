@@ -3,7 +3,8 @@
 Knows the run's resource phases — the prompt steps (N vLLM replicas, each a placement group of
 one bundle per tensor-parallel worker, packed on one node) and the weight step (Ray Train
 workers: with ``relaunch`` they take the resources the killed replicas free; with ``hotswap``
-they run beside the live replicas), the evaluator actors (if any) in both, the model groups'
+they run beside the live replicas), the GRPO step (its learner actor beside the live replicas), the
+evaluator actors (if any) in both, the model groups'
 replicas in the phases their steps span — and places every bundle first-fit on the nodes' total
 resources, as Ray's scheduler would on an idle cluster. A plan with problems makes ``run`` fail
 at once with them named, and with the smallest change of flags that fits (``suggest``), instead
@@ -77,6 +78,10 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     evaluators = [(f"evaluator {e}", ({"CPU": ev.num_cpus, **ev.resources},)) for e in range(ev.count)]
     prompt_groups, weight_groups = _groups_up(cfg)
     phases = [Phase("prompt steps", _place(replicas + evaluators + prompt_groups, nodes))]
+    if cfg.reinforces():  # a GRPO learner beside the live replicas (and the groups its steps' neighbours hold)
+        learner = {k: v for k, v in (("CPU", cfg.grpo.learner_cpus), ("GPU", cfg.grpo.learner_gpus)) if v > 0}
+        phases.append(Phase("grpo step", _place(replicas + [("grpo learner 0", (learner,))] + evaluators + prompt_groups,
+                                                nodes)))
     if cfg.trains():
         if cfg.lifecycle == "relaunch":
             phases.append(Phase("weight step (relaunch)", _place(workers + evaluators + weight_groups, nodes)))
@@ -129,7 +134,8 @@ def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
     """The smallest change of the run's flags that makes its plan fit ``nodes``, or None.
 
     Tries fewer replicas, fewer CPUs per training worker, fewer workers (counts that still divide
-    the effective batch), both of the first two, then the ``relaunch`` lifecycle, in that order.
+    the effective batch), both of the first two, the ``relaunch`` lifecycle, then a GRPO learner that
+    reserves no CPU (it learns while the replicas wait), in that order.
 
     Example:
         >>> suggest(RunConfig(lifecycle="hotswap"), [Node("10.0.0.1", {"CPU": 2.0})])
@@ -143,10 +149,11 @@ def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
     tries += [{"replicas": r, "lora.cpus_per_worker": c} for r in range(cfg.replicas - 1, 0, -1)
               for c in range(lora.cpus_per_worker - 1, 0, -1)]
     tries += [{"lifecycle": "relaunch"}] if cfg.lifecycle != "relaunch" else []
+    tries += [{"grpo.learner_cpus": 0}] if cfg.reinforces() and cfg.grpo.learner_cpus > 0 else []
     for changes in tries:
         top = {k: v for k, v in changes.items() if "." not in k}
-        nested = {k.split(".")[1]: v for k, v in changes.items() if "." in k}
-        candidate = replace(cfg, **top, lora=replace(lora, **nested))
+        sections = {s: {k.split(".")[1]: v for k, v in changes.items() if k.startswith(f"{s}.")} for s in ("lora", "grpo")}
+        candidate = replace(cfg, **top, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items() if v})
         if not any(phase.problems for phase in make_plan(candidate, nodes)):
             return " ".join(f"--{k.replace('.', '-').replace('_', '-')} {v}" for k, v in changes.items())
     return None

@@ -15,36 +15,47 @@ seconds)
 are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, ``groups_per_step``,
 ``learner_cpus``, ``learner_gpus``; dspy's own ``num_generations`` is accepted and only recorded.
 
+Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new
+version on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates, and
+no importance weight corrects for it); ``state_dir`` checkpoints the whole learner after every update
+(``Learner.save_state``) with the job's history, and a job built on the same ``state_dir`` resumes from it
+(the learner's adapter, optimizer moments and step count; the version it had is served again); an LM that
+names one of the pool's adapters (a weight step's) is the policy the learner starts from — that adapter is
+never unloaded, only the job's own versions are.
+
 Knows dspy's ReinforceJob/GRPO data contract and the pool's adapter calls; does not know programs,
-run dirs or strategies. Not known yet: resuming a killed job from a checkpoint (the learner's
-optimizer state is not saved), several learner workers (DDP/ZeRO).
+run dirs or strategies. Not known yet: several learner workers (DDP/ZeRO).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from dspy.clients.provider import ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from actors import models
-from actors.training.grpo import GRPOConfig, Learner
+from actors.training.grpo import GRPOConfig, Learner, saved_state
 
 logger = logging.getLogger(__name__)
 
-JOB_KEYS = {"groups_per_step": 4, "learner_cpus": 1.0, "learner_gpus": 0.0, "num_generations": None}
+JOB_KEYS = {"groups_per_step": 4, "learner_cpus": 1.0, "learner_gpus": 0.0, "sync_every": 1, "num_generations": None}
+HISTORY_FILE = "history.json"  # the job's per-update metrics, in its state_dir
 _jobs = itertools.count(1)
 
 
-def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float):
+def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float, init: str | None = None):
     """A ``Learner`` in a Ray actor (its model and optimizer live there between steps); calls return refs."""
     import ray
 
-    return ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus).remote(model_path, cfg)
+    return ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus).remote(model_path, cfg, init)
 
 
 def _is_actor(learner) -> bool:
@@ -67,14 +78,18 @@ class TandemReinforceJob(ReinforceJob):
     Args:
         lm: the student's LM (a ``pool_lm`` with this provider); updated in place after each step.
         train_kwargs: ``GRPOConfig`` fields and the job keys (``JOB_KEYS``).
-        learner_factory: ``(model_path, cfg, cpus, gpus) -> learner``; default a Ray actor (``ray_learner``).
+        learner_factory: ``(model_path, cfg, cpus, gpus, init) -> learner``; default a Ray actor (``ray_learner``).
+        job_id: names the versions (``<base>:<job_id>-v<n>``); default ``grpo-NN``, numbered in this process.
+        adapter_root: where the versions are written; default the provider's.
+        state_dir: checkpoint the learner here after every update and resume from it (see the module docstring).
 
     Raises:
-        ValueError: unknown ``train_kwargs``, or ``lm.model`` is not the pool's base model.
+        ValueError: unknown ``train_kwargs``, or ``lm.model`` is neither the pool's base model nor one of its adapters.
     """
 
     def __init__(self, lm, train_kwargs: dict[str, Any] | None = None,
-                 learner_factory: Callable[..., Any] | None = None):
+                 learner_factory: Callable[..., Any] | None = None, *, job_id: str | None = None,
+                 adapter_root: str | Path | None = None, state_dir: str | Path | None = None):
         super().__init__(lm, dict(train_kwargs or {}))
         self.provider = lm.provider
         self.pool = self.provider.pool
@@ -85,30 +100,52 @@ class TandemReinforceJob(ReinforceJob):
         self.cfg = dataclasses.replace(self.provider.grpo, **{k: v for k, v in self.train_kwargs.items()
                                                               if k in fields})
         self.options = {k: self.train_kwargs.get(k, v) for k, v in JOB_KEYS.items()}
-        if int(self.options["groups_per_step"]) < 1:
-            raise ValueError(f"groups_per_step must be >= 1, got {self.options['groups_per_step']}")
-        if lm.model != self.pool.model_id:
-            raise ValueError(f"GRPO starts from the pool's base model {self.pool.model_id!r}; got {lm.model!r} "
-                             "(starting from a fine-tuned adapter is not supported yet)")
+        for key in ("groups_per_step", "sync_every"):
+            if int(self.options[key]) < 1:
+                raise ValueError(f"{key} must be >= 1, got {self.options[key]}")
+        self.start = self._start_adapter(lm.model)
         self.learner_factory = learner_factory or ray_learner
         self.learner = None
-        self.job_id = f"grpo-{next(_jobs):02d}"
+        self.job_id = job_id or f"grpo-{next(_jobs):02d}"
+        self.adapter_root = Path(adapter_root) if adapter_root else self.provider.adapter_root
+        self.state_dir = Path(state_dir) if state_dir else None
         self.next_batch = 0
-        self.version = 0
+        self.version = 0  # learner updates so far
+        self.served = 0  # the version the replicas serve (0: the starting policy)
         self.history: list[dict] = []
         self.state = "created"
         getattr(self.provider, "reinforce_jobs", []).append(self)
 
+    def _start_adapter(self, model: str) -> str | None:
+        """The adapter path the policy starts from: None for the base model, else the pool's adapter ``model``."""
+        if model == self.pool.model_id:
+            return None
+        paths = {a.name: a.path for a in self.pool.adapter_records()}
+        if model not in paths:
+            raise ValueError(f"GRPO starts from the pool's base model {self.pool.model_id!r} or one of its adapters "
+                             f"({sorted(paths) or 'none loaded'}); got {model!r}")
+        return str(paths[model])
+
     def initialize(self) -> None:
-        """Launch the pool (no-op when up) and start the learner."""
+        """Launch the pool (no-op when up) and start the learner: from the ``state_dir`` checkpoint when there
+        is one (the version it had is served again), else from the LM's model."""
         self.pool.launch()
         model_path = str(models.resolve(self.pool.cfg.replica.model))
+        resume = saved_state(self.state_dir / "learner") if self.state_dir else None
+        init = str(resume) if resume else self.start
         self.learner = self.learner_factory(model_path, self.cfg, float(self.options["learner_cpus"]),
-                                            float(self.options["learner_gpus"]))
+                                            float(self.options["learner_gpus"]), init)
         self.state = "running"
+        if resume:
+            self.version = int(_call(self.learner, "progress"))
+            history = self.state_dir / HISTORY_FILE
+            self.history = json.loads(history.read_text())[: self.version] if history.is_file() else []
+            self.sync()
+            logger.info("GRPO job %s: resumed after update %d from %s", self.job_id, self.version, resume)
         self._since = time.perf_counter()  # the rollouts of a step run between two ``step`` calls
-        logger.info("GRPO job %s: learner up for %s (lr %g, beta %g, loss %s, %d group(s) per step)", self.job_id,
-                    self.pool.model_id, self.cfg.lr, self.cfg.beta, self.cfg.loss, self.options["groups_per_step"])
+        logger.info("GRPO job %s: learner up for %s (lr %g, beta %g, loss %s, %d group(s) per step, sync every %d)",
+                    self.job_id, self.lm.model, self.cfg.lr, self.cfg.beta, self.cfg.loss,
+                    self.options["groups_per_step"], self.options["sync_every"])
 
     def get_status(self) -> dict:
         """dspy's ``GRPOStatus``: the batch ids the next ``step`` takes (``groups_per_step`` of them)."""
@@ -120,8 +157,10 @@ class TandemReinforceJob(ReinforceJob):
     def status(self) -> dict:
         return self.get_status()
 
-    def step(self, train_data: list[dict], train_data_format: TrainDataFormat | str | None = None) -> dict:
-        """One learner update from GRPO groups, then the new adapter on every replica; the step's metrics.
+    def step(self, train_data: list[dict], train_data_format: TrainDataFormat | str | None = None, *,
+             extra: dict | None = None) -> dict:
+        """One learner update from GRPO groups, then (every ``sync_every`` updates) the new adapter on every
+        replica; the update's metrics, with ``extra`` (the caller's figures for it) merged in.
 
         Raises:
             ValueError: not GRPO chat data, or the job is not running.
@@ -134,25 +173,46 @@ class TandemReinforceJob(ReinforceJob):
         metrics = _call(self.learner, "step", train_data)
         self.next_batch = max([self.next_batch - 1, *(int(g["batch_id"]) for g in train_data)]) + 1
         self.version += 1
-        name = f"{self.pool.model_id}:{self.job_id}-v{self.version}"
-        started = time.perf_counter()
-        path = _call(self.learner, "save", str(self.provider.adapter_root / f"{self.job_id}-v{self.version}"))
-        self.pool.load_adapter(name, path)
-        previous, self.lm.model = self.lm.model, name
-        if previous != self.pool.model_id:
-            self.pool.unload_adapter(previous)
-        metrics.update(model=name, sync_s=time.perf_counter() - started, rollout_s=rollout_s)
-        self._since = time.perf_counter()
+        sync_s = self.sync() if self.version % int(self.options["sync_every"]) == 0 else 0.0
+        metrics.update(model=self.lm.model, sync_s=sync_s, rollout_s=rollout_s, **(extra or {}))
         self.history.append(metrics)
+        if self.state_dir is not None:
+            self._checkpoint()
+        self._since = time.perf_counter()
         logger.info("GRPO %s step %d: reward %.3f ± %.3f, %d/%d group(s) without variance, loss %.4f, kl %.4f, "
                     "rollouts %.1fs, learn %.1fs, adapter on every replica in %.1fs", self.job_id, metrics["step"],
                     metrics["reward_mean"], metrics["reward_std"], metrics["zero_variance_groups"], metrics["groups"],
                     metrics["loss"], metrics["kl"], rollout_s, metrics["seconds"], metrics["sync_s"])
         return metrics
 
+    def sync(self) -> float:
+        """Put the learner's current version on every replica (no-op when they serve it) and point the LM at it;
+        the previous version of this job is unloaded. The seconds it took."""
+        if self.served == self.version:
+            return 0.0
+        started = time.perf_counter()
+        name = self._name(self.version)
+        path = _call(self.learner, "save", str(self.adapter_root / f"{self.job_id}-v{self.version}"))
+        self.pool.load_adapter(name, path)
+        previous, self.lm.model, self.served = self.lm.model, name, self.version
+        if previous.startswith(self._name("")) and previous != name:  # never the adapter the policy started from
+            self.pool.unload_adapter(previous)
+        return time.perf_counter() - started
+
+    def _name(self, version) -> str:
+        return f"{self.pool.model_id}:{self.job_id}-v{version}"
+
+    def _checkpoint(self) -> None:
+        """The learner's state and the history, in ``state_dir`` (each written whole, then moved into place)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        _call(self.learner, "save_state", str(self.state_dir / "learner"))
+        tmp = self.state_dir / (HISTORY_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.history, indent=1))
+        os.replace(tmp, self.state_dir / HISTORY_FILE)
+
     def save_checkpoint(self, checkpoint_name: str) -> str:
         """Write the current adapter under ``checkpoint_name``; its path."""
-        path = _call(self.learner, "save", str(self.provider.adapter_root / self.job_id / checkpoint_name))
+        path = _call(self.learner, "save", str(self.adapter_root / self.job_id / checkpoint_name))
         self.checkpoints[checkpoint_name] = path
         self.last_checkpoint = checkpoint_name
         return path

@@ -18,6 +18,9 @@ PPO's ratio is 1 and its clip never bites (several updates per batch are not imp
 whose rewards are all equal has no advantage and teaches nothing: it is counted
 (``zero_variance_groups``), not trained on. Plain Python: a Ray actor or a test holds one ``Learner``
 for the whole run, so the model and optimizer state persist between steps (no Ray Train start per step).
+``save_state`` writes the whole learner (adapter, AdamW moments as safetensors, step count as JSON: no
+pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
+adapter (e.g. a weight step's), which the policy then starts from (its own rank and modules).
 Does not know Ray, the pool or DSPy.
 """
 
@@ -32,6 +35,8 @@ from typing import Any
 from actors.typed_config import typed_config
 
 LOSSES = ("grpo", "token")
+STATE_FILE = "learner.json"  # save_state's step count and optimizer groups, beside the adapter
+MOMENTS_FILE = "optimizer.safetensors"  # save_state's AdamW state tensors
 
 
 @typed_config
@@ -62,6 +67,17 @@ class GRPOConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.rank < 1 or self.lr <= 0 or self.beta < 0 or self.micro_batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("rank, micro_batch_size >= 1, lr > 0, beta >= 0 and max_seq_len >= 2 are required")
+
+
+def saved_state(path: str | Path | None) -> Path | None:
+    """The ``save_state`` folder at ``path`` to resume from, or None: the folder when complete, else the
+    previous state a kill during the final move left beside it (``<path>.old``)."""
+    if path is None:
+        return None
+    for candidate in (Path(path), Path(f"{path}.old")):
+        if (candidate / STATE_FILE).is_file() and (candidate / MOMENTS_FILE).is_file():
+            return candidate
+    return None
 
 
 def shared_ends(completions: list[list[int]]) -> tuple[int, int]:
@@ -102,15 +118,17 @@ class Learner:
     Args:
         model_path: a local Hugging Face model directory (the pool's base model).
         cfg: the learner's settings.
+        init: a directory to start from: a ``save_state`` directory (adapter, optimizer moments and step
+            count: the run resumes exactly) or a peft adapter (the policy starts from it, a fresh optimizer).
 
     Example:
         >>> learner = Learner(str(models.materialize(models.TINY)), GRPOConfig(lr=1e-3))  # doctest: +SKIP
         >>> learner.step([{"batch_id": 0, "group": rollouts}])["loss"]  # doctest: +SKIP
     """
 
-    def __init__(self, model_path: str, cfg: GRPOConfig):
+    def __init__(self, model_path: str, cfg: GRPOConfig, init: str | Path | None = None):
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
@@ -118,10 +136,16 @@ class Learner:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
-        self.model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                     target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+        if init is not None:
+            self.model = PeftModel.from_pretrained(base, str(init), is_trainable=True)
+        else:
+            self.model = get_peft_model(base, LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
+                task_type="CAUSAL_LM"))
         self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
         self.steps = 0
+        if init is not None and (Path(init) / STATE_FILE).is_file():
+            self._load_state(Path(init))
 
     def encode(self, messages: list[dict], completion: dict) -> tuple[list[int], int]:
         """Token ids of the prompt + completion (the training loop's chat encoding), cut to ``max_seq_len``,
@@ -209,6 +233,10 @@ class Learner:
         logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         return self.torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
+    def progress(self) -> int:
+        """Updates done so far (a resumed learner counts those before the resume)."""
+        return self.steps
+
     def logprob(self, messages: list[dict], completion: dict) -> float:
         """The summed log-probability of ``completion``'s tokens after ``messages`` under the current adapter."""
         torch = self.torch
@@ -225,3 +253,43 @@ class Learner:
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out))
         return str(out)
+
+    def save_state(self, out_dir: str | Path) -> str:
+        """Write everything a resumed learner needs: the adapter, the optimizer's moments (safetensors) and
+        the step count and optimizer groups (JSON); written to a temporary folder, then moved into place, so
+        a kill leaves the previous state or the new one, never half of one. Its path."""
+        import json
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp))
+        state = self.optim.state_dict()
+        tensors = {f"{index}.{name}": value.detach().cpu().contiguous() for index, moments in state["state"].items()
+                   for name, value in moments.items()}
+        save_file(tensors, str(tmp / MOMENTS_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({"steps": self.steps, "param_groups": state["param_groups"]}))
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return str(out)
+
+    def _load_state(self, path: Path) -> None:
+        import json
+
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / STATE_FILE).read_text())
+        moments: dict[int, dict] = {}
+        for key, value in load_file(str(path / MOMENTS_FILE), device=str(self.device)).items():
+            index, _, name = key.partition(".")
+            moments.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+        self.optim.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+        self.steps = int(meta["steps"])

@@ -64,6 +64,8 @@ def write_report(run_dir: str | Path, title: str, best_strategy: str, failed: bo
                       f"optimizer steps, {m.get('tokens_per_s', 0):.0f} tokens/s, adapter `{t['adapter']}` "
                       f"({extra['lifecycle']}{', trained on vanilla prompts' if extra.get('exclude_demos') else ''}"
                       f"{', teacher traces' if extra.get('teacher') else ''})."]
+        if extra.get("grpo"):
+            lines += ["", grpo_line(r["step"], extra["grpo"])]
         errors = extra.get("errors") or {}
         if errors.get("count"):
             lines += ["", f"Errors in `{r['step']}` (below max_errors, each scored 0): {errors['count']} of "
@@ -100,6 +102,23 @@ def _chart(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def grpo_line(step: str, grpo: dict) -> str:
+    """A GRPO step in one paragraph: updates, reward per update, groups without variance, KL, throughput and
+    the time split (rollouts / learn / sync)."""
+    h = grpo.get("history") or []
+    if not h:
+        return f"GRPO in `{step}`: no update recorded."
+    total = {k: sum(m.get(k) or 0.0 for m in h) for k in ("rollout_s", "seconds", "sync_s")}
+    spent = sum(total.values()) or 1.0
+    return (f"GRPO in `{step}` ({len(h)} updates from `{grpo.get('start_model')}`, adapter `{grpo.get('adapter')}`): "
+            f"reward mean per update {[round(m['reward_mean'], 2) for m in h]}, groups without variance "
+            f"{[m['zero_variance_groups'] for m in h]} of {h[-1]['groups']}, KL {[round(m['kl'], 4) for m in h]}; "
+            f"{sum(m.get('rollouts_run', 0) for m in h)} rollouts at "
+            f"{sum(m.get('rollouts_per_s') or 0 for m in h) / len(h):.1f}/s; time: rollouts "
+            f"{100 * total['rollout_s'] / spent:.0f}%, learning {100 * total['seconds'] / spent:.0f}%, adapter sync "
+            f"{100 * total['sync_s'] / spent:.0f}% ({total['sync_s'] / len(h):.2f} s per update).")
 
 
 def _spent(extra: dict) -> str:

@@ -265,7 +265,7 @@ def _log_step(client, exp_id: str, parent_id: str, record: StepRecord, digest: s
             record.path.glob("*.parquet")):
         if path.is_file():
             client.log_artifact(run_id, str(path))
-    trained = {t.get("adapter") for t in record.extra.get("trained", [])}
+    trained = {t.get("adapter") for t in record.extra.get("trained", [])} | {record.extra.get("grpo", {}).get("adapter")}
     for adapter in record.adapters:
         if adapter.name in trained and adapter.path.is_dir():
             client.log_artifacts(run_id, str(adapter.path), f"adapter/{adapter.path.name}")
@@ -275,11 +275,16 @@ def _log_step(client, exp_id: str, parent_id: str, record: StepRecord, digest: s
 
 def _step_metrics(record: StepRecord) -> list[tuple[str, Any, int]]:
     """(name, value, step): the scores, every number in ``extra`` (dotted), the candidates' scores,
-    training's numbers and its per-epoch histories (step = epoch), the held-out counts."""
+    training's numbers and its per-epoch histories (step = epoch), a GRPO step's per-update figures (step =
+    update), the held-out counts."""
     extra, test = record.extra, record.test or {}
     out = [("valset_score", record.score, 0), ("test_score", test.get("score"), 0)]
     out += [(f"test.{k}", v, 0) for k, v in test.items() if k != "score"]
-    out += [(k, v, 0) for k, v in _flatten({k: v for k, v in extra.items() if k != "trained"}).items()]
+    grpo = extra.get("grpo") or {}
+    out += [(k, v, 0) for k, v in _flatten({k: v for k, v in extra.items() if k not in ("trained", "grpo")}).items()]
+    out += [(f"grpo.{k}", v, 0) for k, v in _flatten({k: v for k, v in grpo.items() if k != "history"}).items()]
+    out += [(f"grpo.{k}", v, update) for update, m in enumerate(grpo.get("history") or [], 1) for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]  # per update: step = the update's number
     out += [("candidate_score", c.get("score"), i) for i, c in enumerate(extra.get("candidates") or [])]
     trained = extra.get("trained") or []
     for t in trained:

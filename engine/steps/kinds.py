@@ -1,10 +1,12 @@
 """Step kinds by name: what a run's ``steps:`` entries and strategy keys can be.
 
 Built-in kinds: ``bfrs`` (``PromptStep``: the paper's prompt step, parallel BFRS), ``finetune``
-(``WeightStep``: LoRA on passing traces), ``gepa`` (``GEPAStep``), ``mipro`` (``MIPROStep``); any
-``dspy.Teleprompter`` by import path (``"package.module:Class"``, built as ``Class(metric, **args)``).
-Built-in keys, usable in a strategy without a ``steps:`` section: ``p`` (bfrs), ``w`` (finetune),
-``gepa`` and ``mipro`` (each with its own defaults). A ``steps:`` entry is ``{kind: ..., <the kind's
+(``WeightStep``: LoRA on passing traces), ``grpo`` (``GRPOStep``: RL on every rollout's reward), ``gepa``
+(``GEPAStep``), ``mipro`` (``MIPROStep``); any ``dspy.Teleprompter`` by import path
+(``"package.module:Class"``, built as ``Class(metric, **args)``).
+Built-in keys, usable in a strategy without a ``steps:`` section: ``p`` (bfrs), ``w`` (finetune), ``g``
+(grpo, the run's ``grpo:`` section; an entry's arguments change its fields), ``gepa`` and ``mipro`` (each
+with its own defaults). A ``steps:`` entry is ``{kind: ..., <the kind's
 arguments>..., compile_args: {...}}``; ``compile_args`` are the step's ``compile`` arguments (dspy's
 ``optimizer_compile_args``). Knows the kinds' names and argument checks; does not know pools or runs
 (``engine.run`` builds each step with the run's settings: ``StepContext``).
@@ -18,19 +20,21 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KINDS = ("bfrs", "finetune", "gepa", "mipro")
-DEFAULT_STEPS = {"p": {"kind": "bfrs"}, "w": {"kind": "finetune"}, "gepa": {"kind": "gepa"},
+KINDS = ("bfrs", "finetune", "grpo", "gepa", "mipro")
+DEFAULT_STEPS = {"p": {"kind": "bfrs"}, "w": {"kind": "finetune"}, "g": {"kind": "grpo"}, "gepa": {"kind": "gepa"},
                  "mipro": {"kind": "mipro"}}
 MODEL_ARGS = {"bfrs": ("teacher",), "finetune": ("teacher",), "gepa": ("reflection_model",),
               "mipro": ("prompt_model",)}  # a kind's arguments that name a model group (engine.config.ModelGroup)
-WEIGHT_KINDS = ("finetune",)  # kinds that train the model (the plan reserves training workers for them)
+WEIGHT_KINDS = ("finetune",)  # kinds that train the model with Ray Train (the plan reserves training workers)
+RL_KINDS = ("grpo",)  # kinds that train the model beside its live replicas (the plan places a learner with them)
 
 
 @dataclass(frozen=True)
 class StepContext:
     """What every step of a run shares: the metric, the run's thread count and seed, and the run-level
     settings the built-in kinds default to (``prompt``, ``weight``: keyword arguments of PromptStep and
-    WeightStep; ``models``: LMs by model-group name for ``teacher:`` / ``reflection_model:`` / ``prompt_model:``)."""
+    WeightStep; ``grpo``: GRPOStep's ``GRPOStepConfig``; ``models``: LMs by model-group name for
+    ``teacher:`` / ``reflection_model:`` / ``prompt_model:``)."""
 
     metric: Callable
     threads: int = 32
@@ -39,6 +43,7 @@ class StepContext:
     weight: dict = field(default_factory=dict)
     feedback: Callable | None = None
     models: dict = field(default_factory=dict)
+    grpo: Any = None
     release: Callable[[str], None] | None = None  # release(name): a model group's use in this step is done
 
 
@@ -82,9 +87,9 @@ def model_refs(entry: dict) -> dict[str, str]:
     return refs
 
 
-def weight_keys(table: dict[str, dict]) -> set[str]:
-    """The keys whose steps train the model."""
-    return {key for key, entry in table.items() if entry["kind"] in WEIGHT_KINDS}
+def weight_keys(table: dict[str, dict], kinds: tuple[str, ...] = WEIGHT_KINDS) -> set[str]:
+    """The keys whose steps train the model (with Ray Train; ``kinds=RL_KINDS``: with a GRPO learner)."""
+    return {key for key, entry in table.items() if entry["kind"] in kinds}
 
 
 def build(key: str, entry: dict, ctx: StepContext):
@@ -111,6 +116,16 @@ def build(key: str, entry: dict, ctx: StepContext):
             args["after_teacher"] = functools.partial(ctx.release, args["teacher"])
         args = _model_arg(args, "teacher", "teacher_lm", ctx, key)
         return WeightStep(ctx.metric, **{"num_threads": ctx.threads, **ctx.weight, **args})
+    if kind == "grpo":
+        from dataclasses import replace
+
+        from engine.steps.grpo import GRPOStep, GRPOStepConfig
+
+        try:
+            cfg = replace(ctx.grpo or GRPOStepConfig(), **args)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"steps.{key}: {exc}") from None
+        return GRPOStep(ctx.metric, cfg, num_threads=ctx.threads, seed=ctx.seed)
     if kind == "gepa":
         from engine.steps.gepa import GEPAStep, as_reflection
 

@@ -128,3 +128,20 @@ def test_evaluators_are_planned_beside_replicas_and_workers_and_named_when_they_
     too_many = make_plan(_gpu(evaluators=EvaluatorConfig(count=4, num_cpus=20)), GPU_NODES)
     with pytest.raises(ValueError, match="prompt steps: evaluator 2 needs 20 CPU on one node"):
         check(too_many)
+
+
+def test_a_grpo_step_places_its_learner_beside_the_live_replicas():
+    from engine.plan import suggest
+
+    node = [Node("10.0.0.1", {"CPU": 2.0})]
+    phases = make_plan(RunConfig(strategy="p -> g"), node)
+    assert [p.name for p in phases] == ["prompt steps", "grpo step"]
+    assert [p.what for p in phases[1].placed] == ["replica 0", "replica 1", "grpo learner 0"]
+    assert "grpo step: grpo learner 0 needs 1 CPU" in phases[1].problems[0]  # 2 replicas hold both cores
+    assert suggest(RunConfig(strategy="p -> g"), node) == "--replicas 1"
+    assert suggest(RunConfig(strategy="p -> g", replicas=2, cpus_per_replica=1, lora=LoraTrainConfig(
+        cpus_per_worker=1), grpo={"learner_cpus": 1}), [Node("a", {"CPU": 1.0})]) is None  # one core: nothing fits
+    assert not make_plan(RunConfig(strategy="g", grpo={"learner_cpus": 0}), node)[1].problems
+    gpu = make_plan(RunConfig(strategy="g", gpus_per_replica=1, grpo={"learner_gpus": 1}),
+                    [Node("g", {"CPU": 8.0, "GPU": 3.0})])
+    assert not gpu[1].problems and gpu[1].placed[2].bundles == ({"CPU": 1.0, "GPU": 1.0},)

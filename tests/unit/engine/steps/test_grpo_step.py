@@ -1,0 +1,86 @@
+"""The ``g`` step (``GRPOStep``): rollouts in groups, one learner update each, every version on the replicas
+before the next rollouts, and a killed step resumed from its last update.
+
+The rollouts come from the scripted engine of ``test_reinforce`` (answers 'a' and 'b' in turn, recording the
+model id each call named); the pool is its stand-in; the learner is the real one (torch + peft on the tiny
+model, in this process), checkpointed for real. ``tests/integration`` runs the step on a real pool."""
+
+import dspy
+import pytest
+
+from actors import models
+from actors.dspy_side.provider import TandemProvider
+from actors.training.grpo import Learner
+from engine.steps.grpo import GRPOStep, GRPOStepConfig
+from tests.unit.actors.dspy_side.test_reinforce import BASE, Pool, Rollouts
+
+CFG = GRPOStepConfig(steps=3, examples_per_step=2, group_size=2, lr=1e-3, rank=8, alpha=16, learner_cpus=0)
+
+
+def metric(example, pred, trace=None):
+    return pred.answer == example.answer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return str(models.materialize(models.TINY))
+
+
+def _program(tmp_path, engine):
+    pool = Pool()
+    lm = dspy.LM(BASE, engine=engine, provider=TandemProvider(pool, adapter_root=tmp_path / "adapters"),
+                 cache=False, max_tokens=16)
+    program = dspy.Predict("question -> answer")
+    program.set_lm(lm)
+    return program, pool
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_the_next_rollouts(tiny, tmp_path):
+    engine = Rollouts()
+    program, pool = _program(tmp_path, engine)
+    trainset = [dspy.Example(question=f"q{i}", answer="a").with_inputs("question") for i in range(4)]
+    dirs = dict(step_dir=tmp_path / "step", step_index=2, adapter_root=tmp_path / "adapters",
+                state_dir=tmp_path / "state")
+
+    class DiesOnSecondUpdate(Learner):
+        def step(self, groups):
+            if self.steps == 1:
+                raise Killed("the learner's node went away")
+            return super().step(groups)
+
+    first = GRPOStep(metric, CFG, num_threads=2, learner_factory=lambda m, c, cpus, gpus, init: DiesOnSecondUpdate(m, c, init))
+    with pytest.raises(Killed):
+        first.compile(program, trainset=trainset, **dirs)
+    assert engine.models == [BASE] * 4 + [f"{BASE}:grpo-02-v1"] * 4  # update 2's rollouts already on version 1
+
+    engine.models.clear()
+    starts = []
+
+    def resumed(m, c, cpus, gpus, init):
+        starts.append(init)
+        return Learner(m, c, init)
+
+    second = GRPOStep(metric, CFG, num_threads=2, learner_factory=resumed)
+    tuned = second.compile(program, trainset=trainset, **dirs)
+    assert starts == [str(tmp_path / "state" / "learner")]  # from the checkpoint, not from scratch
+    history = second.last_run["grpo"]["history"]
+    assert [m["step"] for m in history] == [1, 2, 3] and second.last_run["grpo"]["updates"] == 3
+    assert all(m["groups"] == 2 and m["reward_mean"] == 0.5 and m["rollouts_run"] == 4 for m in history)
+    assert engine.models == [f"{BASE}:grpo-02-v1"] * 4 + [f"{BASE}:grpo-02-v2"] * 4  # v1 served again, then v2
+    assert tuned.lm.model == f"{BASE}:grpo-02-v3" and program.lm.model == BASE  # the student is not touched
+    assert [name for name, _ in pool.loaded][-3:] == [f"{BASE}:grpo-02-v{v}" for v in (1, 2, 3)]
+    assert f"{BASE}:grpo-02-v3" not in pool.unloaded and f"{BASE}:grpo-02-v2" in pool.unloaded
+    assert (tmp_path / "adapters" / "grpo-02-v3" / "adapter_config.json").is_file()
+
+
+def test_bad_g_settings_are_named():
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        GRPOStepConfig(group_size=1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        GRPOStepConfig(bogus=1)
+    with pytest.raises(ValueError, match="needs training examples"):
+        GRPOStep(metric).compile(dspy.Predict("q -> a"), trainset=[])

@@ -52,9 +52,15 @@ _jobs = itertools.count(1)
 
 
 def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float, init: str | None = None):
-    """A ``Learner`` in a Ray actor (its model and optimizer live there between steps); calls return refs."""
+    """A ``Learner`` in a Ray actor (its model and optimizer live there between steps); calls return refs. Ray
+    gives an actor as many torch threads as CPUs it reserves (one for none): ``cfg.threads`` 0 asks for that
+    many, or for every core of the node when it reserves none."""
+    import os
+
     import ray
 
+    if not cfg.threads:
+        cfg = dataclasses.replace(cfg, threads=int(cpus) if cpus >= 1 else os.cpu_count() or 1)
     return ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus).remote(model_path, cfg, init)
 
 

@@ -61,6 +61,9 @@ class GRPOConfig:
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's L2 norm (0: no clipping)"})
     seed: int = field(default=0, metadata={"help": "LoRA init seed"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads of the learner (0: as many as the CPUs its actor reserves, every core of its node "
+                "when it reserves none: it learns while the replicas wait)"})
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -132,6 +135,8 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.cfg, self.torch = cfg, torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

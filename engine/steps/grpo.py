@@ -4,12 +4,13 @@ Each of ``steps`` updates: ``examples_per_step`` training examples (drawn by the
 number, so a resumed step draws what the killed one would have), each run ``group_size`` times at
 ``temperature`` on the pool's replicas (every rollout its own ``rollout_id`` and seed, cache off), all at
 once (``num_threads``); every rollout's metric value is its reward, the winners' and the losers' alike (the
-weight step keeps only the winners). One group per (example, predictor): the predictor's first call in each
-rollout, its prompt as the program wrote it (demos included: the policy is trained on what it saw) and its
-answer in the adapter's layout. Then one update of ``actors.dspy_side.reinforce.TandemReinforceJob`` (a
+weight step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at
+``max_tokens``) gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in
+each rollout, the prompt as sent (demos included: the policy is trained on what it saw) and the text the
+replica returned, read from the call's LM history. Then one update of ``actors.dspy_side.reinforce.TandemReinforceJob`` (a
 learner in a Ray actor that keeps the LoRA policy and its optimizer for the whole step) and the new version
-hot-loaded into every replica before the next rollouts (``sync_every``). A rollout that did not parse has
-no answer to train on: it is left out of its group (counted). Per update, ``last_run["grpo"]["history"]``
+hot-loaded into every replica before the next rollouts (``sync_every``). A rollout that broke (an error, not
+a wrong answer) is left out of its group (counted). Per update, ``last_run["grpo"]["history"]``
 holds reward mean/std, groups without variance, loss, KL, tokens, rollouts/s, completion tokens/s and the
 seconds of rollouts, learning and sync; the run stores it in ``step.json``, the report and MLflow show it.
 
@@ -54,6 +55,9 @@ class GRPOStepConfig(GRPOConfig):
         "help": "CPUs the learner actor reserves (0 on a CPU box whose cores the replicas hold: it learns while "
                 "they wait)"})
     learner_gpus: float = field(default=0.0, metadata={"help": "GPUs the learner actor reserves"})
+    unparsed_reward: float = field(default=-1.0, metadata={
+        "help": "reward of a rollout whose answer did not parse (dspy GRPO's format_failure_score); it is trained "
+                "on like the others, so the policy learns to finish its answer"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,36 +151,54 @@ class GRPOStep(Teleprompter):
         cfg = self.config
         rng = random.Random(f"{self.seed}-grpo-{update}")
         examples = rng.sample(trainset, min(cfg.examples_per_step, len(trainset)))
-        jobs = []
+        jobs, lms = [], []
         for k in range(cfg.group_size):
-            copy = program.deepcopy()
-            sample = lm.copy(temperature=cfg.temperature, rollout_id=update * cfg.group_size + k, cache=False,
-                             seed=rng.randrange(2 ** 31))
-            for pred in copy.predictors():
-                pred.lm = sample
-            jobs += [(copy, ex) for ex in examples]
+            seed = rng.randrange(2 ** 31)
+            for ex in examples:
+                copy = program.deepcopy()
+                mine = {}
+                for name, pred in copy.named_predictors():  # an LM per call site: its history is this rollout's
+                    pred.lm = mine[name] = lm.copy(temperature=cfg.temperature, rollout_id=update * cfg.group_size + k,
+                                                   cache=False, seed=seed)
+                jobs.append((copy, ex))
+                lms.append(mine)
         runs = run_all(jobs, self.metric, num_threads=self.num_threads, trace=True,
                        desc=f"grpo update {update + 1}/{cfg.steps}: rollouts")
-        adapter = dspy.settings.adapter or dspy.ChatAdapter()
-        predictors = dict(program.named_predictors())
         groups: dict[tuple[int, str], list[dict]] = {}
-        for run in runs:
-            if run.error:
+        for run, mine in zip(runs, lms):
+            if run.broke:
                 continue
-            seen = set()
-            for name, inputs, outputs in run.trace:
-                if name in seen:
-                    continue
-                seen.add(name)
-                pred = predictors[name]
-                messages = adapter.format_finetune_data(signature=pred.signature, demos=pred.demos, inputs=inputs,
-                                                        outputs=outputs)["messages"]
-                groups.setdefault((run.example_index % len(examples), name), []).append(
-                    {"messages": messages[:-1], "completion": messages[-1], "reward": float(run.score)})
+            reward = cfg.unparsed_reward if run.error else float(run.score)
+            for name, call in _first_calls(program, run, mine).items():
+                groups.setdefault((run.example_index % len(examples), name), []).append({**call, "reward": reward})
         batch = [{"batch_id": update, "group": group} for _, group in sorted(groups.items()) if len(group) > 1]
         counts = {"rollouts_run": len(runs), "rollouts_unparsed": sum(r.parse_failure for r in runs),
                   "rollouts_broken": sum(r.broke for r in runs)}
         return batch, counts
+
+
+def _first_calls(program: dspy.Module, run, lms: dict[str, dspy.LM]) -> dict[str, dict]:
+    """Each predictor's first call in a rollout as ``{"messages", "completion"}``: the prompt as sent and the text
+    the replica returned (its LM's history: an answer that did not parse is there too); for a rollout that ran
+    elsewhere (evaluator actors: no history here), the trace's calls in the adapter's layout (parsed runs only)."""
+    calls = {}
+    for name, lm in lms.items():
+        if lm.history:
+            entry = lm.history[0]
+            output = entry["outputs"][0]
+            text = output.get("text", "") if isinstance(output, dict) else str(output)
+            calls[name] = {"messages": list(entry["messages"]), "completion": {"role": "assistant", "content": text}}
+    if calls or run.error:
+        return calls
+    adapter = dspy.settings.adapter or dspy.ChatAdapter()
+    predictors = dict(program.named_predictors())
+    for name, inputs, outputs in run.trace:
+        if name not in calls:
+            pred = predictors[name]
+            messages = adapter.format_finetune_data(signature=pred.signature, demos=pred.demos, inputs=inputs,
+                                                    outputs=outputs)["messages"]
+            calls[name] = {"messages": messages[:-1], "completion": messages[-1]}
+    return calls
 
 
 def _shared_lm(program: dspy.Module) -> dspy.LM:

@@ -84,3 +84,36 @@ def test_bad_g_settings_are_named():
         GRPOStepConfig(bogus=1)
     with pytest.raises(ValueError, match="needs training examples"):
         GRPOStep(metric).compile(dspy.Predict("q -> a"), trainset=[])
+
+
+class HalfUnparsed(Rollouts):
+    """Answers 'a' in the chat layout, then a text with no answer field, in turn for each question."""
+
+    def complete(self, request):
+        response = super().complete(request)
+        if "[[ ## answer ## ]]\nb" in response.text:
+            return type(response)(id=None, model=request.model, message=dspy.lm15.Message.assistant("I think it is"),
+                                  finish_reason="length", usage=response.usage)
+        return response
+
+
+def test_an_answer_that_did_not_parse_is_trained_on_with_the_unparsed_reward(tiny, tmp_path):
+    """dspy's GRPO gives a format failure its own score; dropping it would hide the one signal that teaches a
+    policy to finish its answer (a reasoning cut at max_tokens). The learner gets the text the replica sent."""
+    program, _ = _program(tmp_path, HalfUnparsed())
+    seen = []
+
+    class Recording(Learner):
+        def step(self, groups):
+            seen.extend(groups)
+            return super().step(groups)
+
+    step = GRPOStep(metric, GRPOStepConfig(**{**vars(CFG), "steps": 1}), num_threads=2,
+                    learner_factory=lambda m, c, cpus, gpus, init: Recording(m, c, init))
+    step.compile(program, trainset=[dspy.Example(question="q", answer="a").with_inputs("question")],
+                 step_dir=tmp_path / "g")
+    (group,) = seen
+    assert sorted((r["reward"], r["completion"]["content"]) for r in group["group"]) == [
+        (-1.0, "I think it is"), (1.0, "[[ ## answer ## ]]\na\n\n[[ ## completed ## ]]")]
+    assert group["group"][0]["messages"][0]["role"] == "system"  # the prompt as sent
+    assert step.last_run["grpo"]["history"][0]["rollouts_unparsed"] == 1

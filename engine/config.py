@@ -128,9 +128,11 @@ class RunConfig:
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), epochs=2, lr=1e-3, batch_size=4, cpus_per_worker=2),
         metadata={"help": "LoRA training (paper's r/alpha; on CPU q/k/v/o, 2 epochs, lr 1e-3, batch 4: "
                           "benchmarks/lora_defaults.py)"})
-    grpo: GRPOStepConfig = field(default_factory=lambda: GRPOStepConfig(lr=1e-4, rank=8, alpha=16), metadata={
+    grpo: GRPOStepConfig = field(default_factory=lambda: GRPOStepConfig(lr=1e-4, rank=8, alpha=16, micro_batch_size=2),
+                                 metadata={
         "help": "the g step (GRPO): updates, examples per update, group size, rollout temperature, sync_every, the "
-                "learner's LoRA (rank 8 on CPU), lr, beta (KL), loss ('grpo' or 'token') and its CPUs/GPUs"})
+                "learner's LoRA (rank 8 on CPU), lr, beta (KL), loss ('grpo' or 'token'), micro-batch (2: a "
+                "[batch, length, vocab] logits tensor beside two replicas in 23 GB) and its CPUs/GPUs"})
     evaluators: EvaluatorConfig = field(default_factory=EvaluatorConfig, metadata={
         "help": "where program runs happen: the driver's threads, or evaluator actors (many replicas)"})
     engine_kwargs: dict = field(default_factory=dict, metadata={"help": "extra vLLM engine arguments"})

@@ -235,8 +235,9 @@ class Learner:
 
     def _token_logprobs(self, ids, attention):
         """log p(token t | tokens < t) for t >= 1, shape [batch, width - 1]."""
-        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        return self.torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        # the chosen token's logit minus the log-partition: no [batch, width, vocab] log-softmax copy is kept
+        return logits.gather(-1, ids[:, 1:, None]).squeeze(-1).float() - self.torch.logsumexp(logits.float(), -1)
 
     def progress(self) -> int:
         """Updates done so far (a resumed learner counts those before the resume)."""

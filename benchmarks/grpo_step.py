@@ -1,4 +1,5 @@
-"""Unmodified dspy GRPO on a real pool through ``TandemProvider`` (issue 31, a first measurement).
+"""GRPO on a real pool: Tandem's ``g`` step at 1 and 2 replicas (``--mode g``, the default), or unmodified dspy
+GRPO through ``TandemProvider`` (``--mode dspy``) (issue 31).
 
 The tiny random Llama on one vLLM-CPU replica picks a colour (a ``Literal``: constrained decoding makes
 every rollout parse); the reward is 1 for 'blue' only. Per GRPO step: reward mean, groups without
@@ -7,10 +8,16 @@ replica). Then the same ``--samples`` seeded samples (vLLM's per-request seed: t
 from the base model and from the final version: 'blue' gains only if the learner learned from the
 pool's rollouts and the replica serves its adapter under the LM's model id.
 
-Knows and does not: one replica and one in-process-sized learner (1 CPU), 2 cores; not the
-8-64 simulated replicas of the issue (driver_scale), not a real model.
+``--mode g`` also measures, on the same pool and just before the step, the pool's batch throughput: the
+same number of rollouts (same program, temperature, cache off) run at once with no learner — the
+ratio of the step's rollouts/s to it is the issue's "within 0.9" figure; and each update's time split
+(rollouts / learn / sync: the issue's "sync under 5 %").
 
-    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py [--steps 6 --lr 3e-2]
+Knows and does not: 1-2 replicas and a learner that reserves no CPU (it learns while the replicas
+wait), 2 cores; not the 8-64 simulated replicas of the issue (driver_scale), not a real model.
+
+    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py [--replicas 1,2 --steps 6 --lr 3e-2]
+    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py --mode dspy --replicas 1
 """
 
 from __future__ import annotations
@@ -56,8 +63,51 @@ def blue_share(lm, model: str, n: int) -> float:
     return answers.count("blue") / n
 
 
+def blue(example, prediction, trace=None) -> float:
+    return float(prediction.answer == "blue")
+
+
+def g_step(args, replicas: int) -> dict:
+    """The pool's batch throughput, then the g step, then base vs final 'blue' share, on ``replicas`` replicas."""
+    from engine.evaluate import run_all
+    from engine.steps.grpo import GRPOStep, GRPOStepConfig
+
+    pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, num_cpus=2 / replicas,
+                                                        max_lora_rank=8), num_replicas=replicas,
+                                  name=f"grpo-bench-{replicas}"))
+    provider = TandemProvider(pool, lifecycle="hotswap", adapter_root=tempfile.mkdtemp(prefix="grpo-bench-"))
+    program = dspy.Predict(Pick)
+    program.set_lm(provider.lm(max_tokens=64, cache=False))
+    trainset = [dspy.Example(question=f"Item {i}: what colour?").with_inputs("question") for i in range(8)]
+    n = args.groups * args.rollouts
+    try:
+        pool.launch()
+        with dspy.context(adapter=make_adapter("constrained")):
+            sample = program.deepcopy()
+            sample.set_lm(program.lm.copy(temperature=1.0))
+            jobs = [(sample, trainset[i % len(trainset)]) for i in range(n)]
+            run_all(jobs, blue, num_threads=n, desc="warm-up")
+            started = time.perf_counter()
+            run_all([(sample, ex) for _, ex in jobs], blue, num_threads=n, desc="batch throughput")
+            batch_rps = n / (time.perf_counter() - started)
+            step = GRPOStep(blue, GRPOStepConfig(steps=args.steps, examples_per_step=args.groups,
+                                                 group_size=args.rollouts, lr=args.lr, rank=8, alpha=16,
+                                                 learner_cpus=0), num_threads=n)
+            started = time.perf_counter()
+            tuned = step.compile(program, trainset=trainset)
+            wall = time.perf_counter() - started
+        shares = {m: blue_share(program.lm, m, args.samples) for m in (pool.model_id, tuned.lm.model)}
+    finally:
+        pool.kill()
+    history = step.last_run["grpo"]["history"]
+    return {"replicas": replicas, "batch_rollouts_per_s": batch_rps, "history": history, "wall_s": wall,
+            "blue_base": shares[pool.model_id], "blue_final": shares[tuned.lm.model]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("g", "dspy"), default="g")
+    ap.add_argument("--replicas", default="1,2", help="--mode g: replica counts, one pool each")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--groups", type=int, default=8, help="groups (inputs) per step")
     ap.add_argument("--rollouts", type=int, default=8, help="rollouts per group")
@@ -66,6 +116,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="benchmarks/out/grpo_step.json")
     args = ap.parse_args(argv)
     connect(num_cpus=2)
+    if args.mode == "g":
+        rows = [g_step(args, int(r)) for r in args.replicas.split(",")]
+        print("| replicas | batch rollouts/s | g rollouts/s | ratio | rollouts s | learn s | sync s | sync share | "
+              "reward per update | 'blue' base -> final |\n|---|---|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            h = row["history"]
+            mean = {k: sum(m[k] for m in h) / len(h) for k in ("rollouts_per_s", "rollout_s", "seconds", "sync_s")}
+            row["ratio"] = mean["rollouts_per_s"] / row["batch_rollouts_per_s"]
+            row["sync_share"] = mean["sync_s"] / (mean["rollout_s"] + mean["seconds"] + mean["sync_s"])
+            print(f"| {row['replicas']} | {row['batch_rollouts_per_s']:.1f} | {mean['rollouts_per_s']:.1f} | "
+                  f"{row['ratio']:.2f} | {mean['rollout_s']:.1f} | {mean['seconds']:.1f} | {mean['sync_s']:.2f} | "
+                  f"{100 * row['sync_share']:.1f} % | {[round(m['reward_mean'], 2) for m in h]} | "
+                  f"{row['blue_base']:.3f} -> {row['blue_final']:.3f} |")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "mode": "g", "date": time.strftime(
+            "%Y-%m-%d %H:%M"), "machine": platform.node(), "args": vars(args), "rows": rows}, indent=2, default=str))
+        print(f"wrote {args.out}")
+        return
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, num_cpus=1,
                                                         max_lora_rank=8), num_replicas=1, name="grpo-bench"))
     provider = TandemProvider(pool, lifecycle="hotswap", adapter_root=tempfile.mkdtemp(prefix="grpo-bench-"))

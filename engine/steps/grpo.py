@@ -2,7 +2,7 @@
 
 Each of ``steps`` updates: ``examples_per_step`` training examples (drawn by the run's seed and the update's
 number, so a resumed step draws what the killed one would have), each run ``group_size`` times at
-``temperature`` on the pool's replicas (every rollout its own ``rollout_id`` and seed, cache off), all at
+``temperature`` on the pool's replicas (every rollout its own ``rollout_id``, cache off), all at
 once (``num_threads``); every rollout's metric value is its reward, the winners' and the losers' alike (the
 weight step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at
 ``max_tokens``) gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in
@@ -79,7 +79,7 @@ class GRPOStep(Teleprompter):
         metric: ``metric(example, prediction, trace)``; its value (``True`` = 1.0) is a rollout's reward.
         config: the schedule and the learner's settings.
         num_threads: rollouts in flight.
-        seed: draws the examples of each update and the rollouts' sampling seeds.
+        seed: draws the examples of each update.
         learner_factory: passed to ``TandemReinforceJob`` (default: a Ray actor).
 
     Example:
@@ -153,13 +153,14 @@ class GRPOStep(Teleprompter):
         examples = rng.sample(trainset, min(cfg.examples_per_step, len(trainset)))
         jobs, lms = [], []
         for k in range(cfg.group_size):
-            seed = rng.randrange(2 ** 31)
             for ex in examples:
                 copy = program.deepcopy()
                 mine = {}
                 for name, pred in copy.named_predictors():  # an LM per call site: its history is this rollout's
+                    # no per-request seed: vLLM 0.29's CPU runner crashes its engine when a seeded request's token
+                    # is discarded (a prompt prefilled in chunks: "CPU Generator does not use offset")
                     pred.lm = mine[name] = lm.copy(temperature=cfg.temperature, rollout_id=update * cfg.group_size + k,
-                                                   cache=False, seed=seed)
+                                                   cache=False)
                 jobs.append((copy, ex))
                 lms.append(mine)
         runs = run_all(jobs, self.metric, num_threads=self.num_threads, trace=True,

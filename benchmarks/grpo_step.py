@@ -96,12 +96,14 @@ def g_step(args, replicas: int) -> dict:
             started = time.perf_counter()
             tuned = step.compile(program, trainset=trainset)
             wall = time.perf_counter() - started
-        shares = {m: blue_share(program.lm, m, args.samples) for m in (pool.model_id, tuned.lm.model)}
+        shares = {m: blue_share(program.lm.copy(temperature=1.0), m, args.samples) for m in (pool.model_id, tuned.lm.model)}
+        greedy = {m: blue_share(program.lm, m, 8) for m in (pool.model_id, tuned.lm.model)}
     finally:
         pool.kill()
     history = step.last_run["grpo"]["history"]
     return {"replicas": replicas, "batch_rollouts_per_s": batch_rps, "history": history, "wall_s": wall,
-            "blue_base": shares[pool.model_id], "blue_final": shares[tuned.lm.model]}
+            "blue_base": shares[pool.model_id], "blue_final": shares[tuned.lm.model],
+            "greedy_blue_base": greedy[pool.model_id], "greedy_blue_final": greedy[tuned.lm.model]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "g":
         rows = [g_step(args, int(r)) for r in args.replicas.split(",")]
         print("| replicas | batch rollouts/s | g rollouts/s | ratio | rollouts s | learn s | sync s | sync share | "
-              "reward per update | 'blue' base -> final |\n|---|---|---|---|---|---|---|---|---|---|")
+              "reward per update | 'blue' sampled, base -> final | greedy |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             h = row["history"]
             mean = {k: sum(m[k] for m in h) / len(h) for k in ("rollouts_per_s", "rollout_s", "seconds", "sync_s")}
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {row['replicas']} | {row['batch_rollouts_per_s']:.1f} | {mean['rollouts_per_s']:.1f} | "
                   f"{row['ratio']:.2f} | {mean['rollout_s']:.1f} | {mean['seconds']:.1f} | {mean['sync_s']:.2f} | "
                   f"{100 * row['sync_share']:.1f} % | {[round(m['reward_mean'], 2) for m in h]} | "
-                  f"{row['blue_base']:.3f} -> {row['blue_final']:.3f} |")
+                  f"{row['blue_base']:.3f} -> {row['blue_final']:.3f} | {row['greedy_blue_base']:.0%} -> "
+                  f"{row['greedy_blue_final']:.0%} |")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "mode": "g", "date": time.strftime(
             "%Y-%m-%d %H:%M"), "machine": platform.node(), "args": vars(args), "rows": rows}, indent=2, default=str))

@@ -96,7 +96,8 @@ def g_step(args, replicas: int) -> dict:
             started = time.perf_counter()
             tuned = step.compile(program, trainset=trainset)
             wall = time.perf_counter() - started
-        shares = {m: blue_share(program.lm.copy(temperature=1.0), m, args.samples) for m in (pool.model_id, tuned.lm.model)}
+        sampled = program.lm.copy(temperature=1.0)
+        shares = {m: blue_share(sampled, m, args.samples) for m in (pool.model_id, tuned.lm.model)}
         greedy = {m: blue_share(program.lm, m, 8) for m in (pool.model_id, tuned.lm.model)}
     finally:
         pool.kill()

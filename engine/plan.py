@@ -80,8 +80,8 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     phases = [Phase("prompt steps", _place(replicas + evaluators + prompt_groups, nodes))]
     if cfg.reinforces():  # a GRPO learner beside the live replicas (and the groups its steps' neighbours hold)
         learner = {k: v for k, v in (("CPU", cfg.grpo.learner_cpus), ("GPU", cfg.grpo.learner_gpus)) if v > 0}
-        phases.append(Phase("grpo step", _place(replicas + [("grpo learner 0", (learner,))] + evaluators + prompt_groups,
-                                                nodes)))
+        learners = [("grpo learner 0", (learner,))]
+        phases.append(Phase("grpo step", _place(replicas + learners + evaluators + prompt_groups, nodes)))
     if cfg.trains():
         if cfg.lifecycle == "relaunch":
             phases.append(Phase("weight step (relaunch)", _place(workers + evaluators + weight_groups, nodes)))
@@ -152,7 +152,8 @@ def suggest(cfg: RunConfig, nodes: list[Node]) -> str | None:
     tries += [{"grpo.learner_cpus": 0}] if cfg.reinforces() and cfg.grpo.learner_cpus > 0 else []
     for changes in tries:
         top = {k: v for k, v in changes.items() if "." not in k}
-        sections = {s: {k.split(".")[1]: v for k, v in changes.items() if k.startswith(f"{s}.")} for s in ("lora", "grpo")}
+        sections = {s: {k.split(".")[1]: v for k, v in changes.items() if k.startswith(f"{s}.")}
+                    for s in ("lora", "grpo")}
         candidate = replace(cfg, **top, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items() if v})
         if not any(phase.problems for phase in make_plan(candidate, nodes)):
             return " ".join(f"--{k.replace('.', '-').replace('_', '-')} {v}" for k, v in changes.items())

@@ -77,7 +77,8 @@ def make_pool(cfg: RunConfig, name: str | None = None) -> ReplicaPool:
     return ReplicaPool(PoolConfig(replica=ReplicaConfig(
         model=cfg.model, max_model_len=cfg.max_model_len, num_cpus=cfg.cpus_per_replica,
         num_gpus=cfg.gpus_per_replica, tensor_parallel_size=cfg.tensor_parallel_size,
-        max_lora_rank=max(8, cfg.lora.rank, cfg.grpo.rank if cfg.reinforces() else 0), engine_kwargs=cfg.engine_kwargs, resources=cfg.replica_resources),
+        max_lora_rank=max(8, cfg.lora.rank, cfg.grpo.rank if cfg.reinforces() else 0),
+        engine_kwargs=cfg.engine_kwargs, resources=cfg.replica_resources),
         num_replicas=cfg.replicas,
         name=name or pool_name("run", cfg.run_dir)))
 
@@ -95,7 +96,8 @@ def compile_strategy(cfg: RunConfig, spec: ProgramSpec, pool: ReplicaPool, split
     ctx = StepContext(spec.metric, threads=cfg.threads, seed=cfg.seed, prompt=vars(cfg.prompt),
                       weight=dict(train=cfg.lora, lifecycle=cfg.lifecycle, exclude_demos=cfg.exclude_demos,
                                   max_rounds=cfg.w_rounds, storage=cfg.storage), feedback=spec.feedback,
-                      grpo=cfg.grpo, models=dict(groups.lms) if groups else {}, release=groups.release if groups else None)
+                      grpo=cfg.grpo, models=dict(groups.lms) if groups else {},
+                      release=groups.release if groups else None)
     table = cfg.step_table()
     keys = dict.fromkeys(cfg.strategy_keys())
     optimizer = BetterTogether(spec.metric, **{key: build_step(key, table[key], ctx) for key in keys})

@@ -265,7 +265,8 @@ def _log_step(client, exp_id: str, parent_id: str, record: StepRecord, digest: s
             record.path.glob("*.parquet")):
         if path.is_file():
             client.log_artifact(run_id, str(path))
-    trained = {t.get("adapter") for t in record.extra.get("trained", [])} | {record.extra.get("grpo", {}).get("adapter")}
+    trained = {t.get("adapter") for t in record.extra.get("trained", [])}
+    trained.add(record.extra.get("grpo", {}).get("adapter"))  # a g step's last version
     for adapter in record.adapters:
         if adapter.name in trained and adapter.path.is_dir():
             client.log_artifacts(run_id, str(adapter.path), f"adapter/{adapter.path.name}")

@@ -7,9 +7,10 @@ once (``num_threads``); every rollout's metric value is its reward, the winners'
 weight step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at
 ``max_tokens``) gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in
 each rollout, the prompt as sent (demos included: the policy is trained on what it saw) and the text the
-replica returned, read from the call's LM history. Then one update of ``actors.dspy_side.reinforce.TandemReinforceJob`` (a
-learner in a Ray actor that keeps the LoRA policy and its optimizer for the whole step) and the new version
-hot-loaded into every replica before the next rollouts (``sync_every``). A rollout that broke (an error, not
+replica returned, read from the call's LM history. Then one update of
+``actors.dspy_side.reinforce.TandemReinforceJob`` (a learner in a Ray actor that keeps the LoRA policy and
+its optimizer for the whole step) and the new version hot-loaded into every replica before the next
+rollouts (``sync_every``). A rollout that broke (an error, not
 a wrong answer) is left out of its group (counted). Per update, ``last_run["grpo"]["history"]``
 holds reward mean/std, groups without variance, loss, KL, tokens, rollouts/s, completion tokens/s and the
 seconds of rollouts, learning and sync; the run stores it in ``step.json``, the report and MLflow show it.

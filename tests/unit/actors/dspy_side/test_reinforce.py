@@ -139,7 +139,8 @@ def test_a_job_on_a_weight_steps_adapter_starts_the_policy_from_it_and_never_unl
     job = TandemReinforceJob(lm, {"lr": 1e-3, "groups_per_step": 1}, factory, job_id="grpo-03")
     job.initialize()
     group = {"batch_id": 0, "group": [{"messages": [{"role": "user", "content": "q"}], "reward": r,
-                                       "completion": {"role": "assistant", "content": c}} for c, r in (("a", 1.0), ("b", 0.0))]}
+                                       "completion": {"role": "assistant", "content": c}}
+                                      for c, r in (("a", 1.0), ("b", 0.0))]}
     for _ in range(2):
         job.step([group], "grpo_chat")
     assert starts == [tuned]

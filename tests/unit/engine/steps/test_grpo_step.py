@@ -52,7 +52,8 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
                 raise Killed("the learner's node went away")
             return super().step(groups)
 
-    first = GRPOStep(metric, CFG, num_threads=2, learner_factory=lambda m, c, cpus, gpus, init: DiesOnSecondUpdate(m, c, init))
+    first = GRPOStep(metric, CFG, num_threads=2,
+                     learner_factory=lambda m, c, cpus, gpus, init: DiesOnSecondUpdate(m, c, init))
     with pytest.raises(Killed):
         first.compile(program, trainset=trainset, **dirs)
     assert engine.models == [BASE] * 4 + [f"{BASE}:grpo-02-v1"] * 4  # update 2's rollouts already on version 1

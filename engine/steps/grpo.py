@@ -121,8 +121,8 @@ class GRPOStep(Teleprompter):
             self.learner_factory, job_id=f"grpo-{step_index:02d}", adapter_root=adapter_root or step_dir,
             state_dir=state_dir or step_dir / "grpo-state")
         meter = usage.active()
-        job.initialize()
         try:
+            job.initialize()  # inside: a learner that started before a failed resume is stopped too
             for update in range(job.version, cfg.steps):
                 before, started = usage.now(), time.perf_counter()
                 groups, counts = self._rollouts(student, job.lm, trainset, update)

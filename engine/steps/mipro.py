@@ -15,7 +15,13 @@ one; dspy binds ``settings.lm`` at construction) and its prompt model is the pro
 - Instruction proposal (step 2): dspy asks for one instruction at a time. Here the tips and rollout ids
   are drawn in dspy's order from its generator (the same draws for the same seed), then every proposal
   is asked at once on ``num_threads`` threads.
-- Trials (step 3) stay dspy's, one at a time (TPE's ``n_jobs=1``): its objective keeps shared state.
+- Trials (step 3): dspy's, one at a time by default. ``trials_at_once: N`` runs N at once (optuna's
+  ``n_jobs``: each thread asks TPE for a trial, so a trial is proposed without the scores of the N-1 still
+  running — a wider, less informed search per round, and thread timing makes the order, so a seed no
+  longer fixes the result). Only each trial's evaluation runs concurrently; dspy's bookkeeping around it
+  (best program, logs) runs under one lock, so no better score is overwritten. Full-valset trials only
+  (``minibatch: false``, which ``auto`` picks for a valset of at most 50): dspy schedules its minibatch
+  mode's full evaluations by trial number, which concurrent trials would reorder; refused up front.
 
 Its evaluations run on ``num_threads`` concurrent program runs sized to the pool (dspy's default is
 8). ``optuna`` (its search, which dspy imports only after bootstrapping and instruction proposal have
@@ -26,9 +32,11 @@ per-step ``compile_args``. Does not know run dirs or pools.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
+import threading
 from typing import Any, Callable
 
 import dspy
@@ -53,6 +61,7 @@ class MIPROStep(Teleprompter):
         num_threads: concurrent program runs and proposals (size it to the pool).
         auto: MIPROv2's preset ('light', 'medium', 'heavy'; None with ``num_candidates``).
         seed: MIPROv2's seed.
+        trials_at_once: trials evaluated at the same time (1: dspy's sequential search; see the module docstring).
         **mipro_options: more ``dspy.MIPROv2`` constructor arguments (``num_candidates``,
             ``max_bootstrapped_demos``, ``max_labeled_demos``, ``init_temperature`` …).
 
@@ -62,10 +71,13 @@ class MIPROStep(Teleprompter):
     """
 
     def __init__(self, metric: Callable, *, prompt_model: dspy.LM | None = None, num_threads: int = 32,
-                 auto: str | None = "light", seed: int = 9, **mipro_options: Any):
+                 auto: str | None = "light", seed: int = 9, trials_at_once: int = 1, **mipro_options: Any):
         import optuna  # noqa: F401  # pyflakes: ignore -- dspy imports it only after the bootstrap's LM calls
 
         check_options(dspy.MIPROv2.__init__, mipro_options, ours={"metric", "task_model"}, name="MIPROv2")
+        if trials_at_once < 1:
+            raise ValueError(f"trials_at_once must be >= 1, got {trials_at_once}")
+        self.trials_at_once = trials_at_once
         self.metric = metric
         self.prompt_model = prompt_model
         self.num_threads = num_threads
@@ -78,13 +90,39 @@ class MIPROStep(Teleprompter):
         """MIPROv2 on ``student`` with ``compile_args`` (dspy's ``MIPROv2.compile`` arguments)."""
         lms = {id(p.lm): p.lm for p in student.predictors() if p.lm is not None}
         task = next(iter(lms.values())) if len(lms) == 1 else None
+        if self.trials_at_once > 1 and self._minibatch(valset or trainset, compile_args):
+            raise ValueError(f"trials_at_once={self.trials_at_once} runs full-valset trials only; this run would use "
+                             "MIPROv2's minibatch mode: pass compile_args minibatch: false")
         optimizer = PoolMIPROv2(metric=self.metric, prompt_model=self.prompt_model or task, task_model=task,
                                 num_threads=self.num_threads, auto=self.auto, seed=self.seed, **self.mipro_options)
+        optimizer.trials_at_once = self.trials_at_once
         return optimizer.compile(student, trainset=trainset, valset=valset or None, teacher=teacher, **compile_args)
 
 
+    def _minibatch(self, valset: list, compile_args: dict) -> bool:
+        """Whether MIPROv2 will evaluate trials on minibatches (as its ``compile`` decides)."""
+        if self.auto is None:
+            return bool(compile_args.get("minibatch", True))
+        return min(len(valset), stock.AUTO_RUN_SETTINGS[self.auto]["val_size"]) > stock.MIN_MINIBATCH_SIZE
+
+
 class PoolMIPROv2(dspy.MIPROv2):
-    """dspy's MIPROv2 whose demo sets and instruction proposals are made concurrently (module docstring)."""
+    """dspy's MIPROv2 whose demo sets and instruction proposals are made concurrently, and whose trials can run
+    ``trials_at_once`` at a time (module docstring)."""
+
+    trials_at_once = 1
+
+    def _optimize_prompt_parameters(self, program, instruction_candidates, demo_candidates, evaluate, valset,
+                                    num_trials, minibatch, minibatch_size, minibatch_full_eval_steps, seed):
+        args = (program, instruction_candidates, demo_candidates, evaluate, valset, num_trials, minibatch,
+                minibatch_size, minibatch_full_eval_steps, seed)
+        if self.trials_at_once <= 1:
+            return super()._optimize_prompt_parameters(*args)
+        if minibatch:
+            raise ValueError("trials_at_once > 1 runs full-valset trials only (minibatch: false)")
+        logger.info("MIPROv2 step 3: %d trials, %d at a time", num_trials, self.trials_at_once)
+        with _concurrent_trials(self.trials_at_once):
+            return super()._optimize_prompt_parameters(*args)
 
     def _bootstrap_fewshot_examples(self, program: Any, trainset: list, seed: int, teacher: Any, *,
                                     num_fewshot_candidates: int, max_bootstrapped_demos: int, max_labeled_demos: int,
@@ -126,6 +164,49 @@ class PoolMIPROv2(dspy.MIPROv2):
         for i, pred in enumerate(program.predictors()):  # candidate 0 is the program's own (dspy's)
             candidates[i][0] = stock.get_signature(pred).instructions
         return candidates
+
+
+@contextlib.contextmanager
+def _concurrent_trials(n: int):
+    """Inside: optuna studies optimize with ``n_jobs=n``; each trial (dspy's objective) holds one lock except
+    while its program is evaluated (dspy's ``eval_candidate_program``), so evaluations overlap and dspy's
+    bookkeeping (best score and program, logs) runs one trial at a time."""
+    import optuna
+
+    lock, local = threading.Lock(), threading.local()
+    create, evaluate = optuna.create_study, stock.eval_candidate_program
+
+    def locked(objective):
+        def trial(t):
+            with lock:
+                local.in_trial = True
+                try:
+                    return objective(t)
+                finally:
+                    local.in_trial = False
+        return trial
+
+    def create_study(*args, **kwargs):
+        study = create(*args, **kwargs)
+        optimize = study.optimize
+        study.optimize = lambda func, n_trials=None, **kw: optimize(locked(func), n_trials=n_trials,
+                                                                    **{**kw, "n_jobs": n})
+        return study
+
+    def eval_candidate_program(*args, **kwargs):
+        if not getattr(local, "in_trial", False):
+            return evaluate(*args, **kwargs)
+        lock.release()  # the evaluation runs beside the other trials'; the bookkeeping after it does not
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            lock.acquire()
+
+    optuna.create_study, stock.eval_candidate_program = create_study, eval_candidate_program
+    try:
+        yield
+    finally:
+        optuna.create_study, stock.eval_candidate_program = create, evaluate
 
 
 class _Drawn(random.Random):

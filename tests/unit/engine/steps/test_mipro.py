@@ -85,3 +85,35 @@ def test_demo_sets_come_from_one_concurrent_bootstrap_and_instructions_are_propo
     assert engine.most["other"] >= 3  # 4 proposals asked at once (dspy: 1 in flight)
     assert engine.task_calls_before_proposals == len(trainset)  # one pass for all sets (dspy: one per set, 16)
     assert engine.most["task"] >= 4  # and concurrent
+
+
+@pytest.mark.parametrize("at_once", [1, 3])
+def test_trials_run_n_at_a_time_and_the_best_full_score_is_kept(at_once):
+    """Each trial evaluates the 6-example valset on 2 threads: one trial at a time never has more than 2 task
+    calls in flight; 3 at a time overlap. The winner is the best of every trial's score (no overwrite)."""
+    engine = ProposalEngine(delay_s=0.05)
+    program = dspy.Predict("question -> answer")
+    program.set_lm(dspy.LM("scripted", engine=engine, cache=False))
+    step = MIPROStep(metric, auto=None, num_candidates=3, num_threads=2, max_bootstrapped_demos=0,
+                     max_labeled_demos=0, trials_at_once=at_once)
+    tuned = step.compile(program, trainset=data(6), valset=data(6, 100), num_trials=6, minibatch=False,
+                         program_aware_proposer=False, data_aware_proposer=False)
+    during_trials = engine.most["task"]
+    assert (during_trials > 2) == (at_once > 1)
+    scores = [c["score"] for c in tuned.candidate_programs]
+    assert tuned.score == max(scores) and len(scores) == 7  # the default program and 6 trials
+    assert MAGIC in tuned.signature.instructions
+
+
+def test_trials_at_once_with_minibatches_is_refused_before_any_call():
+    engine = ProposalEngine()
+    program = dspy.Predict("question -> answer")
+    program.set_lm(dspy.LM("scripted", engine=engine, cache=False))
+    with pytest.raises(ValueError, match="full-valset trials only.*minibatch: false"):
+        MIPROStep(metric, auto=None, num_candidates=2, trials_at_once=2).compile(
+            program, trainset=data(8), valset=data(6, 100), num_trials=3)
+    with pytest.raises(ValueError, match="full-valset trials only"):
+        MIPROStep(metric, auto="light", trials_at_once=2).compile(program, trainset=data(8), valset=data(60, 100))
+    assert engine.task_calls == engine.other_calls == 0
+    with pytest.raises(ValueError, match="trials_at_once must be >= 1"):
+        MIPROStep(metric, trials_at_once=0)

@@ -14,7 +14,10 @@ one; dspy binds ``settings.lm`` at construction) and its prompt model is the pro
   same seed; the teacher's answer for an example is the same in every set).
 - Instruction proposal (step 2): dspy asks for one instruction at a time. Here the tips and rollout ids
   are drawn in dspy's order from its generator (the same draws for the same seed), then every proposal
-  is asked at once on ``num_threads`` threads.
+  is asked at once on ``num_threads`` threads. The default prompt model is the program's LM with room
+  for an instruction (``PROMPT_MAX_TOKENS``); a proposal whose answer does not parse (a small model's
+  instruction cut at max_tokens; stock MIPROv2 then fails the whole run) leaves that candidate with the
+  program's instruction, counted in a warning; any other error fails the step.
 - Trials (step 3): dspy's, one at a time by default. ``trials_at_once: N`` runs N at once (optuna's
   ``n_jobs``: each thread asks TPE for a trial, so a trial is proposed without the scores of the N-1 still
   running — a wider, less informed search per round, and thread timing makes the order, so a seed no
@@ -44,12 +47,15 @@ from dspy.propose import GroundedProposer
 from dspy.propose.grounded_proposer import TIPS
 from dspy.teleprompt import mipro_optimizer_v2 as stock
 from dspy.teleprompt.teleprompt import Teleprompter
+from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
 
 from engine.steps.options import check_options
 from engine.steps.prompt import PromptStep
 
 logger = logging.getLogger(__name__)
+
+PROMPT_MAX_TOKENS = 512  # an instruction (and dspy's program and data summaries) is longer than most answers
 
 
 class MIPROStep(Teleprompter):
@@ -93,7 +99,9 @@ class MIPROStep(Teleprompter):
         if self.trials_at_once > 1 and self._minibatch(valset or trainset, compile_args):
             raise ValueError(f"trials_at_once={self.trials_at_once} runs full-valset trials only; this run would use "
                              "MIPROv2's minibatch mode: pass compile_args minibatch: false")
-        optimizer = PoolMIPROv2(metric=self.metric, prompt_model=self.prompt_model or task, task_model=task,
+        prompt = self.prompt_model or (task.copy(max_tokens=max(task.kwargs.get("max_tokens") or 0, PROMPT_MAX_TOKENS))
+                                       if task is not None else None)
+        optimizer = PoolMIPROv2(metric=self.metric, prompt_model=prompt, task_model=task,
                                 num_threads=self.num_threads, auto=self.auto, seed=self.seed, **self.mipro_options)
         optimizer.trials_at_once = self.trials_at_once
         return optimizer.compile(student, trainset=trainset, valset=valset or None, teacher=teacher, **compile_args)
@@ -209,6 +217,9 @@ def _concurrent_trials(n: int):
         optuna.create_study, stock.eval_candidate_program = create, evaluate
 
 
+UNPARSED = object()  # a proposal whose answer did not parse
+
+
 class _Drawn(random.Random):
     """A generator whose ``randint`` returns a value drawn beforehand (a proposal's rollout id)."""
 
@@ -250,6 +261,8 @@ class ConcurrentProposer(GroundedProposer):
                 return one.propose_instruction_for_predictor(program=program, predictor=predictor, pred_i=pred_i,
                                                              demo_candidates=demo_candidates, demo_set_i=demo_set_i,
                                                              trial_logs=trial_logs, tip=tip)
+            except AdapterParseError:  # a wrong answer (e.g. cut at max_tokens): this candidate keeps the instruction
+                return UNPARSED
             except Exception as exc:  # raised below, after the others finished
                 return exc
 
@@ -260,7 +273,12 @@ class ConcurrentProposer(GroundedProposer):
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(jobs)} instruction proposals failed: "
                                f"{type(failed[0]).__name__}: {failed[0]}") from failed[0]
+        unparsed = sum(a is UNPARSED for a in answers)
+        if unparsed:
+            logger.warning("MIPROv2 step 2: %d of %d instruction proposals did not parse (the prompt model's answer "
+                           "was cut or malformed); those candidates keep the program's instruction", unparsed, len(jobs))
         proposed: dict[int, list[str]] = {}
-        for (_, pred_i, *_), answer in zip(jobs, answers):
-            proposed.setdefault(pred_i, []).append(answer)
+        for (_, pred_i, predictor, *_), answer in zip(jobs, answers):
+            keep = stock.get_signature(predictor).instructions
+            proposed.setdefault(pred_i, []).append(keep if answer is UNPARSED else answer)
         return proposed

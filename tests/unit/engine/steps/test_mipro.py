@@ -117,3 +117,28 @@ def test_trials_at_once_with_minibatches_is_refused_before_any_call():
     assert engine.task_calls == engine.other_calls == 0
     with pytest.raises(ValueError, match="trials_at_once must be >= 1"):
         MIPROStep(metric, trials_at_once=0)
+
+
+class Rambling(ProposalEngine):
+    """The prompt model never finishes its layout (a small model cut at max_tokens)."""
+
+    def complete(self, request):
+        response = super().complete(request)
+        if "[[ ## answer ## ]]" in response.text:
+            return response
+        return lm15.Response(id=None, model=request.model, message=lm15.Message.assistant("Here is an idea: first"),
+                             finish_reason="length", usage=response.usage)
+
+
+def test_an_unparsed_proposal_keeps_the_programs_instruction_and_says_so(caplog):
+    """Stock MIPROv2 fails the whole run on one such answer (seen on the embedded model at max_tokens 150)."""
+    program = dspy.Predict("question -> answer")
+    program.set_lm(dspy.LM("scripted", engine=Rambling(), cache=False, max_tokens=150))
+    original = program.signature.instructions
+    with caplog.at_level("WARNING", logger="engine.steps.mipro"):
+        tuned = MIPROStep(metric, auto=None, num_candidates=2, num_threads=4, max_bootstrapped_demos=1,
+                          max_labeled_demos=1).compile(program, trainset=data(8), valset=data(6, 100), num_trials=2,
+                                                       minibatch=False, program_aware_proposer=False,
+                                                       data_aware_proposer=False)
+    assert tuned.signature.instructions == original
+    assert any("instruction proposals did not parse" in r.getMessage() for r in caplog.records)

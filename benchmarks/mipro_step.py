@@ -9,7 +9,8 @@ Rows, side by side in one run on one pool (same program, data, seed, candidates 
 Full-valset trials (``minibatch=False``: the valset is small). DSPy's cache is off (each variant pays for its
 own calls). Each: wall time, valset and held-out test score (%), the test answers' distinct count.
 
-    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/mipro_step.py --candidates 4 --trials 8 --seeds 0
+    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/mipro_step.py --candidates 4 --trials 8 --seeds 0 \
+        [--adapter chat]
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=30)
     ap.add_argument("--val", type=int, default=15)
     ap.add_argument("--max-tokens", type=int, default=150)
+    ap.add_argument("--adapter", default="constrained", help="constrained, chat or json (every variant the same)")
     ap.add_argument("--out", default="benchmarks/out/mipro_step.json")
     args = ap.parse_args()
 
@@ -80,13 +82,13 @@ def main() -> None:
     connect(num_cpus=2)
     rows = []
     cfg = PoolConfig(replica=ReplicaConfig(model=args.model, max_model_len=2048), num_replicas=2)
-    with ReplicaPool(cfg).launch() as pool, dspy.context(adapter=make_adapter("constrained")):
+    with ReplicaPool(cfg).launch() as pool, dspy.context(adapter=make_adapter(args.adapter)):
         for seed in (int(s) for s in args.seeds.split(",")):
             full = spec.splits(seed)
             splits = Splits(full.train[:args.train], full.dev[:args.val], full.test)
             for variant in args.variants.split(","):
                 program = spec.program()
-                program.set_lm(pool_lm(pool, max_tokens=args.max_tokens, stop=stop_for("constrained"), cache=False))
+                program.set_lm(pool_lm(pool, max_tokens=args.max_tokens, stop=stop_for(args.adapter), cache=False))
                 rows.append(one(variant.strip(), program, splits, spec, args, seed))
                 r = rows[-1]
                 print(f"{r['variant']:<10} seed {seed} wall {r['wall_s']:>7.1f}s val {r['val_score']:.1f} "

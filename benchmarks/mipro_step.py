@@ -32,7 +32,8 @@ def one(variant: str, program, splits, spec, args, seed: int) -> dict:
 
     from engine.evaluate import evaluate_many
     from engine.held_out import score_held_out
-    from engine.steps.mipro import PROMPT_MAX_TOKENS, MIPROStep
+    from engine.steps.mipro import MIPROStep
+    from engine.steps.options import with_room
 
     settings = dict(auto=None, num_candidates=args.candidates, max_bootstrapped_demos=2, max_labeled_demos=2,
                     num_threads=args.threads, seed=seed)
@@ -40,7 +41,7 @@ def one(variant: str, program, splits, spec, args, seed: int) -> dict:
     started = time.perf_counter()
     if variant == "stock":
         lm = program.predictors()[0].lm  # the prompt model gets the step's default room for an instruction
-        optimizer = dspy.MIPROv2(metric=spec.metric, prompt_model=lm.copy(max_tokens=PROMPT_MAX_TOKENS), task_model=lm,
+        optimizer = dspy.MIPROv2(metric=spec.metric, prompt_model=with_room(lm), task_model=lm,
                                  **settings)
         tuned = optimizer.compile(program.deepcopy(), trainset=splits.train, valset=splits.dev, **compile_args)
     else:

@@ -6,7 +6,7 @@ What it adds to stock ``dspy.GEPA`` (which it runs unmodified):
   feedback metric (the score, and a feedback text naming the expected and the produced outputs); a
   program module may export its own ``feedback(gold, pred) -> str`` for richer text;
 - the reflection LM defaults to the program's own LM (a copy sampling at temperature 1.0, as
-  dspy's docs run it, with room for an instruction: at least ``REFLECTION_MAX_TOKENS``), or is
+  dspy's docs run it, with room for an instruction: at least ``INSTRUCTION_MAX_TOKENS``), or is
   whatever LM the caller gives (``reflection_lm=``); dspy's proposer asks it through JSONAdapter, which
   the pool decodes under the JSON schema, so a small model's proposal parses;
 - rollouts are sized to the pool: GEPA's evaluations (minibatches, the valset, merges) run on
@@ -32,12 +32,11 @@ from typing import Any, Callable
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from engine.steps.options import check_options
+from engine.steps.options import check_options, with_room
 
 logger = logging.getLogger(__name__)
 
 REFLECTION_TEMPERATURE = 1.0
-REFLECTION_MAX_TOKENS = 512  # a new instruction is longer than most answers; the program's max_tokens may be small
 
 
 def feedback_metric(metric: Callable, feedback: Callable | None = None) -> Callable:
@@ -146,7 +145,7 @@ class GEPAStep(Teleprompter):
 
 
 def reflection_of(program: dspy.Module) -> dspy.LM:
-    """The program's LM, sampling at ``REFLECTION_TEMPERATURE`` with at least ``REFLECTION_MAX_TOKENS``
+    """The program's LM, sampling at ``REFLECTION_TEMPERATURE`` with at least ``INSTRUCTION_MAX_TOKENS``
     (its predictors must share one LM)."""
     lms = {id(p.lm): p.lm for p in program.predictors() if p.lm is not None}
     if len(lms) != 1:
@@ -157,6 +156,5 @@ def reflection_of(program: dspy.Module) -> dspy.LM:
 
 
 def as_reflection(lm: dspy.LM) -> dspy.LM:
-    """``lm`` sampling at ``REFLECTION_TEMPERATURE`` with at least ``REFLECTION_MAX_TOKENS``."""
-    return lm.copy(temperature=REFLECTION_TEMPERATURE,
-                   max_tokens=max(lm.kwargs.get("max_tokens") or 0, REFLECTION_MAX_TOKENS))
+    """``lm`` sampling at ``REFLECTION_TEMPERATURE`` with at least ``INSTRUCTION_MAX_TOKENS``."""
+    return with_room(lm, temperature=REFLECTION_TEMPERATURE)

@@ -15,7 +15,7 @@ one; dspy binds ``settings.lm`` at construction) and its prompt model is the pro
 - Instruction proposal (step 2): dspy asks for one instruction at a time. Here the tips and rollout ids
   are drawn in dspy's order from its generator (the same draws for the same seed), then every proposal
   is asked at once on ``num_threads`` threads. The default prompt model is the program's LM with room
-  for an instruction (``PROMPT_MAX_TOKENS``); a proposal whose answer does not parse (a small model's
+  for an instruction (``engine.steps.options.with_room``); a proposal whose answer does not parse (a small model's
   instruction cut at max_tokens; stock MIPROv2 then fails the whole run) leaves that candidate with the
   program's instruction, counted in a warning; any other error fails the step.
 - Trials (step 3): dspy's, one at a time by default. ``trials_at_once: N`` runs N at once (optuna's
@@ -50,12 +50,10 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
 
-from engine.steps.options import check_options
+from engine.steps.options import check_options, with_room
 from engine.steps.prompt import PromptStep
 
 logger = logging.getLogger(__name__)
-
-PROMPT_MAX_TOKENS = 512  # an instruction (and dspy's program and data summaries) is longer than most answers
 
 
 class MIPROStep(Teleprompter):
@@ -99,13 +97,11 @@ class MIPROStep(Teleprompter):
         if self.trials_at_once > 1 and self._minibatch(valset or trainset, compile_args):
             raise ValueError(f"trials_at_once={self.trials_at_once} runs full-valset trials only; this run would use "
                              "MIPROv2's minibatch mode: pass compile_args minibatch: false")
-        prompt = self.prompt_model or (task.copy(max_tokens=max(task.kwargs.get("max_tokens") or 0, PROMPT_MAX_TOKENS))
-                                       if task is not None else None)
+        prompt = self.prompt_model or (with_room(task) if task is not None else None)
         optimizer = PoolMIPROv2(metric=self.metric, prompt_model=prompt, task_model=task,
                                 num_threads=self.num_threads, auto=self.auto, seed=self.seed, **self.mipro_options)
         optimizer.trials_at_once = self.trials_at_once
         return optimizer.compile(student, trainset=trainset, valset=valset or None, teacher=teacher, **compile_args)
-
 
     def _minibatch(self, valset: list, compile_args: dict) -> bool:
         """Whether MIPROv2 will evaluate trials on minibatches (as its ``compile`` decides)."""

@@ -1,12 +1,20 @@
-"""Checking a wrapped optimizer's extra arguments at construction, before any pool is up.
+"""What GEPAStep and MIPROStep share: their dspy class's extra arguments checked at construction, before any
+pool is up, and the program's LM given room for an instruction (their reflection / prompt model's default).
 
-Knows Python signatures only; GEPAStep and MIPROStep pass their dspy class's options through it.
+Knows Python signatures and ``dspy.LM.copy``; not the optimizers.
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable
+
+INSTRUCTION_MAX_TOKENS = 512  # a new instruction is longer than most answers; the program's max_tokens may be small
+
+
+def with_room(lm, **changes: Any):
+    """A copy of ``lm`` (with ``changes``) that may write at least ``INSTRUCTION_MAX_TOKENS`` tokens."""
+    return lm.copy(max_tokens=max(lm.kwargs.get("max_tokens") or 0, INSTRUCTION_MAX_TOKENS), **changes)
 
 
 def check_options(target: Callable, options: dict[str, Any], *, ours: set[str], name: str) -> None:

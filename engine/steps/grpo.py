@@ -38,6 +38,7 @@ from actors.dspy_side import usage
 from actors.training.grpo import GRPOConfig
 from actors.typed_config import typed_config
 from engine.evaluate import run_all
+from engine.steps.bootstrap import Trace, chat_rows
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +193,9 @@ def _first_calls(program: dspy.Module, run, lms: dict[str, dspy.LM]) -> dict[str
             calls[name] = {"messages": list(entry["messages"]), "completion": {"role": "assistant", "content": text}}
     if calls or run.error:
         return calls
-    adapter = dspy.settings.adapter or dspy.ChatAdapter()
-    predictors = dict(program.named_predictors())
-    for name, inputs, outputs in run.trace:
-        if name not in calls:
-            pred = predictors[name]
-            messages = adapter.format_finetune_data(signature=pred.signature, demos=pred.demos, inputs=inputs,
-                                                    outputs=outputs)["messages"]
-            calls[name] = {"messages": messages[:-1], "completion": messages[-1]}
+    for row in chat_rows(program, [Trace(run.example_index, None, run.trace)], with_demos=True):
+        messages = row["messages"]
+        calls.setdefault(row["predictor"], {"messages": messages[:-1], "completion": messages[-1]})
     return calls
 
 

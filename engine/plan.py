@@ -80,7 +80,7 @@ def make_plan(cfg: RunConfig, nodes: list[Node]) -> list[Phase]:
     phases = [Phase("prompt steps", _place(replicas + evaluators + prompt_groups, nodes))]
     if cfg.reinforces():  # a GRPO learner beside the live replicas (and the groups its steps' neighbours hold)
         learner = {k: v for k, v in (("CPU", cfg.grpo.learner_cpus), ("GPU", cfg.grpo.learner_gpus)) if v > 0}
-        learners = [("grpo learner 0", (learner,))]
+        learners = [(f"grpo learner {i}", (learner,)) for i in range(cfg.grpo.learner_workers)]
         phases.append(Phase("grpo step", _place(replicas + learners + evaluators + prompt_groups, nodes)))
     if cfg.trains():
         if cfg.lifecycle == "relaunch":

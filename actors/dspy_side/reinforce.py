@@ -13,7 +13,9 @@ writes the adapter under a name; ``terminate()`` stops the learner and leaves th
 Each step's metrics (reward mean/std, zero-variance groups, loss, KL, tokens, rollout, learn and sync
 seconds)
 are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, ``groups_per_step``,
-``learner_cpus``, ``learner_gpus``; dspy's own ``num_generations`` is accepted and only recorded.
+``learner_cpus``, ``learner_gpus`` (each worker's), ``learner_workers`` (N > 1: a data-parallel
+``actors.training.learner_group.LearnerGroup`` of N ranks, every update's gradient summed over them);
+dspy's own ``num_generations`` is accepted and only recorded.
 
 Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new
 version on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates, and
@@ -24,7 +26,7 @@ names one of the pool's adapters (a weight step's) is the policy the learner sta
 never unloaded, only the job's own versions are.
 
 Knows dspy's ReinforceJob/GRPO data contract and the pool's adapter calls; does not know programs,
-run dirs or strategies. Not known yet: several learner workers (DDP/ZeRO).
+run dirs or strategies.
 """
 
 from __future__ import annotations
@@ -46,21 +48,28 @@ from actors.training.grpo import GRPOConfig, Learner, saved_state
 
 logger = logging.getLogger(__name__)
 
-JOB_KEYS = {"groups_per_step": 4, "learner_cpus": 1.0, "learner_gpus": 0.0, "sync_every": 1, "num_generations": None}
+JOB_KEYS = {"groups_per_step": 4, "learner_cpus": 1.0, "learner_gpus": 0.0, "learner_workers": 1, "sync_every": 1,
+            "num_generations": None}
 HISTORY_FILE = "history.json"  # the job's per-update metrics, in its state_dir
 _jobs = itertools.count(1)
 
 
-def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float, init: str | None = None):
-    """A ``Learner`` in a Ray actor (its model and optimizer live there between steps); calls return refs. Ray
-    gives an actor as many torch threads as CPUs it reserves (one for none): ``cfg.threads`` 0 asks for that
-    many, or for every core of the node when it reserves none."""
+def ray_learner(model_path: str, cfg: GRPOConfig, cpus: float, gpus: float, init: str | None = None,
+                workers: int = 1):
+    """A ``Learner`` in a Ray actor (its model and optimizer live there between steps; calls return refs), or for
+    ``workers`` > 1 a ``LearnerGroup`` of that many ranks, each reserving ``cpus`` and ``gpus``. Ray gives an actor
+    as many torch threads as CPUs it reserves (one for none): ``cfg.threads`` 0 asks for that many, or, when it
+    reserves none, for the node's cores shared by the workers."""
     import os
 
     import ray
 
     if not cfg.threads:
-        cfg = dataclasses.replace(cfg, threads=int(cpus) if cpus >= 1 else os.cpu_count() or 1)
+        cfg = dataclasses.replace(cfg, threads=int(cpus) if cpus >= 1 else max(1, (os.cpu_count() or 1) // workers))
+    if workers > 1:
+        from actors.training.learner_group import LearnerGroup
+
+        return LearnerGroup(model_path, cfg, workers, cpus, gpus, init)
     return ray.remote(Learner).options(num_cpus=cpus, num_gpus=gpus).remote(model_path, cfg, init)
 
 
@@ -84,7 +93,7 @@ class TandemReinforceJob(ReinforceJob):
     Args:
         lm: the student's LM (a ``pool_lm`` with this provider); updated in place after each step.
         train_kwargs: ``GRPOConfig`` fields and the job keys (``JOB_KEYS``).
-        learner_factory: ``(model_path, cfg, cpus, gpus, init) -> learner``; default a Ray actor (``ray_learner``).
+        learner_factory: ``(model_path, cfg, cpus, gpus, init, workers) -> learner``; default ``ray_learner``.
         job_id: names the versions (``<base>:<job_id>-v<n>``); default ``grpo-NN``, numbered in this process.
         adapter_root: where the versions are written; default the provider's.
         state_dir: checkpoint the learner here after every update and resume from it (see the module docstring).
@@ -106,7 +115,7 @@ class TandemReinforceJob(ReinforceJob):
         self.cfg = dataclasses.replace(self.provider.grpo, **{k: v for k, v in self.train_kwargs.items()
                                                               if k in fields})
         self.options = {k: self.train_kwargs.get(k, v) for k, v in JOB_KEYS.items()}
-        for key in ("groups_per_step", "sync_every"):
+        for key in ("groups_per_step", "sync_every", "learner_workers"):
             if int(self.options[key]) < 1:
                 raise ValueError(f"{key} must be >= 1, got {self.options[key]}")
         self.start = self._start_adapter(lm.model)
@@ -140,7 +149,8 @@ class TandemReinforceJob(ReinforceJob):
         resume = saved_state(self.state_dir / "learner") if self.state_dir else None
         init = str(resume) if resume else self.start
         self.learner = self.learner_factory(model_path, self.cfg, float(self.options["learner_cpus"]),
-                                            float(self.options["learner_gpus"]), init)
+                                            float(self.options["learner_gpus"]), init,
+                                            int(self.options["learner_workers"]))
         self.state = "running"
         if resume:
             self.version = int(_call(self.learner, "progress"))
@@ -229,6 +239,8 @@ class TandemReinforceJob(ReinforceJob):
             import ray
 
             ray.kill(self.learner)
+        elif hasattr(self.learner, "stop"):  # a LearnerGroup's workers
+            self.learner.stop()
         self.learner = None
         self.state = "terminated"
 

@@ -21,6 +21,12 @@ for the whole run, so the model and optimizer state persist between steps (no Ra
 ``save_state`` writes the whole learner (adapter, AdamW moments as safetensors, step count as JSON: no
 pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
 adapter (e.g. a weight step's), which the policy then starts from (its own rank and modules).
+Several workers (``rank`` of ``world`` in a ``torch.distributed`` process group that the caller set up,
+``actors.training.learner_group``): every worker holds the same policy and optimizer (same seed, same
+init), builds the same rows from the same groups and trains on its share (every ``world``-th row); the
+loss is normalized by the whole batch's rows or tokens, so the gradients summed over the workers
+(all-reduce) are the one-worker gradient, and every worker takes the same optimizer step — DDP's data
+parallelism with the LoRA gradients (small) reduced once per update. Only rank 0 needs to save.
 Does not know Ray, the pool or DSPy.
 """
 
@@ -123,13 +129,16 @@ class Learner:
         cfg: the learner's settings.
         init: a directory to start from: a ``save_state`` directory (adapter, optimizer moments and step
             count: the run resumes exactly) or a peft adapter (the policy starts from it, a fresh optimizer).
+        rank, world: this worker's place among ``world`` workers of an initialized ``torch.distributed``
+            process group (default one worker, no group).
 
     Example:
         >>> learner = Learner(str(models.materialize(models.TINY)), GRPOConfig(lr=1e-3))  # doctest: +SKIP
         >>> learner.step([{"batch_id": 0, "group": rollouts}])["loss"]  # doctest: +SKIP
     """
 
-    def __init__(self, model_path: str, cfg: GRPOConfig, init: str | Path | None = None):
+    def __init__(self, model_path: str, cfg: GRPOConfig, init: str | Path | None = None, rank: int = 0,
+                 world: int = 1):
         import torch
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,7 +146,7 @@ class Learner:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.cfg, self.torch = cfg, torch
+        self.cfg, self.torch, self.rank, self.world = cfg, torch, rank, world
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
@@ -184,17 +193,20 @@ class Learner:
         out = {"step": self.steps + 1, "groups": len(groups), "rollouts": len(rewards), "reward_mean": mean,
                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))),
                "zero_variance_groups": flat, "loss": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0}
-        if rows:
+        if rows:  # the same on every worker: each builds every row, then trains on its share
             self.model.train()
             self.optim.zero_grad(set_to_none=True)
             total_tokens = sum(end - start for _, start, end, _ in rows)
+            mine = rows[self.rank::self.world]
             loss_sum = kl_sum = 0.0
-            for i in range(0, len(rows), self.cfg.micro_batch_size):
-                part = rows[i: i + self.cfg.micro_batch_size]
+            for i in range(0, len(mine), self.cfg.micro_batch_size):
+                part = mine[i: i + self.cfg.micro_batch_size]
                 loss, kl = self._loss(part, len(rows), total_tokens)
                 loss.backward()
                 loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl
             params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.world > 1:
+                loss_sum, kl_sum = self._reduce(params, loss_sum, kl_sum)
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
                                                   else float("inf"))
             self.optim.step()
@@ -202,6 +214,19 @@ class Learner:
         self.steps += 1
         out["seconds"] = time.perf_counter() - started
         return out
+
+    def _reduce(self, params: list, loss_sum: float, kl_sum: float) -> tuple[float, float]:
+        """Sum the workers' gradients (a worker with no rows adds zeros) and loss / KL sums, in one flat
+        all-reduce; every worker then holds the batch's gradient."""
+        torch, dist = self.torch, self.torch.distributed
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                         + [torch.tensor([loss_sum, kl_sum], dtype=params[0].dtype, device=self.device)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return float(flat[-2]), float(flat[-1])
 
     def _loss(self, rows: list[tuple[list[int], int, int, float]], n_rows: int, n_tokens: int):
         """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its KL sum;

@@ -54,18 +54,21 @@ class GRPOStepConfig(GRPOConfig):
     sync_every: int = field(default=1, metadata={
         "help": "put a new version on the replicas every N updates (N > 1: rollouts up to N-1 updates stale)"})
     learner_cpus: float = field(default=1.0, metadata={
-        "help": "CPUs the learner actor reserves (0 on a CPU box whose cores the replicas hold: it learns while "
+        "help": "CPUs each learner worker reserves (0 on a CPU box whose cores the replicas hold: it learns while "
                 "they wait)"})
-    learner_gpus: float = field(default=0.0, metadata={"help": "GPUs the learner actor reserves"})
+    learner_gpus: float = field(default=0.0, metadata={"help": "GPUs each learner worker reserves"})
+    learner_workers: int = field(default=1, metadata={
+        "help": "learner workers (N > 1: data parallel, each trains on 1/N of an update's rollouts and their "
+                "gradients are summed: the same update as one worker's)"})
     unparsed_reward: float = field(default=-1.0, metadata={
         "help": "reward of a rollout whose answer did not parse (dspy GRPO's format_failure_score); it is trained "
                 "on like the others, so the policy learns to finish its answer"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.steps, self.examples_per_step, self.sync_every) < 1 or self.group_size < 2:
-            raise ValueError("steps, examples_per_step, sync_every must be >= 1 and group_size >= 2 (a group of one "
-                             "has no relative advantage)")
+        if min(self.steps, self.examples_per_step, self.sync_every, self.learner_workers) < 1 or self.group_size < 2:
+            raise ValueError("steps, examples_per_step, sync_every, learner_workers must be >= 1 and group_size >= 2 "
+                             "(a group of one has no relative advantage)")
         if self.temperature <= 0 or self.learner_cpus < 0 or self.learner_gpus < 0:
             raise ValueError("temperature must be > 0, learner_cpus and learner_gpus >= 0")
 
@@ -118,7 +121,8 @@ class GRPOStep(Teleprompter):
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-g-"))
         job = TandemReinforceJob(
             lm.copy(), {**cfg.learner(), "groups_per_step": cfg.examples_per_step, "sync_every": cfg.sync_every,
-                        "learner_cpus": cfg.learner_cpus, "learner_gpus": cfg.learner_gpus},
+                        "learner_cpus": cfg.learner_cpus, "learner_gpus": cfg.learner_gpus,
+                        "learner_workers": cfg.learner_workers},
             self.learner_factory, job_id=f"grpo-{step_index:02d}", adapter_root=adapter_root or step_dir,
             state_dir=state_dir or step_dir / "grpo-state")
         meter = usage.active()

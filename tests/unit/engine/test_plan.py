@@ -145,3 +145,8 @@ def test_a_grpo_step_places_its_learner_beside_the_live_replicas():
     gpu = make_plan(RunConfig(strategy="g", gpus_per_replica=1, grpo={"learner_gpus": 1}),
                     [Node("g", {"CPU": 8.0, "GPU": 3.0})])
     assert not gpu[1].problems and gpu[1].placed[2].bundles == ({"CPU": 1.0, "GPU": 1.0},)
+    four = [Node("g", {"CPU": 8.0, "GPU": 4.0})]  # 2 replicas + a data-parallel learner of one GPU per worker
+    two = make_plan(RunConfig(strategy="g", gpus_per_replica=1, grpo={"learner_gpus": 1, "learner_workers": 2}), four)
+    assert [p.what for p in two[1].placed][-2:] == ["grpo learner 0", "grpo learner 1"] and not two[1].problems
+    assert "grpo learner 2 needs" in make_plan(RunConfig(strategy="g", gpus_per_replica=1, grpo={
+        "learner_gpus": 1, "learner_workers": 3}), four)[1].problems[0]

@@ -74,7 +74,7 @@ def tiny():
 
 
 def _provider(tmp_path, jobs):
-    def in_process(model_path, cfg, cpus, gpus, init=None):
+    def in_process(model_path, cfg, cpus, gpus, init=None, workers=1):
         return Learner(model_path, cfg, init)
 
     def make(**kwargs):
@@ -131,7 +131,7 @@ def test_a_job_on_a_weight_steps_adapter_starts_the_policy_from_it_and_never_unl
     tuned = Learner(tiny, GRPOConfig(rank=8, alpha=16)).save(tmp_path / "ft-01")
     pool.load_adapter(f"{BASE}:ft-01", tuned)
 
-    def factory(model_path, cfg, cpus, gpus, init=None):
+    def factory(model_path, cfg, cpus, gpus, init=None, workers=1):
         starts.append(init)
         return Learner(model_path, cfg, init)
 

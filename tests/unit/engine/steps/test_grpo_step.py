@@ -53,7 +53,7 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
             return super().step(groups)
 
     first = GRPOStep(metric, CFG, num_threads=2,
-                     learner_factory=lambda m, c, cpus, gpus, init: DiesOnSecondUpdate(m, c, init))
+                     learner_factory=lambda m, c, cpus, gpus, init, workers: DiesOnSecondUpdate(m, c, init))
     with pytest.raises(Killed):
         first.compile(program, trainset=trainset, **dirs)
     assert engine.models == [BASE] * 4 + [f"{BASE}:grpo-02-v1"] * 4  # update 2's rollouts already on version 1
@@ -61,7 +61,7 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
     engine.models.clear()
     starts = []
 
-    def resumed(m, c, cpus, gpus, init):
+    def resumed(m, c, cpus, gpus, init, workers):
         starts.append(init)
         return Learner(m, c, init)
 
@@ -110,7 +110,7 @@ def test_an_answer_that_did_not_parse_is_trained_on_with_the_unparsed_reward(tin
             return super().step(groups)
 
     step = GRPOStep(metric, GRPOStepConfig(**{**vars(CFG), "steps": 1}), num_threads=2,
-                    learner_factory=lambda m, c, cpus, gpus, init: Recording(m, c, init))
+                    learner_factory=lambda m, c, cpus, gpus, init, workers: Recording(m, c, init))
     step.compile(program, trainset=[dspy.Example(question="q", answer="a").with_inputs("question")],
                  step_dir=tmp_path / "g")
     (group,) = seen

@@ -283,16 +283,11 @@ class ReplicaPool:
             files = ray.put(adapter_files.pack(path))  # each replica writes its own copy: no shared path needed
         except FileNotFoundError:
             raise AdapterError(f"adapter {name!r}: {path} is not a peft adapter dir (no adapter_config.json)") from None
-        results, errors = [], []
-        for handle in handles:
-            try:
-                results.append(_call(handle, "load_adapter", name, path, files))
-            except Exception as exc:
-                errors.append(exc)
+        results = _call_all(handles, "load_adapter", name, path, files)  # every replica at once
+        errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             if name not in known:  # roll back a partial load; never touch an adapter already served
-                for handle in handles:
-                    _call(handle, "unload_adapter", name)
+                _call_all(handles, "unload_adapter", name)
             raise errors[0]
         record = replace(results[0], path=str(Path(path).resolve()), files=files)  # where it came from
         ray.get(self._state.add_adapter.remote(record))
@@ -301,8 +296,10 @@ class ReplicaPool:
     def unload_adapter(self, name: str) -> None:
         """Stop serving an adapter on every replica."""
         ray.get(self._state.remove_adapter.remote(name))
-        for handle, _ in self._replicas.values():
-            _call(handle, "unload_adapter", name)
+        errors = [r for r in _call_all([h for h, _ in self._replicas.values()], "unload_adapter", name)
+                  if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
 
     def adapters(self) -> list[str]:
         """Names of the adapters the pool serves."""
@@ -367,6 +364,32 @@ def _call(handle, method: str, *args, timeout_s: float = 900.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _call_all(handles: list, method: str, *args) -> list:
+    """``_call`` on every replica at once (the calls overlap: 64 replicas load an adapter in about the time of
+    one, where one after the other took 64 times as long); each replica's result, or the exception it raised,
+    in the order of ``handles``."""
+    refs = []
+    for handle in handles:
+        try:
+            refs.append(getattr(handle, method).remote(*args))
+        except Exception as exc:  # a dead actor can refuse the call itself
+            refs.append(exc)
+    out = []
+    for handle, ref in zip(handles, refs):
+        try:
+            if isinstance(ref, Exception):
+                raise ref
+            out.append(ray.get(ref))
+        except ActorUnavailableError:  # restarting: wait it out as ``_call`` does
+            try:
+                out.append(_call(handle, method, *args))
+            except Exception as exc:
+                out.append(exc)
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def _stop(*replicas: tuple, timeout_s: float = 60.0) -> None:

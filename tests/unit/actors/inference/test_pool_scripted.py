@@ -189,6 +189,34 @@ def test_adapters_load_everywhere_and_survive_restart(ray_local, model_dir, tmp_
             pool.router.submit(GenerateRequest("base:ft-01", prompt="x"))
 
 
+class SlowLoad(ScriptedEngine):
+    """Takes a second to load an adapter and writes when that began and ended into the model dir."""
+
+    def __init__(self, cfg, model_path):
+        super().__init__(cfg, model_path)
+        self.model_path = model_path
+
+    async def add_adapter(self, adapter):
+        import os
+
+        began = time.time()
+        await asyncio.sleep(1.0)
+        await super().add_adapter(adapter)
+        with open(f"{self.model_path}/load-{adapter.name}-{os.getpid()}.json", "w") as f:
+            json.dump([began, time.time()], f)
+
+
+def test_an_adapter_is_loaded_into_every_replica_at_once(ray_local, model_dir, tmp_path):
+    """Loads overlap: one replica after the other, a GRPO sync on 64 replicas took 64 loads' time."""
+    from pathlib import Path
+
+    with _pool(model_dir, "at-once", n=4, factory=SlowLoad, num_cpus=0.25).launch() as pool:
+        pool.load_adapter("base:ft-09", _adapter(tmp_path, "v9"))
+        spans = [json.loads(f.read_text()) for f in Path(model_dir).glob("load-base:ft-09-*.json")]
+        assert len(spans) == 4
+        assert max(began for began, _ in spans) < min(ended for _, ended in spans)  # all four were loading at once
+
+
 def slow_engine(cfg, model_path):
     """The scripted engine, half a second per request: a kill can land while requests are in flight."""
     return ScriptedEngine(cfg, model_path, delay_s=0.5)

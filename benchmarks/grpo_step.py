@@ -13,10 +13,21 @@ same number of rollouts (same program, temperature, cache off) run at once with 
 ratio of the step's rollouts/s to it is the issue's "within 0.9" figure; and each update's time split
 (rollouts / learn / sync: the issue's "sync under 5 %").
 
-Knows and does not: 1-2 replicas and a learner that reserves no CPU (it learns while the replicas
-wait), 2 cores; not the 8-64 simulated replicas of the issue (driver_scale), not a real model.
+``--mode sim`` runs the same g step against 8-64 *simulated* replicas (``benchmarks/driver_scale.py``'s
+``SimulatedEngine``: a continuously batching engine modelled as processor sharing, by default an 8B model on one
+H100; here it also samples: at temperature > 0 an Iris answer is a random class half of the time, so groups have
+reward variance). The program is Iris's chain of thought, the learner the real one (LoRA on the tiny model,
+which the simulated replicas "serve": they keep the adapter's id, not its weights). What it measures is Tandem's
+own overhead at scale: the driver's rollouts/s against the same rollouts run as one batch with no learner, and
+the sync (the adapter saved, then hot-loaded on every replica and the old version unloaded) at 8-64 replicas.
+It does not measure learning (the simulated answers ignore the adapter) nor a GPU learner's speed.
+
+Knows and does not: ``--mode g``: 1-2 real replicas and a learner that reserves no CPU (it learns while the
+replicas wait), 2 cores, the tiny random model, not a real task.
 
     flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py [--replicas 1,2 --steps 6 --lr 3e-2]
+    flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py --mode sim --replicas 8,16,32,64 \
+        --groups 32 --rollouts 4 --steps 3
     flock /tmp/tandem-heavy.lock .venv/bin/python benchmarks/grpo_step.py --mode dspy --replicas 1
 """
 
@@ -25,9 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
+import re
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -107,10 +121,89 @@ def g_step(args, replicas: int) -> dict:
             "greedy_blue_base": greedy[pool.model_id], "greedy_blue_final": greedy[tuned.lm.model]}
 
 
+_ANSWER = re.compile(r"(\[\[ ## answer ## \]\]\n)(\w+)")
+_CLASSES = ("setosa", "versicolor", "virginica")
+
+
+def sampling_factory(model):
+    """driver_scale's ``SimulatedFactory`` whose engines, at temperature > 0, answer a random Iris class half of the
+    time (the rule's answer otherwise): GRPO groups then have reward variance."""
+    import driver_scale
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(driver_scale)  # the replica actors cannot import benchmarks/ modules
+
+    class SamplingEngine(driver_scale.SimulatedEngine):
+        async def generate(self, prompt_ids, request, adapter, request_id):
+            texts, reasons, tokens = await super().generate(prompt_ids, request, adapter, request_id)
+            if request.temperature > 0:
+                texts = [_ANSWER.sub(lambda m: m.group(1) + random.choice(_CLASSES), t) if random.random() < 0.5
+                         else t for t in texts]
+            return texts, reasons, tokens
+
+    class SamplingFactory(driver_scale.SimulatedFactory):
+        def __call__(self, cfg, model_path):
+            return SamplingEngine(cfg, model_path, self.model)
+
+    return SamplingFactory(model)
+
+
+def sim_step(args, replicas: int) -> dict:
+    """The batch throughput of one update's rollouts, then the g step, on ``replicas`` simulated replicas."""
+    import driver_scale
+
+    from engine.evaluate import run_all
+    from engine.steps.grpo import GRPOStep, GRPOStepConfig
+
+    model = driver_scale.LatencyModel(time_scale=args.time_scale)
+    pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", model_id="sim-8b", num_cpus=0.01,
+                                                        max_model_len=8192, max_lora_rank=8, max_restarts=0),
+                                  num_replicas=replicas, name=f"grpo-sim-{replicas}", start_timeout_s=600),
+                       engine_factory=sampling_factory(model))
+    provider = TandemProvider(pool, lifecycle="hotswap", adapter_root=tempfile.mkdtemp(prefix="grpo-sim-"))
+    work = driver_scale.workload("iris", args.groups)
+    program, lm = work.make(), provider.lm(max_tokens=model.answer_tokens, cache=False)
+    program.set_lm(lm)
+    n = args.groups * args.rollouts
+    try:
+        started = time.perf_counter()
+        pool.launch()
+        launch_s = time.perf_counter() - started
+        with dspy.context(adapter=make_adapter("chat")):
+            sample = program.deepcopy()
+            sample.set_lm(lm.copy(temperature=1.0))
+            jobs = [(sample, work.examples[i % len(work.examples)]) for i in range(n)]
+            run_all(jobs, work.metric, num_threads=n, desc="warm-up")
+            started = time.perf_counter()
+            run_all(jobs, work.metric, num_threads=n, desc="batch throughput")
+            batch_rps = n / (time.perf_counter() - started)
+            step = GRPOStep(work.metric, GRPOStepConfig(steps=args.steps, examples_per_step=args.groups,
+                                                        group_size=args.rollouts, lr=args.lr, rank=8, alpha=16,
+                                                        learner_cpus=0), num_threads=n)
+            started = time.perf_counter()
+            step.compile(program, trainset=work.examples)
+            wall = time.perf_counter() - started
+    finally:
+        pool.kill()
+    return {"replicas": replicas, "launch_s": launch_s, "batch_rollouts_per_s": batch_rps, "wall_s": wall,
+            "history": step.last_run["grpo"]["history"], "model": asdict(model)}
+
+
+def time_split(row: dict) -> dict:
+    """Per-update means of rollouts/s and the rollout / learn / sync seconds; sets ``row``'s ratio (to the batch
+    throughput) and sync share (of an update's time)."""
+    h = row["history"]
+    mean = {k: sum(m[k] for m in h) / len(h) for k in ("rollouts_per_s", "rollout_s", "seconds", "sync_s")}
+    row["ratio"] = mean["rollouts_per_s"] / row["batch_rollouts_per_s"]
+    row["sync_share"] = mean["sync_s"] / (mean["rollout_s"] + mean["seconds"] + mean["sync_s"])
+    return mean
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("g", "dspy"), default="g")
-    ap.add_argument("--replicas", default="1,2", help="--mode g: replica counts, one pool each")
+    ap.add_argument("--mode", choices=("g", "sim", "dspy"), default="g")
+    ap.add_argument("--replicas", default="", help="--mode g / sim: replica counts, one pool each (1,2 / 8,16,32,64)")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="--mode sim: multiplies every simulated duration")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--groups", type=int, default=8, help="groups (inputs) per step")
     ap.add_argument("--rollouts", type=int, default=8, help="rollouts per group")
@@ -118,16 +211,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--out", default="benchmarks/out/grpo_step.json")
     args = ap.parse_args(argv)
+    args.replicas = args.replicas or ("8,16,32,64" if args.mode == "sim" else "1,2")
     connect(num_cpus=2)
+    if args.mode == "sim":
+        rows = [sim_step(args, int(r)) for r in args.replicas.split(",")]
+        print("| replicas | rollouts per update | batch rollouts/s | g rollouts/s | ratio | rollouts s | learn s | "
+              "sync s | sync share |\n|---|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            mean = time_split(row)
+            print(f"| {row['replicas']} | {args.groups * args.rollouts} | {row['batch_rollouts_per_s']:.1f} | "
+                  f"{mean['rollouts_per_s']:.1f} | {row['ratio']:.2f} | {mean['rollout_s']:.1f} | "
+                  f"{mean['seconds']:.1f} | {mean['sync_s']:.2f} | {100 * row['sync_share']:.1f} % |")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "mode": "sim", "date": time.strftime(
+            "%Y-%m-%d %H:%M"), "machine": platform.node(), "args": vars(args), "rows": rows}, indent=2, default=str))
+        print(f"wrote {args.out}")
+        return
     if args.mode == "g":
         rows = [g_step(args, int(r)) for r in args.replicas.split(",")]
         print("| replicas | batch rollouts/s | g rollouts/s | ratio | rollouts s | learn s | sync s | sync share | "
               "reward per update | 'blue' sampled, base -> final | greedy |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:
-            h = row["history"]
-            mean = {k: sum(m[k] for m in h) / len(h) for k in ("rollouts_per_s", "rollout_s", "seconds", "sync_s")}
-            row["ratio"] = mean["rollouts_per_s"] / row["batch_rollouts_per_s"]
-            row["sync_share"] = mean["sync_s"] / (mean["rollout_s"] + mean["seconds"] + mean["sync_s"])
+            h, mean = row["history"], time_split(row)
             print(f"| {row['replicas']} | {row['batch_rollouts_per_s']:.1f} | {mean['rollouts_per_s']:.1f} | "
                   f"{row['ratio']:.2f} | {mean['rollout_s']:.1f} | {mean['seconds']:.1f} | {mean['sync_s']:.2f} | "
                   f"{100 * row['sync_share']:.1f} % | {[round(m['reward_mean'], 2) for m in h]} | "

@@ -2,8 +2,8 @@
 
 The tiny model cannot pass a real metric, so an always-true metric stands in for ``w``: the plumbing —
 traces -> Parquet -> Ray Train LoRA -> adapter hot-loaded -> new model id — is what is tested. For ``g``
-the reward is one colour of three (constrained decoding makes every rollout a colour): rollouts on the
-replicas, updates in a learner actor, each version hot-loaded.
+the reward is one letter of three (constrained decoding makes every rollout a letter): rollouts on the
+replicas, updates in a learner actor, each version hot-loaded, and the reward rises only through them.
 """
 
 import json
@@ -98,34 +98,40 @@ def test_no_passing_traces_is_a_clear_error(pool, tmp_path):
 
 
 class Pick(dspy.Signature):
-    """Name a colour."""
+    """Pick a letter."""
 
     question: str = dspy.InputField()
-    answer: Literal["red", "green", "blue"] = dspy.OutputField()
+    answer: Literal["A", "B", "C"] = dspy.OutputField()
 
 
-def test_a_g_step_learns_in_an_actor_and_each_version_is_hot_loaded_into_the_live_replicas(pool, tmp_path):
+def test_a_g_step_raises_the_reward_only_through_versions_hot_loaded_into_the_live_replicas(pool, tmp_path):
+    """The reward (1 for 'A', a single-token choice under constrained decoding) starts at the random model's
+    ~1/3 and can rise only if the replicas sample from the learner's versions: rollouts from the base model
+    stay at ~1/3 (64 a update: sd ~0.06). Measured (tenth/eleventh sessions, lr 1e-2): 0.33-0.38 at update 1,
+    0.69-0.80 at updates 3-4 with every version synced; with no sync 0.33-0.48 throughout, and with a sync
+    only every 2 or 3 updates the rise waits for the first version to reach the replicas."""
     program = dspy.Predict(Pick)
     program.set_lm(pool_lm(pool, max_tokens=48, cache=False))
     before_pids = {h["pid"] for h in pool.health()}
-    trainset = [dspy.Example(question=f"Item {i}: what colour?").with_inputs("question") for i in range(8)]
-    step = GRPOStep(lambda ex, pred, trace=None: pred.answer == "blue", GRPOStepConfig(
-        steps=2, examples_per_step=4, group_size=6, lr=3e-2, rank=8, alpha=16, learner_cpus=0), num_threads=8)
+    trainset = [dspy.Example(question=f"Item {i}: which letter?").with_inputs("question") for i in range(8)]
+    step = GRPOStep(lambda ex, pred, trace=None: pred.answer == "A", GRPOStepConfig(
+        steps=4, examples_per_step=8, group_size=8, lr=1e-2, rank=8, alpha=16, learner_cpus=0), num_threads=16)
     with dspy.context(adapter=make_adapter("constrained")):
         tuned = step.compile(program, trainset=trainset, step_dir=tmp_path / "03_g", step_index=3,
                              adapter_root=tmp_path / "adapters")
         seeded = [dspy.Predict(Pick) for _ in range(2)]
         for predict, model in zip(seeded, (pool.model_id, tuned.lm.model)):
             predict.set_lm(program.lm.copy(model=model, temperature=1.0))
-        answers = [[p(question=f"Item {i}: what colour?", config={"seed": i}).answer for i in range(12)]
+        answers = [[p(question=f"Item {i}: which letter?", config={"seed": i}).answer for i in range(12)]
                    for p in seeded]
     grpo = step.last_run["grpo"]
-    assert tuned.lm.model == "tiny-llama:grpo-03-v2" == grpo["adapter"] and grpo["updates"] == 2
-    assert "tiny-llama:grpo-03-v2" in pool.adapters() and "tiny-llama:grpo-03-v1" not in pool.adapters()
+    rewards = [m["reward_mean"] for m in grpo["history"]]
+    assert (rewards[2] + rewards[3]) / 2 >= rewards[0] + 0.15, rewards  # the policy the replicas serve learned
+    assert tuned.lm.model == "tiny-llama:grpo-03-v4" == grpo["adapter"] and grpo["updates"] == 4
+    assert "tiny-llama:grpo-03-v4" in pool.adapters() and "tiny-llama:grpo-03-v3" not in pool.adapters()
     assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
-    assert [m["step"] for m in grpo["history"]] == [1, 2]
-    assert all(m["rollouts_run"] == 24 and m["groups"] >= 3 and m["sync_s"] > 0 for m in grpo["history"])
-    assert sum(m["tokens"] for m in grpo["history"]) > 0  # some group had reward variance and was learned from
-    assert lora_b_moved(tmp_path / "adapters" / "grpo-03-v2")
+    assert [m["step"] for m in grpo["history"]] == [1, 2, 3, 4]
+    assert all(m["rollouts_run"] == 64 and m["sync_s"] > 0 for m in grpo["history"])
+    assert lora_b_moved(tmp_path / "adapters" / "grpo-03-v4")
     assert answers[0] != answers[1]  # the same seeded draws differ: the replicas sample from the new weights
     assert (tmp_path / "03_g" / "grpo-state" / "learner" / "optimizer.safetensors").is_file()

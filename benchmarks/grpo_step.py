@@ -34,8 +34,6 @@ replicas wait), 2 cores, the tiny random model, not a real task.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import re
 import sys
@@ -50,6 +48,8 @@ import dspy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dspy.teleprompt.grpo import GRPO  # noqa: E402  (dspy 3.4.1 does not export it as dspy.GRPO)
 from dspy.utils.exceptions import AdapterParseError  # noqa: E402
+
+import report  # noqa: E402  (benchmarks/report.py)
 
 from actors import PoolConfig, ReplicaConfig, ReplicaPool, connect  # noqa: E402
 from actors.dspy_side.provider import TandemProvider  # noqa: E402
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {row['replicas']} | {args.groups * args.rollouts} | {row['batch_rollouts_per_s']:.1f} | "
                   f"{mean['rollouts_per_s']:.1f} | {row['ratio']:.2f} | {mean['rollout_s']:.1f} | "
                   f"{mean['seconds']:.1f} | {mean['sync_s']:.2f} | {100 * row['sync_share']:.1f} % |")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "mode": "sim", "date": time.strftime(
-            "%Y-%m-%d %H:%M"), "machine": platform.node(), "args": vars(args), "rows": rows}, indent=2, default=str))
-        print(f"wrote {args.out}")
+        report.save(args.out, "grpo_step", args, mode="sim", rows=rows)
         return
     if args.mode == "g":
         rows = [g_step(args, int(r)) for r in args.replicas.split(",")]
@@ -238,10 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{100 * row['sync_share']:.1f} % | {[round(m['reward_mean'], 2) for m in h]} | "
                   f"{row['blue_base']:.3f} -> {row['blue_final']:.3f} | {row['greedy_blue_base']:.0%} -> "
                   f"{row['greedy_blue_final']:.0%} |")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "mode": "g", "date": time.strftime(
-            "%Y-%m-%d %H:%M"), "machine": platform.node(), "args": vars(args), "rows": rows}, indent=2, default=str))
-        print(f"wrote {args.out}")
+        report.save(args.out, "grpo_step", args, mode="g", rows=rows)
         return
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, num_cpus=1,
                                                         max_lora_rank=8), num_replicas=1, name="grpo-bench"))
@@ -270,11 +264,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{m['rollout_s']:.1f} | {m['seconds']:.1f} | {m['sync_s']:.2f} |")
     print(f"'blue' in {args.samples} seeded samples: base {shares[pool.model_id]:.3f}, final "
           f"{shares[program.lm.model]:.3f}; wall {wall:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "grpo_step", "date": time.strftime("%Y-%m-%d %H:%M"),
-                                          "machine": platform.node(), "args": vars(args), "history": job.history,
-                                          "blue_share": shares, "wall_s": wall}, indent=2, default=str))
-    print(f"wrote {args.out}")
+    report.save(args.out, "grpo_step", args, mode="dspy", history=job.history, blue_share=shares, wall_s=wall)
 
 
 if __name__ == "__main__":

@@ -270,7 +270,9 @@ class ReplicaPool:
     # -- adapters ----------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: str) -> Adapter:
-        """Hot-load a peft adapter into every live replica under ``name`` (unique per version).
+        """Hot-load a peft adapter into every live replica under ``name`` (unique per version). The same files
+        under a name already served (from another path: e.g. two strategies of a table whose weight steps
+        trained the same adapter, whose names carry their weights' digest) are that adapter: its record, no load.
 
         Raises:
             AdapterError: see ``LMReplica.load_adapter``; no replica keeps a half-loaded adapter.
@@ -278,11 +280,16 @@ class ReplicaPool:
         handles = [h for h, _ in self._replicas.values()]
         if not handles:
             raise AdapterError("the pool is not launched; launch it before loading adapters")
-        known = set(self.adapters())
+        records = {a.name: a for a in self.adapter_records()}
+        known = set(records)
         try:
-            files = ray.put(adapter_files.pack(path))  # each replica writes its own copy: no shared path needed
+            packed = adapter_files.pack(path)
         except FileNotFoundError:
             raise AdapterError(f"adapter {name!r}: {path} is not a peft adapter dir (no adapter_config.json)") from None
+        served = records.get(name)
+        if served is not None and served.files is not None and _files_of(served) == packed:
+            return served
+        files = ray.put(packed)  # each replica writes its own copy: no shared path needed
         results = _call_all(handles, "load_adapter", name, path, files)  # every replica at once
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
@@ -364,6 +371,11 @@ def _call(handle, method: str, *args, timeout_s: float = 900.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _files_of(record: Adapter) -> dict:
+    """The packed files of a served adapter's record (an ObjectRef in the pool's state)."""
+    return ray.get(record.files) if isinstance(record.files, ray.ObjectRef) else record.files
 
 
 def _call_all(handles: list, method: str, *args) -> list:

@@ -169,8 +169,10 @@ def test_adapters_load_everywhere_and_survive_restart(ray_local, model_dir, tmp_
         path = _adapter(tmp_path, "v1")
         pool.load_adapter("base:ft-01", path)
         pool.load_adapter("base:ft-01", path)  # same name and path: no-op
+        twin = pool.load_adapter("base:ft-01", _adapter(tmp_path, "twin"))  # the same files elsewhere: that adapter
+        assert twin.path == str((tmp_path / "v1").resolve()) and pool.adapters() == ["base:ft-01"]
         with pytest.raises(AdapterError, match="already serves"):
-            pool.load_adapter("base:ft-01", _adapter(tmp_path, "v2"))
+            pool.load_adapter("base:ft-01", _adapter(tmp_path, "v2", rank=4))  # other files under the name
         out = pool.router.map([GenerateRequest("base:ft-01", prompt="x") for _ in range(8)])
         assert {c.text for c in out} == {"ok@base:ft-01"} and {c.replica for c in out} == {0, 1}
         # a crashed replica is restarted by Ray and reloads the pool's adapters from its state: from the

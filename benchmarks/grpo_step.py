@@ -81,11 +81,30 @@ def blue(example, prediction, trace=None) -> float:
     return float(prediction.answer == "blue")
 
 
-def g_step(args, replicas: int) -> dict:
-    """The pool's batch throughput, then the g step, then base vs final 'blue' share, on ``replicas`` replicas."""
+def batch_then_step(args, program, lm, examples: list, metric) -> tuple[float, object, object, float]:
+    """Inside the caller's adapter context: one update's rollouts (``args.groups`` x ``args.rollouts``, temperature 1,
+    no learner) run once to warm up and once timed, then the g step on ``examples``; (batch rollouts/s, the step,
+    the tuned program, the step's wall seconds)."""
     from engine.evaluate import run_all
     from engine.steps.grpo import GRPOStep, GRPOStepConfig
 
+    n = args.groups * args.rollouts
+    sample = program.deepcopy()
+    sample.set_lm(lm.copy(temperature=1.0))
+    jobs = [(sample, examples[i % len(examples)]) for i in range(n)]
+    run_all(jobs, metric, num_threads=n, desc="warm-up")
+    started = time.perf_counter()
+    run_all(jobs, metric, num_threads=n, desc="batch throughput")
+    batch_rps = n / (time.perf_counter() - started)
+    step = GRPOStep(metric, GRPOStepConfig(steps=args.steps, examples_per_step=args.groups, group_size=args.rollouts,
+                                           lr=args.lr, rank=8, alpha=16, learner_cpus=0), num_threads=n)
+    started = time.perf_counter()
+    tuned = step.compile(program, trainset=examples)
+    return batch_rps, step, tuned, time.perf_counter() - started
+
+
+def g_step(args, replicas: int) -> dict:
+    """The pool's batch throughput, then the g step, then base vs final 'blue' share, on ``replicas`` replicas."""
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", max_model_len=512, num_cpus=2 / replicas,
                                                         max_lora_rank=8), num_replicas=replicas,
                                   name=f"grpo-bench-{replicas}"))
@@ -93,23 +112,10 @@ def g_step(args, replicas: int) -> dict:
     program = dspy.Predict(Pick)
     program.set_lm(provider.lm(max_tokens=64, cache=False))
     trainset = [dspy.Example(question=f"Item {i}: what colour?").with_inputs("question") for i in range(8)]
-    n = args.groups * args.rollouts
     try:
         pool.launch()
         with dspy.context(adapter=make_adapter("constrained")):
-            sample = program.deepcopy()
-            sample.set_lm(program.lm.copy(temperature=1.0))
-            jobs = [(sample, trainset[i % len(trainset)]) for i in range(n)]
-            run_all(jobs, blue, num_threads=n, desc="warm-up")
-            started = time.perf_counter()
-            run_all([(sample, ex) for _, ex in jobs], blue, num_threads=n, desc="batch throughput")
-            batch_rps = n / (time.perf_counter() - started)
-            step = GRPOStep(blue, GRPOStepConfig(steps=args.steps, examples_per_step=args.groups,
-                                                 group_size=args.rollouts, lr=args.lr, rank=8, alpha=16,
-                                                 learner_cpus=0), num_threads=n)
-            started = time.perf_counter()
-            tuned = step.compile(program, trainset=trainset)
-            wall = time.perf_counter() - started
+            batch_rps, step, tuned, wall = batch_then_step(args, program, program.lm, trainset, blue)
         sampled = program.lm.copy(temperature=1.0)
         shares = {m: blue_share(sampled, m, args.samples) for m in (pool.model_id, tuned.lm.model)}
         greedy = {m: blue_share(program.lm, m, 8) for m in (pool.model_id, tuned.lm.model)}
@@ -152,9 +158,6 @@ def sim_step(args, replicas: int) -> dict:
     """The batch throughput of one update's rollouts, then the g step, on ``replicas`` simulated replicas."""
     import driver_scale
 
-    from engine.evaluate import run_all
-    from engine.steps.grpo import GRPOStep, GRPOStepConfig
-
     model = driver_scale.LatencyModel(time_scale=args.time_scale)
     pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(model="tiny-llama", model_id="sim-8b", num_cpus=0.01,
                                                         max_model_len=8192, max_lora_rank=8, max_restarts=0),
@@ -164,25 +167,12 @@ def sim_step(args, replicas: int) -> dict:
     work = driver_scale.workload("iris", args.groups)
     program, lm = work.make(), provider.lm(max_tokens=model.answer_tokens, cache=False)
     program.set_lm(lm)
-    n = args.groups * args.rollouts
     try:
         started = time.perf_counter()
         pool.launch()
         launch_s = time.perf_counter() - started
         with dspy.context(adapter=make_adapter("chat")):
-            sample = program.deepcopy()
-            sample.set_lm(lm.copy(temperature=1.0))
-            jobs = [(sample, work.examples[i % len(work.examples)]) for i in range(n)]
-            run_all(jobs, work.metric, num_threads=n, desc="warm-up")
-            started = time.perf_counter()
-            run_all(jobs, work.metric, num_threads=n, desc="batch throughput")
-            batch_rps = n / (time.perf_counter() - started)
-            step = GRPOStep(work.metric, GRPOStepConfig(steps=args.steps, examples_per_step=args.groups,
-                                                        group_size=args.rollouts, lr=args.lr, rank=8, alpha=16,
-                                                        learner_cpus=0), num_threads=n)
-            started = time.perf_counter()
-            step.compile(program, trainset=work.examples)
-            wall = time.perf_counter() - started
+            batch_rps, step, _, wall = batch_then_step(args, program, lm, work.examples, work.metric)
     finally:
         pool.kill()
     return {"replicas": replicas, "launch_s": launch_s, "batch_rollouts_per_s": batch_rps, "wall_s": wall,

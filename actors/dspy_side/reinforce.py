@@ -18,8 +18,8 @@ are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, `
 dspy's own ``num_generations`` is accepted and only recorded.
 
 Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new
-version on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates, and
-no importance weight corrects for it); ``state_dir`` checkpoints the whole learner after every update
+version on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates; the
+learner weighs their tokens by the clipped importance ratio against the version they came from); ``state_dir`` checkpoints the whole learner after every update
 (``Learner.save_state``) with the job's history, and a job built on the same ``state_dir`` resumes from it
 (the learner's adapter, optimizer moments and step count; the version it had is served again); an LM that
 names one of the pool's adapters (a weight step's) is the policy the learner starts from — that adapter is
@@ -118,6 +118,9 @@ class TandemReinforceJob(ReinforceJob):
         for key in ("groups_per_step", "sync_every", "learner_workers"):
             if int(self.options[key]) < 1:
                 raise ValueError(f"{key} must be >= 1, got {self.options[key]}")
+        if self.cfg.zero_stage and int(self.options["learner_workers"]) < 2:
+            raise ValueError(f"zero_stage {self.cfg.zero_stage} shards over learner workers: set learner_workers >= 2 "
+                             f"(got {self.options['learner_workers']}) or zero_stage 0")
         self.start = self._start_adapter(lm.model)
         self.learner_factory = learner_factory or ray_learner
         self.learner = None
@@ -210,6 +213,7 @@ class TandemReinforceJob(ReinforceJob):
         name = self._name(self.version)
         path = _call(self.learner, "save", str(self.adapter_root / f"{self.job_id}-v{self.version}"))
         self.pool.load_adapter(name, path)
+        _call(self.learner, "mark_served")  # the next rollouts sample this version: weighted against it if stale
         previous, self.lm.model, self.served = self.lm.model, name, self.version
         if previous.startswith(self._name("")) and previous != name:  # never the adapter the policy started from
             self.pool.unload_adapter(previous)

@@ -13,25 +13,35 @@ completion token of the batch at once, so long answers weigh more), a KL penalty
 with weight ``beta`` (k3 estimator; the reference is the same model with the adapter disabled, so no
 second copy is held), gradient clipping, and the adapter saved in peft format for the pool to hot-load.
 
-One optimizer step per ``step`` call, on-policy: the rollouts come from the adapter being trained, so
-PPO's ratio is 1 and its clip never bites (several updates per batch are not implemented). A group
+One optimizer step per ``step`` call. The rollouts of a step are taken to come from the version last put on
+the replicas (``mark_served``; at the start, the policy the learner starts from). When that is the policy
+being trained (the pool gets every version), PPO's ratio is 1, its clip never bites and the loss is the plain
+policy gradient. When updates went by since (a caller that syncs every N updates), every token is weighted by
+its importance ratio p_now / p_served, clipped to ``1 ± clip_eps`` as in PPO (the served policy's
+log-probs come from a copy of its LoRA weights swapped in for one no-grad forward pass), so stale rollouts
+neither pull with the wrong weight nor push the policy far from where they were sampled (several updates
+per batch are not implemented). A group
 whose rewards are all equal has no advantage and teaches nothing: it is counted
 (``zero_variance_groups``), not trained on. Plain Python: a Ray actor or a test holds one ``Learner``
 for the whole run, so the model and optimizer state persist between steps (no Ray Train start per step).
-``save_state`` writes the whole learner (adapter, AdamW moments as safetensors, step count as JSON: no
-pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
+``save_state`` writes the whole learner (adapter, AdamW moments and the served version's weights as
+safetensors, step counts as JSON: no pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
 adapter (e.g. a weight step's), which the policy then starts from (its own rank and modules).
 Several workers (``rank`` of ``world`` in a ``torch.distributed`` process group that the caller set up,
 ``actors.training.learner_group``): every worker holds the same policy and optimizer (same seed, same
 init), builds the same rows from the same groups and trains on its share (every ``world``-th row); the
 loss is normalized by the whole batch's rows or tokens, so the gradients summed over the workers
 (all-reduce) are the one-worker gradient, and every worker takes the same optimizer step — DDP's data
-parallelism with the LoRA gradients (small) reduced once per update. Only rank 0 needs to save.
+parallelism with the LoRA gradients (small) reduced once per update. With ``zero_stage`` 1-3 DeepSpeed
+ZeRO takes over the reduction, the optimizer step and the sharding (``actors.training.grpo_zero``): every
+rank then runs the same number of micro-batches (a rank short of rows runs an empty one) and joins every
+call (``save``, ``save_state``, ``logprob``, ``mark_served``: collectives under ZeRO); only rank 0 writes.
 Does not know Ray, the pool or DSPy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import field
@@ -43,6 +53,7 @@ from actors.typed_config import typed_config
 LOSSES = ("grpo", "token")
 STATE_FILE = "learner.json"  # save_state's step count and optimizer groups, beside the adapter
 MOMENTS_FILE = "optimizer.safetensors"  # save_state's AdamW state tensors
+SERVED_FILE = "served.safetensors"  # save_state's copy of the served version's LoRA weights
 
 
 @typed_config
@@ -66,6 +77,14 @@ class GRPOConfig:
                 "sampler had no choice there), on which the gradient would teach only what follows a choice"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's L2 norm (0: no clipping)"})
+    zero_stage: int = field(default=0, metadata={
+        "help": "DeepSpeed ZeRO across the learner workers (learner_workers >= 2), as the weight step's: 1 shards "
+                "the optimizer state, 2 also gradients, 3 also the base model's weights; 0: each worker holds all "
+                "and the LoRA gradients are all-reduced"})
+    zero_offload: bool = field(default=False, metadata={"help": "ZeRO: keep the optimizer state in CPU memory"})
+    clip_eps: float = field(default=0.2, metadata={
+        "help": "PPO's clip range for the importance ratio of rollouts sampled from an older version than the one "
+                "trained (a sync every N > 1 updates); on-policy the ratio is 1 and the clip never bites"})
     seed: int = field(default=0, metadata={"help": "LoRA init seed"})
     threads: int = field(default=0, metadata={
         "help": "torch threads of the learner (0: as many as the CPUs its actor reserves, every core of its node "
@@ -76,6 +95,12 @@ class GRPOConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.rank < 1 or self.lr <= 0 or self.beta < 0 or self.micro_batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("rank, micro_batch_size >= 1, lr > 0, beta >= 0 and max_seq_len >= 2 are required")
+        if self.clip_eps <= 0:
+            raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0 (all-reduce), 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_offload and not self.zero_stage:
+            raise ValueError("zero_offload needs a ZeRO stage (zero_stage 1, 2 or 3)")
 
 
 def saved_state(path: str | Path | None) -> Path | None:
@@ -143,23 +168,44 @@ class Learner:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from actors.training import grpo_zero
+
+        if cfg.zero_stage and not (world > 1 and torch.distributed.is_initialized()):
+            raise ValueError(f"zero_stage {cfg.zero_stage} shards over learner workers: it needs learner_workers "
+                             f">= 2 (a LearnerGroup), got {world} worker(s)")
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.torch, self.rank, self.world = cfg, torch, rank, world
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+        self._zero3 = grpo_zero.zero3_loading(cfg)  # kept alive: stage 3 loads each weight into its shard
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.zero_stage != 3:
+            base = base.to(self.device)
         if init is not None:
             self.model = PeftModel.from_pretrained(base, str(init), is_trainable=True)
         else:
             self.model = get_peft_model(base, LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
                 task_type="CAUSAL_LM"))
-        self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        self.engine = grpo_zero.engine(self.model, self._trainable(), cfg) if cfg.zero_stage else None
+        self.optim = None if self.engine else torch.optim.AdamW(self._trainable(), lr=cfg.lr)
         self.steps = 0
+        self.mark_served()  # the replicas start with the policy the learner starts from
         if init is not None and (Path(init) / STATE_FILE).is_file():
             self._load_state(Path(init))
+
+    def _trainable(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def mark_served(self) -> None:
+        """The current policy is now the replicas' (its adapter was saved and loaded): the next updates'
+        rollouts are weighted against it (see the module docstring)."""
+        from actors.training.grpo_zero import read
+
+        self.served_step = self.steps
+        self.served = read(self._trainable(), self.cfg.zero_stage)
 
     def encode(self, messages: list[dict], completion: dict) -> tuple[list[int], int]:
         """Token ids of the prompt + completion (the training loop's chat encoding), cut to ``max_seq_len``,
@@ -174,8 +220,10 @@ class Learner:
 
         Returns:
             ``{"step", "groups", "rollouts", "reward_mean", "reward_std", "zero_variance_groups", "loss", "kl",
-            "tokens", "grad_norm", "seconds"}`` (``loss`` and ``kl`` over the rollouts trained on; 0 when
-            every group had equal rewards and nothing was trained).
+            "tokens", "grad_norm", "stale", "ratio_dev", "clipped", "seconds"}`` (``loss``, ``kl``, ``ratio_dev``
+            and ``clipped`` over the tokens trained on; ``stale``: updates since the served version the rollouts
+            came from; ``ratio_dev``: the mean of |importance ratio - 1|, 0 on-policy; ``clipped``: the share of tokens
+            whose ratio the clip held; loss and KL are 0 when every group had equal rewards and nothing was trained).
         """
         torch, started = self.torch, time.perf_counter()
         rewards = [float(r["reward"]) for g in groups for r in g["group"]]
@@ -192,45 +240,70 @@ class Learner:
         mean = sum(rewards) / max(1, len(rewards))
         out = {"step": self.steps + 1, "groups": len(groups), "rollouts": len(rewards), "reward_mean": mean,
                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))),
-               "zero_variance_groups": flat, "loss": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0}
+               "zero_variance_groups": flat, "loss": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0,
+               "stale": self.steps - self.served_step, "ratio_dev": 0.0, "clipped": 0.0}
         if rows:  # the same on every worker: each builds every row, then trains on its share
-            self.model.train()
-            self.optim.zero_grad(set_to_none=True)
+            (self.engine or self.model).train()
             total_tokens = sum(end - start for _, start, end, _ in rows)
-            mine = rows[self.rank::self.world]
-            loss_sum = kl_sum = 0.0
-            for i in range(0, len(mine), self.cfg.micro_batch_size):
-                part = mine[i: i + self.cfg.micro_batch_size]
-                loss, kl = self._loss(part, len(rows), total_tokens)
-                loss.backward()
-                loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if self.world > 1:
-                loss_sum, kl_sum = self._reduce(params, loss_sum, kl_sum)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0
-                                                  else float("inf"))
-            self.optim.step()
-            out.update(loss=loss_sum, kl=kl_sum / total_tokens, tokens=total_tokens, grad_norm=float(norm))
+            parts = self._micro_batches(rows)
+            sums = [0.0, 0.0, 0.0, 0.0]  # loss, KL, ratio, clipped tokens
+            if self.engine is None:
+                self.optim.zero_grad(set_to_none=True)
+            for k, part in enumerate(parts):
+                loss, *figures = self._loss(part, len(rows), total_tokens, off_policy=out["stale"] > 0)
+                if self.engine is not None:  # DeepSpeed averages over ranks; the loss is already the batch's share
+                    self.engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
+                    self.engine.backward(loss * self.world, scale_wrt_gas=False)
+                    self.engine.step()  # reduces, clips and steps at the boundary only
+                else:
+                    loss.backward()
+                sums = [a + b for a, b in zip(sums, [loss.item(), *figures])]
+            if self.engine is not None:
+                from actors.training.grpo_zero import grad_norm
+                from actors.training.optim import sum_on_every_rank
+
+                sums, norm = sum_on_every_rank(sums, self.world, self.device), grad_norm(self.engine)
+            else:
+                params = self._trainable()
+                if self.world > 1:
+                    sums = self._reduce(params, sums)
+                norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")))
+                self.optim.step()
+            out.update(loss=sums[0], kl=sums[1] / total_tokens, tokens=total_tokens, grad_norm=norm,
+                       ratio_dev=sums[2] / total_tokens, clipped=sums[3] / total_tokens)
         self.steps += 1
         out["seconds"] = time.perf_counter() - started
         return out
 
-    def _reduce(self, params: list, loss_sum: float, kl_sum: float) -> tuple[float, float]:
-        """Sum the workers' gradients (a worker with no rows adds zeros) and loss / KL sums, in one flat
-        all-reduce; every worker then holds the batch's gradient."""
+    def _micro_batches(self, rows: list) -> list[list]:
+        """This rank's share of ``rows`` (every ``world``-th) in micro-batches; under ZeRO every rank runs as
+        many as the rank with the most (ZeRO's forward and backward passes are collectives), the missing ones
+        an empty row (nothing trained: its span is empty)."""
+        mine, size = rows[self.rank::self.world], self.cfg.micro_batch_size
+        parts = [mine[i: i + size] for i in range(0, len(mine), size)]
+        if self.engine is not None:
+            most = math.ceil(math.ceil(len(rows) / self.world) / size)
+            ids, start, _, _ = rows[0]
+            parts += [[(ids, start, start, 0.0)]] * (most - len(parts))
+        return parts
+
+    def _reduce(self, params: list, sums: list[float]) -> list[float]:
+        """Sum the workers' gradients (a worker with no rows adds zeros) and their ``sums`` (loss, KL, ...), in
+        one flat all-reduce; every worker then holds the batch's gradient."""
         torch, dist = self.torch, self.torch.distributed
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [torch.tensor([loss_sum, kl_sum], dtype=params[0].dtype, device=self.device)])
+                         + [torch.tensor(sums, dtype=params[0].dtype, device=self.device)])
         dist.all_reduce(flat)
         offset = 0
         for p in params:
             p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return float(flat[-2]), float(flat[-1])
+        return [float(v) for v in flat[offset:]]
 
-    def _loss(self, rows: list[tuple[list[int], int, int, float]], n_rows: int, n_tokens: int):
-        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its KL sum;
-        a row is (ids, first trained position, end, advantage)."""
+    def _loss(self, rows: list[tuple[list[int], int, int, float]], n_rows: int, n_tokens: int, off_policy: bool):
+        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its sums of
+        KL, importance ratio and clipped tokens; a row is (ids, first trained position, end, advantage)."""
         torch = self.torch
         width = max(len(ids) for ids, _, _, _ in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -241,9 +314,19 @@ class Learner:
         attention = (torch.arange(width, device=self.device)[None, :] < torch.tensor(
             [len(r[0]) for r in rows], device=self.device)[:, None]).long()
         adv = torch.tensor([r[3] for r in rows], device=self.device)[:, None]
+        if off_policy:  # before the pass with gradients: swapping weights after it would void its graph
+            with torch.no_grad(), self._served_weights():
+                sampled = self._token_logprobs(ids, attention)
         logp = self._token_logprobs(ids, attention)
         mask = mask[:, 1:]  # token t is predicted at position t-1
-        per_token = -adv * logp
+        ratio, clipped = torch.ones_like(logp), torch.zeros_like(logp)
+        if off_policy:  # PPO's clipped surrogate against the policy the rollouts were sampled from
+            ratio = torch.exp(logp - sampled)
+            bounded = ratio.clamp(1.0 - self.cfg.clip_eps, 1.0 + self.cfg.clip_eps)
+            per_token = -torch.min(ratio * adv, bounded * adv)
+            clipped = ((bounded * adv < ratio * adv) & (bounded != ratio)).float()  # the clip holds: no gradient
+        else:
+            per_token = -adv * logp
         kl = torch.zeros_like(logp)
         if self.cfg.beta > 0:
             with torch.no_grad(), self.model.disable_adapter():
@@ -256,11 +339,25 @@ class Learner:
             loss = per_seq.sum() / n_rows
         else:
             loss = (per_token * mask).sum() / n_tokens
-        return loss, float((kl.detach() * mask).sum())
+        return (loss, float((kl.detach() * mask).sum()), float(((ratio.detach() - 1.0).abs() * mask).sum()),
+                float((clipped * mask).sum()))
+
+    @contextlib.contextmanager
+    def _served_weights(self):
+        """The served version's LoRA weights in place of the current ones, for no-grad passes inside."""
+        from actors.training.grpo_zero import assign, read
+
+        params, stage = self._trainable(), self.cfg.zero_stage
+        current = read(params, stage)
+        assign(params, self.served, stage)
+        try:
+            yield
+        finally:
+            assign(params, current, stage)
 
     def _token_logprobs(self, ids, attention):
         """log p(token t | tokens < t) for t >= 1, shape [batch, width - 1]."""
-        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        logits = (self.engine or self.model)(input_ids=ids, attention_mask=attention).logits[:, :-1]
         # the chosen token's logit minus the log-partition: no [batch, width, vocab] log-softmax copy is kept
         return logits.gather(-1, ids[:, 1:, None]).squeeze(-1).float() - self.torch.logsumexp(logits.float(), -1)
 
@@ -268,21 +365,26 @@ class Learner:
         """Updates done so far (a resumed learner counts those before the resume)."""
         return self.steps
 
-    def logprob(self, messages: list[dict], completion: dict) -> float:
-        """The summed log-probability of ``completion``'s tokens after ``messages`` under the current adapter."""
+    def logprob(self, messages: list[dict], completion: dict, served: bool = False) -> float:
+        """The summed log-probability of ``completion``'s tokens after ``messages`` under the current adapter
+        (``served``: under the version last marked served)."""
         torch = self.torch
         seq, prompt = self.encode(messages, completion)
         ids = torch.tensor([seq], device=self.device)
-        self.model.eval()
-        with torch.no_grad():
+        (self.engine or self.model).eval()
+        with torch.no_grad(), self._served_weights() if served else contextlib.nullcontext():
             logp = self._token_logprobs(ids, torch.ones_like(ids))
         return float(logp[0, prompt - 1:].sum())
 
     def save(self, out_dir: str | Path) -> str:
-        """Write the adapter (peft format: what the pool's replicas hot-load); its path."""
+        """Write the adapter (peft format: what the pool's replicas hot-load; rank 0 writes); its path."""
+        from actors.training.optim import gathered
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(out))
+        with gathered(self.model, self.cfg.zero_stage):  # ZeRO-3: every rank joins the gather
+            if self.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                self.model.save_pretrained(str(out))
         return str(out)
 
     def save_state(self, out_dir: str | Path) -> str:
@@ -295,15 +397,26 @@ class Learner:
 
         from safetensors.torch import save_file
 
+        from actors.training.grpo_zero import moments
+
         out = Path(out_dir)
         tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
-        state = self.optim.state_dict()
-        tensors = {f"{index}.{name}": value.detach().cpu().contiguous() for index, moments in state["state"].items()
-                   for name, value in moments.items()}
+        if self.engine is not None:  # a collective: every rank gathers its partition of the moments
+            tensors, groups = moments(self.engine, self._trainable())
+        else:
+            state = self.optim.state_dict()
+            tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+                       for index, moments_ in state["state"].items() for name, value in moments_.items()}
+            groups = state["param_groups"]
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save(tmp)
+        if self.rank != 0:
+            return str(out)
         save_file(tensors, str(tmp / MOMENTS_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({"steps": self.steps, "param_groups": state["param_groups"]}))
+        save_file({str(i): w.cpu().contiguous() for i, w in enumerate(self.served)}, str(tmp / SERVED_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({"steps": self.steps, "served_step": self.served_step,
+                                                  "param_groups": groups}))
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -318,9 +431,20 @@ class Learner:
         from safetensors.torch import load_file
 
         meta = json.loads((path / STATE_FILE).read_text())
-        moments: dict[int, dict] = {}
-        for key, value in load_file(str(path / MOMENTS_FILE), device=str(self.device)).items():
-            index, _, name = key.partition(".")
-            moments.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
-        self.optim.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+        tensors = load_file(str(path / MOMENTS_FILE), device=str(self.device))
+        if self.engine is not None:
+            from actors.training.grpo_zero import load_moments
+
+            load_moments(self.engine, self._trainable(), tensors)
+        else:
+            moments: dict[int, dict] = {}
+            for key, value in tensors.items():
+                index, _, name = key.partition(".")
+                moments.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+            self.optim.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
         self.steps = int(meta["steps"])
+        self.mark_served()  # a state from before SERVED_FILE: its own policy (on-policy next)
+        if (path / SERVED_FILE).is_file():
+            served = load_file(str(path / SERVED_FILE), device=str(self.device))
+            self.served = [served[str(i)] for i in range(len(served))]
+            self.served_step = int(meta["served_step"])

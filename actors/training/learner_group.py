@@ -5,14 +5,15 @@ built with the same seed and ``init``, so they start equal) in one ``torch.distr
 (gloo on CPUs, nccl when the workers hold GPUs; rank 0's node address and a free port there). A
 ``step`` sends the update's groups to every worker at once; each trains on its share of the rows and
 the gradients are summed with one all-reduce (``Learner._reduce``), so every worker takes the update
-a single worker would have taken on the whole batch and the copies never drift. ``save``,
-``save_state``, ``progress`` and ``logprob`` ask rank 0. Same methods as an in-process ``Learner``
+a single worker would have taken on the whole batch and the copies never drift (with ``cfg.zero_stage``
+DeepSpeed ZeRO shards the optimizer state, gradients or weights over the ranks instead). ``save``,
+``save_state``, ``logprob`` and ``mark_served`` go to every rank (collectives under ZeRO; rank 0 writes
+and answers); ``progress`` asks rank 0. Same methods as an in-process ``Learner``
 (plain calls that block), so ``actors.dspy_side.reinforce`` drives one or the other alike.
 
 Knows Ray actors and the process group's setup; not GRPO's math, the pool or DSPy. Placement: plain
 actors with ``num_cpus`` / ``num_gpus`` each (no placement group: ``tandem plan`` checks that they fit;
-a worker that cannot be placed waits, as a Ray actor does). Not ZeRO: every worker holds the whole
-(small) LoRA optimizer state.
+a worker that cannot be placed waits, as a Ray actor does).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class _Worker:
 
     def start(self, address: str, rank: int, world: int, model_path: str, cfg: GRPOConfig, init: str | None,
               backend: str) -> None:
+        import os
+
         import torch.distributed as dist
 
+        host, port = address.rsplit(":", 1)  # what DeepSpeed reads when it wraps the group (ZeRO)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=host, MASTER_PORT=port)
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world)
         self.learner = Learner(model_path, cfg, init, rank=rank, world=world)
 
@@ -94,17 +99,20 @@ class LearnerGroup:
         """One update on every rank; rank 0's metrics (its ``seconds``: the update's wall time there)."""
         return self._all("step", groups)[0]
 
+    def mark_served(self) -> None:
+        self._all("mark_served")
+
     def save(self, out_dir: str | Path) -> str:
-        return self._first("save", str(out_dir))
+        return self._all("save", str(out_dir))[0]
 
     def save_state(self, out_dir: str | Path) -> str:
-        return self._first("save_state", str(out_dir))
+        return self._all("save_state", str(out_dir))[0]
 
     def progress(self) -> int:
         return self._first("progress")
 
-    def logprob(self, messages: list[dict], completion: dict) -> float:
-        return self._first("logprob", messages, completion)
+    def logprob(self, messages: list[dict], completion: dict, served: bool = False) -> float:
+        return self._all("logprob", messages, completion, served)[0]
 
     def stop(self) -> None:
         """Kill every worker (idempotent)."""

@@ -114,11 +114,22 @@ def grpo_line(step: str, grpo: dict) -> str:
     spent = sum(total.values()) or 1.0
     return (f"GRPO in `{step}` ({len(h)} updates from `{grpo.get('start_model')}`, adapter `{grpo.get('adapter')}`): "
             f"reward mean per update {[round(m['reward_mean'], 2) for m in h]}, groups without variance "
-            f"{[m['zero_variance_groups'] for m in h]} of {h[-1]['groups']}, KL {[round(m['kl'], 4) for m in h]}; "
+            f"{[m['zero_variance_groups'] for m in h]} of {h[-1]['groups']}, KL {[round(m['kl'], 4) for m in h]}"
+            f"{_off_policy(h)}; "
             f"{sum(m.get('rollouts_run', 0) for m in h)} rollouts at "
             f"{sum(m.get('rollouts_per_s') or 0 for m in h) / len(h):.1f}/s; time: rollouts "
             f"{100 * total['rollout_s'] / spent:.0f}%, learning {100 * total['seconds'] / spent:.0f}%, adapter sync "
             f"{100 * total['sync_s'] / spent:.0f}% ({total['sync_s'] / len(h):.2f} s per update).")
+
+
+def _off_policy(history: list[dict]) -> str:
+    """', importance ratio ... (updates on stale rollouts)' when some update trained on an older version's
+    rollouts (a sync every N > 1 updates), else ''."""
+    stale = [m for m in history if m.get("stale")]
+    if not stale:
+        return ""
+    return (f", {len(stale)} update(s) on stale rollouts: |ratio - 1| {[round(m['ratio_dev'], 3) for m in stale]}"
+            f", tokens clipped {[round(m['clipped'], 3) for m in stale]}")
 
 
 def _spent(extra: dict) -> str:

@@ -10,10 +10,11 @@ each rollout, the prompt as sent (demos included: the policy is trained on what 
 replica returned, read from the call's LM history. Then one update of
 ``actors.dspy_side.reinforce.TandemReinforceJob`` (a learner in a Ray actor that keeps the LoRA policy and
 its optimizer for the whole step) and the new version hot-loaded into every replica before the next
-rollouts (``sync_every``). A rollout that broke (an error, not
+rollouts (``sync_every``; between syncs the learner weighs the stale rollouts' tokens by their clipped
+importance ratio). A rollout that broke (an error, not
 a wrong answer) is left out of its group (counted). Per update, ``last_run["grpo"]["history"]``
-holds reward mean/std, groups without variance, loss, KL, tokens, rollouts/s, completion tokens/s and the
-seconds of rollouts, learning and sync; the run stores it in ``step.json``, the report and MLflow show it.
+holds reward mean/std, groups without variance, loss, KL, tokens, staleness, importance ratio and clipped
+share, rollouts/s, completion tokens/s and the seconds of rollouts, learning and sync; the run stores it in ``step.json``, the report and MLflow show it.
 
 Resume: the learner is checkpointed into the step's state dir after every update (adapter, optimizer
 moments, step count, history); a killed step restarts from the last update done, serving that version.
@@ -52,7 +53,8 @@ class GRPOStepConfig(GRPOConfig):
     group_size: int = field(default=6, metadata={"help": "rollouts per example (GRPO's group)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     sync_every: int = field(default=1, metadata={
-        "help": "put a new version on the replicas every N updates (N > 1: rollouts up to N-1 updates stale)"})
+        "help": "put a new version on the replicas every N updates (N > 1: rollouts up to N-1 updates stale, their "
+                "tokens weighted by the importance ratio clipped to 1 ± clip_eps)"})
     learner_cpus: float = field(default=1.0, metadata={
         "help": "CPUs each learner worker reserves (0 on a CPU box whose cores the replicas hold: it learns while "
                 "they wait)"})
@@ -66,9 +68,15 @@ class GRPOStepConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.steps, self.examples_per_step, self.sync_every, self.learner_workers) < 1 or self.group_size < 2:
-            raise ValueError("steps, examples_per_step, sync_every, learner_workers must be >= 1 and group_size >= 2 "
-                             "(a group of one has no relative advantage)")
+        for name in ("steps", "examples_per_step", "sync_every", "learner_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo {name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage and self.learner_workers < 2:
+            raise ValueError(f"grpo zero_stage {self.zero_stage} shards over learner workers: set learner_workers >= 2 "
+                             f"(got {self.learner_workers}) or zero_stage 0")
+        if self.group_size < 2:
+            raise ValueError(f"grpo group_size must be >= 2 (a group of one has no relative advantage), "
+                             f"got {self.group_size}")
         if self.temperature <= 0 or self.learner_cpus < 0 or self.learner_gpus < 0:
             raise ValueError("temperature must be > 0, learner_cpus and learner_gpus >= 0")
 

@@ -42,10 +42,35 @@ def test_a_step_moves_probability_to_the_rewarded_completion(tiny):
     before = learner.logprob(PROMPT, GOOD) - learner.logprob(PROMPT, BAD)
     for _ in range(3):
         metrics = learner.step([_group([(GOOD, 1.0), (BAD, 0.0), (GOOD, 1.0), (BAD, 0.0)])])
+        learner.mark_served()  # each update's version samples the next rollouts: on-policy
     after = learner.logprob(PROMPT, GOOD) - learner.logprob(PROMPT, BAD)
     assert after > before + 0.5  # the rewarded answer gained on the other
     assert metrics["step"] == 3 and metrics["rollouts"] == 4 and metrics["reward_mean"] == 0.5
     assert metrics["tokens"] > 0 and metrics["zero_variance_groups"] == 0
+    assert metrics["stale"] == 0 and metrics["ratio_dev"] == 0.0 and metrics["clipped"] == 0.0
+
+
+def test_rollouts_of_an_older_version_are_weighted_by_the_clipped_importance_ratio(tiny):
+    """Two updates without a new version on the replicas: the third update's rollouts came from the starting
+    policy, so each token is weighted by p_now / p_served (the served weights are the starting ones, exactly),
+    and once the rewarded answer has gained more than clip_eps the clip holds its tokens (no gradient there)."""
+    batch = [_group([(GOOD, 1.0), (BAD, 0.0), (GOOD, 1.0), (BAD, 0.0)])]
+    start = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16))
+    learner = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16, clip_eps=0.05))
+    first = learner.step(batch)
+    assert first["stale"] == 0 and first["ratio_dev"] == 0.0  # the starting policy sampled them: on-policy
+    learner.step(batch)
+    assert learner.logprob(PROMPT, GOOD, served=True) == pytest.approx(start.logprob(PROMPT, GOOD), abs=1e-5)
+    assert learner.logprob(PROMPT, GOOD) > start.logprob(PROMPT, GOOD) + 0.1  # the policy moved; served did not
+    third = learner.step(batch)
+    assert third["stale"] == 2 and third["ratio_dev"] > 0.05
+    assert 0.0 < third["clipped"] <= 1.0  # the rewarded tokens are past 1 + clip_eps: held
+    wide = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16, clip_eps=100.0))
+    wide.step(batch), wide.step(batch)
+    assert wide.step(batch)["clipped"] == 0.0
+    learner.mark_served()  # the replicas got the current version: on-policy again
+    assert learner.logprob(PROMPT, GOOD, served=True) == learner.logprob(PROMPT, GOOD)
+    assert learner.step(batch)["stale"] == 0
 
 
 def test_a_group_with_equal_rewards_teaches_nothing(tiny):

@@ -1,7 +1,11 @@
 """GRPO's learner on two Ray workers (real Ray actors, real torch.distributed over gloo, the tiny random Llama):
 the data-parallel update is the one-worker update, the ranks stay equal, a worker with no rows of its own still
 joins the reduction, the group saves, resumes and stops like one learner, and a GRPO job with
-``learner_workers: 2`` runs on one (the pool is test_reinforce's stand-in)."""
+``learner_workers: 2`` runs on one (the pool is test_reinforce's stand-in). Under DeepSpeed ZeRO-2 and ZeRO-3
+(real DeepSpeed on CPU) the group takes the same updates, on-policy and off, and its saved state and a plain
+learner's resume each other."""
+
+import dataclasses
 
 import dspy
 import pytest
@@ -65,6 +69,53 @@ def test_two_workers_take_the_one_worker_update_and_stay_equal(tiny, tmp_path):
     finally:
         group.stop()
     assert group.workers == []
+
+
+def _same(got: dict, expected: dict) -> None:
+    for key in ("rollouts", "tokens", "zero_variance_groups", "step", "stale"):
+        assert got[key] == expected[key], key
+    for key in ("loss", "grad_norm", "ratio_dev", "clipped"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_workers_take_the_one_worker_updates_and_their_state_resumes_either_way(tiny, tmp_path, stage):
+    """ZeRO shards the optimizer state (and under stage 3 the weights); the updates stay the single learner's,
+    also off-policy (the served weights swapped in through the shards) and with a rank that has no row of its
+    own (it runs an empty micro-batch: ZeRO's passes are collectives). The moments are saved whole: a plain
+    learner resumes a ZeRO group's state and a ZeRO group a plain learner's, with the same next update."""
+    zero = dataclasses.replace(CFG, zero_stage=stage)
+    one = Learner(tiny, CFG)
+    group = ray_learner(tiny, zero, 0, 0, None, workers=2)
+    try:
+        for _ in range(2):  # no new version served between them: the second update is off-policy
+            _same(group.step(BATCH), one.step(BATCH))
+        assert one.steps - one.served_step == 2
+        one_row = [_group([(GOOD, 1.0), ({"role": "assistant", "content": "blue, like the sky"}, 0.0)])]
+        _same(group.step(one_row), one.step(one_row))
+        for served in (False, True):
+            assert group.logprob(PROMPT, OTHER, served) == pytest.approx(one.logprob(PROMPT, OTHER, served), abs=1e-4)
+        group.mark_served(), one.mark_served()
+        plain = Learner(tiny, CFG, init=group.save_state(tmp_path / "zero-state"))
+        expected = one.step(BATCH)
+        _same(group.step(BATCH), expected)
+        _same(plain.step(BATCH), expected)  # AdamW's moments came through: a fresh optimizer would step otherwise
+        assert plain.logprob(PROMPT, GOOD) == pytest.approx(one.logprob(PROMPT, GOOD), abs=1e-4)
+        one.save_state(tmp_path / "plain-state")
+    finally:
+        group.stop()
+    resumed = ray_learner(tiny, zero, 0, 0, str(tmp_path / "plain-state"), workers=2)
+    try:
+        assert resumed.progress() == one.progress()
+        _same(resumed.step(BATCH), one.step(BATCH))
+        assert resumed.logprob(PROMPT, GOOD) == pytest.approx(one.logprob(PROMPT, GOOD), abs=1e-4)
+    finally:
+        resumed.stop()
+
+
+def test_zero_needs_a_group():
+    with pytest.raises(ValueError, match="zero_stage 2 shards over learner workers"):
+        Learner("unused", dataclasses.replace(CFG, zero_stage=2))
 
 
 def test_a_grpo_job_with_two_learner_workers_updates_serves_checkpoints_and_stops_them(tiny, tmp_path):

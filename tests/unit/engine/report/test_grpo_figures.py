@@ -22,6 +22,14 @@ def test_the_report_says_how_the_reward_moved_and_where_the_time_went():
     assert "groups without variance [3, 1] of 4" in line and "48 rollouts at 3.0/s" in line
     assert "rollouts 60%, learning 30%, adapter sync 10% (1.50 s per update)" in line
     assert grpo_line("01-g", {"history": []}) == "GRPO in `01-g`: no update recorded."
+    assert "stale" not in line  # every update on-policy: nothing to say
+
+
+def test_the_report_names_the_updates_on_stale_rollouts_and_their_importance_ratio():
+    stale = [{**HISTORY[0], "stale": 0, "ratio_dev": 0.0, "clipped": 0.0},
+             {**HISTORY[1], "stale": 1, "ratio_dev": 0.0312, "clipped": 0.05}]
+    line = grpo_line("01-g", {**GRPO, "history": stale})
+    assert "1 update(s) on stale rollouts: |ratio - 1| [0.031], tokens clipped [0.05]" in line
 
 
 def test_mlflow_gets_one_point_per_update_and_the_settings_once():

@@ -5,6 +5,8 @@ The rollouts come from the scripted engine of ``test_reinforce`` (answers 'a' an
 model id each call named); the pool is its stand-in; the learner is the real one (torch + peft on the tiny
 model, in this process), checkpointed for real. ``tests/integration`` runs the step on a real pool."""
 
+import dataclasses
+
 import dspy
 import pytest
 
@@ -79,8 +81,12 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
 
 
 def test_bad_g_settings_are_named():
-    with pytest.raises(ValueError, match="group_size >= 2"):
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
         GRPOStepConfig(group_size=1)
+    with pytest.raises(ValueError, match="learner_workers must be >= 1, got 0"):
+        GRPOStepConfig(learner_workers=0)
+    with pytest.raises(ValueError, match="clip_eps must be > 0"):
+        GRPOStepConfig(clip_eps=0)
     with pytest.raises(ValueError, match="unknown keys"):
         GRPOStepConfig(bogus=1)
     with pytest.raises(ValueError, match="needs training examples"):
@@ -118,3 +124,23 @@ def test_an_answer_that_did_not_parse_is_trained_on_with_the_unparsed_reward(tin
         (-1.0, "I think it is"), (1.0, "[[ ## answer ## ]]\na\n\n[[ ## completed ## ]]")]
     assert group["group"][0]["messages"][0]["role"] == "system"  # the prompt as sent
     assert step.last_run["grpo"]["history"][0]["rollouts_unparsed"] == 1
+
+
+def test_with_a_sync_every_two_updates_the_stale_rollouts_are_weighted_against_the_version_they_came_from(
+        tiny, tmp_path):
+    """Updates 2 and 4 train on rollouts of the version two updates back (the replicas got no new one after
+    updates 1 and 3): the learner weighs them by the importance ratio, which is then not 1; updates 1 and 3
+    are on-policy (ratio exactly 1: |ratio - 1| is 0)."""
+    engine = Rollouts()
+    program, _ = _program(tmp_path, engine)
+    trainset = [dspy.Example(question=f"q{i}", answer="a").with_inputs("question") for i in range(4)]
+    cfg = dataclasses.replace(CFG, steps=4, sync_every=2, lr=5e-3)
+    step = GRPOStep(metric, cfg, num_threads=2,
+                    learner_factory=lambda m, c, cpus, gpus, init, workers: Learner(m, c, init))
+    tuned = step.compile(program, trainset=trainset, step_dir=tmp_path / "step", step_index=1)
+    history = step.last_run["grpo"]["history"]
+    assert [m["stale"] for m in history] == [0, 1, 0, 1]
+    assert [m["ratio_dev"] for m in history[::2]] == [0.0, 0.0]
+    assert all(m["ratio_dev"] > 1e-3 for m in history[1::2])
+    assert engine.models == [BASE] * 8 + [f"{BASE}:grpo-01-v2"] * 8  # v1 and v3 never served
+    assert tuned.lm.model == f"{BASE}:grpo-01-v4"  # the last version is served at the end

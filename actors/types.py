@@ -103,7 +103,8 @@ def check_structured(structured: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Completion:
-    """The answer to one request: ``n`` texts with their finish reasons and token counts."""
+    """The answer to one request: ``n`` texts with their finish reasons and token counts, and each text's
+    sampled token ids when the engine gave them (``()`` otherwise)."""
 
     model: str
     texts: tuple[str, ...]
@@ -111,6 +112,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     replica: int = -1
+    token_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def text(self) -> str:
@@ -138,8 +140,9 @@ class Engine(Protocol):
 
     async def generate(
         self, prompt_ids: list[int], request: GenerateRequest, adapter: Adapter | None, request_id: str
-    ) -> tuple[list[str], list[str], int]:
-        """Texts, finish reasons and the total number of completion tokens."""
+    ) -> tuple[list[str], list[str], int] | tuple[list[str], list[str], int, list[list[int]]]:
+        """Texts, finish reasons and the total number of completion tokens; optionally, fourth, each text's
+        sampled token ids (vLLM's engine gives them: a GRPO learner trains on exactly those tokens)."""
 
     async def add_adapter(self, adapter: Adapter) -> None:
         """Load an adapter; later requests may name it."""

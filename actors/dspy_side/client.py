@@ -37,6 +37,7 @@ from actors.types import Completion, GenerateRequest  # noqa: E402
 DEFAULT_MAX_TOKENS = 512
 _FINISH = {"stop": "stop", "length": "length"}
 STRUCTURED_KEY = "tandem_structured"  # a constraint's key in Config.extensions or in its "metadata"
+TOKEN_IDS_KEY = "tandem_token_ids"  # the response's provider_data: each text's sampled token ids
 SUPPORTED_PARAMS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format", "metadata"})
 
 
@@ -90,11 +91,13 @@ def to_generate_request(request: lm15.Request) -> GenerateRequest:
 
 
 def to_response(completion: Completion) -> lm15.Response:
-    """The pool's completion as a dspy.lm15 response."""
+    """The pool's completion as a dspy.lm15 response (the sampled token ids, when the engine gave them, in
+    ``provider_data[TOKEN_IDS_KEY]``: the LM's history keeps them for a GRPO step)."""
     return lm15.Response(
         id=None, model=completion.model, message=lm15.Message.assistant(completion.text),
         finish_reason=_FINISH.get(completion.finish_reasons[0], "error"),
         usage=lm15.Usage(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens),
+        provider_data={TOKEN_IDS_KEY: [list(t) for t in completion.token_ids]} if completion.token_ids else None,
     )
 
 

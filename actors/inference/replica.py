@@ -196,7 +196,8 @@ class LMReplica:
 
                 request = replace(request, max_tokens=room)
             try:
-                texts, finishes, out_tokens = await engine.generate(ids, request, adapter, uuid.uuid4().hex)
+                texts, finishes, out_tokens, *sampled = await engine.generate(ids, request, adapter,
+                                                                              uuid.uuid4().hex)
             except EngineDeadError as exc:
                 self._engine_lost(engine, f"generate: {exc}")
             aborted = [f for f in finishes if f in ABORTED]
@@ -212,7 +213,8 @@ class LMReplica:
         self._latencies.append(time.perf_counter() - started)
         self._counts["prompt_tokens"] += len(ids)
         self._counts["completion_tokens"] += out_tokens
-        return Completion(request.model, tuple(texts), tuple(finishes), len(ids), out_tokens, self.rank)
+        return Completion(request.model, tuple(texts), tuple(finishes), len(ids), out_tokens, self.rank,
+                          tuple(tuple(t) for t in sampled[0]) if sampled else ())
 
     def _adapter_for(self, model: str) -> Adapter | None:
         if model == self.cfg.base_id:

@@ -108,7 +108,7 @@ class VLLMEngine:
                 final = out
         outputs = sorted(final.outputs, key=lambda o: o.index)
         return ([o.text for o in outputs], [o.finish_reason or "stop" for o in outputs],
-                sum(len(o.token_ids) for o in outputs))
+                sum(len(o.token_ids) for o in outputs), [list(o.token_ids) for o in outputs])
 
     async def add_adapter(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest

@@ -1,7 +1,9 @@
 """GRPO's learner: LoRA policy-gradient updates from groups of rollouts, kept in memory across steps.
 
 Knows dspy 3.4.1's GRPO data (``dspy.clients.utils_finetune.GRPOGroup``: ``{"batch_id", "group":
-[{"messages", "completion", "reward"}, ...]}``, one group = one input's rollouts), group-relative
+[{"messages", "completion", "reward"}, ...]}``, one group = one input's rollouts; a rollout may add
+``"completion_ids"``, the tokens the replica sampled — Tandem's ``g`` step passes vLLM's — and is then
+trained on those tokens after the prompt as the replica encoded it, not on its text tokenized again), group-relative
 advantages (a rollout's reward minus its group's mean, divided by the group's std unless
 ``scale_rewards`` is off — Dr. GRPO's variant), the policy-gradient loss on the completion's tokens
 where the group's completions differ (``mask_shared``: the tokens all of them start and end with are
@@ -207,20 +209,40 @@ class Learner:
         self.served_step = self.steps
         self.served = read(self._trainable(), self.cfg.zero_stage)
 
-    def encode(self, messages: list[dict], completion: dict) -> tuple[list[int], int]:
-        """Token ids of the prompt + completion (the training loop's chat encoding), cut to ``max_seq_len``,
-        and the prompt's length."""
+    def encode(self, messages: list[dict], completion: dict,
+               completion_ids: list[int] | None = None) -> tuple[list[int], int]:
+        """Token ids of the prompt + completion, cut to ``max_seq_len``, and the prompt's length: the prompt as
+        the replica encoded it (the chat template with the generation prompt) followed by ``completion_ids``, the
+        tokens it sampled, when given; else the training loop's encoding of the chat (the completion's text
+        re-tokenized, the template's end of turn after it)."""
         from actors.training.loop import encode
 
-        full, prompt = encode(self.tokenizer, [*messages, completion])
+        if completion_ids is not None:
+            prompt_ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                            return_dict=False)
+            full, prompt = [*prompt_ids, *completion_ids], len(prompt_ids)
+        else:
+            full, prompt = encode(self.tokenizer, [*messages, completion])
         return full[: self.cfg.max_seq_len], min(prompt, self.cfg.max_seq_len)
+
+    def retokenizes_differently(self, completion: dict, completion_ids: list[int]) -> bool:
+        """Whether the completion's text, tokenized again, is not the sampled ``completion_ids`` (an end-of-turn
+        token the sampler ended with aside): the tokens a learner on text would train are not the ones sampled."""
+        special = set(self.tokenizer.all_special_ids)
+        sampled = list(completion_ids)
+        while sampled and sampled[-1] in special:
+            sampled.pop()
+        return self.tokenizer.encode(completion["content"], add_special_tokens=False) != sampled
 
     def step(self, groups: list[dict]) -> dict[str, Any]:
         """One update from dspy GRPO groups; the step's metrics.
 
         Returns:
             ``{"step", "groups", "rollouts", "reward_mean", "reward_std", "zero_variance_groups", "loss", "kl",
-            "tokens", "grad_norm", "stale", "ratio_dev", "clipped", "seconds"}`` (``loss``, ``kl``, ``ratio_dev``
+            "tokens", "grad_norm", "stale", "ratio_dev", "clipped", "sampled_ids", "retokenized_differ",
+            "seconds"}`` (``sampled_ids``: rollouts trained on the tokens the replica sampled, the others on their
+            re-tokenized text; ``retokenized_differ``: of those, how many a re-tokenization would have changed;
+            ``loss``, ``kl``, ``ratio_dev``
             and ``clipped`` over the tokens trained on; ``stale``: updates since the served version the rollouts
             came from; ``ratio_dev``: the mean of |importance ratio - 1|, 0 on-policy; ``clipped``: the share of tokens
             whose ratio the clip held; loss and KL are 0 when every group had equal rewards and nothing was trained).
@@ -231,17 +253,20 @@ class Learner:
         for g in groups:
             adv = advantages([float(r["reward"]) for r in g["group"]], self.cfg.scale_rewards)
             flat += all(a == 0.0 for a in adv)
-            encoded = [self.encode(r["messages"], r["completion"]) for r in g["group"]]
+            encoded = [self.encode(r["messages"], r["completion"], r.get("completion_ids")) for r in g["group"]]
             head, tail = shared_ends([ids[prompt:] for ids, prompt in encoded]) if self.cfg.mask_shared else (0, 0)
             for (ids, prompt), a in zip(encoded, adv):
                 start, end = prompt + head, len(ids) - tail
                 if a != 0.0 and end > start:
                     rows.append((ids, start, end, a))
+        sampled = [r for g in groups for r in g["group"] if r.get("completion_ids") is not None]
         mean = sum(rewards) / max(1, len(rewards))
         out = {"step": self.steps + 1, "groups": len(groups), "rollouts": len(rewards), "reward_mean": mean,
                "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards))),
                "zero_variance_groups": flat, "loss": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0,
-               "stale": self.steps - self.served_step, "ratio_dev": 0.0, "clipped": 0.0}
+               "stale": self.steps - self.served_step, "ratio_dev": 0.0, "clipped": 0.0, "sampled_ids": len(sampled),
+               "retokenized_differ": sum(self.retokenizes_differently(r["completion"], r["completion_ids"])
+                                         for r in sampled)}
         if rows:  # the same on every worker: each builds every row, then trains on its share
             (self.engine or self.model).train()
             total_tokens = sum(end - start for _, start, end, _ in rows)

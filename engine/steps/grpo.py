@@ -7,7 +7,7 @@ once (``num_threads``); every rollout's metric value is its reward, the winners'
 weight step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at
 ``max_tokens``) gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in
 each rollout, the prompt as sent (demos included: the policy is trained on what it saw) and the text the
-replica returned, read from the call's LM history. Then one update of
+replica returned with the token ids it sampled, read from the call's LM history. Then one update of
 ``actors.dspy_side.reinforce.TandemReinforceJob`` (a learner in a Ray actor that keeps the LoRA policy and
 its optimizer for the whole step) and the new version hot-loaded into every replica before the next
 rollouts (``sync_every``; between syncs the learner weighs the stale rollouts' tokens by their clipped
@@ -194,8 +194,12 @@ class GRPOStep(Teleprompter):
 
 def _first_calls(program: dspy.Module, run, lms: dict[str, dspy.LM]) -> dict[str, dict]:
     """Each predictor's first call in a rollout as ``{"messages", "completion"}``: the prompt as sent and the text
-    the replica returned (its LM's history: an answer that did not parse is there too); for a rollout that ran
-    elsewhere (evaluator actors: no history here), the trace's calls in the adapter's layout (parsed runs only)."""
+    the replica returned (its LM's history: an answer that did not parse is there too), with
+    ``"completion_ids"``, the tokens the replica sampled, when it sent them (vLLM's do: the learner then trains on
+    those tokens, not on a re-tokenization of the text); for a rollout that ran elsewhere (evaluator actors: no
+    history here), the trace's calls in the adapter's layout (parsed runs only)."""
+    from actors.dspy_side.client import TOKEN_IDS_KEY
+
     calls = {}
     for name, lm in lms.items():
         if lm.history:
@@ -203,6 +207,9 @@ def _first_calls(program: dspy.Module, run, lms: dict[str, dspy.LM]) -> dict[str
             output = entry["outputs"][0]
             text = output.get("text", "") if isinstance(output, dict) else str(output)
             calls[name] = {"messages": list(entry["messages"]), "completion": {"role": "assistant", "content": text}}
+            sampled = (getattr(entry.get("response"), "provider_data", None) or {}).get(TOKEN_IDS_KEY)
+            if sampled:
+                calls[name]["completion_ids"] = list(sampled[0])
     if calls or run.error:
         return calls
     for row in chat_rows(program, [Trace(run.example_index, None, run.trace)], with_demos=True):

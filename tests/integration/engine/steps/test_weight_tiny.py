@@ -132,6 +132,7 @@ def test_a_g_step_raises_the_reward_only_through_versions_hot_loaded_into_the_li
     assert {h["pid"] for h in pool.health()} == before_pids  # hot-loaded: no replica restarted
     assert [m["step"] for m in grpo["history"]] == [1, 2, 3, 4]
     assert all(m["rollouts_run"] == 64 and m["sync_s"] > 0 for m in grpo["history"])
+    assert all(m["sampled_ids"] == 64 for m in grpo["history"])  # trained on the tokens vLLM sampled
     assert lora_b_moved(tmp_path / "adapters" / "grpo-03-v4")
     assert answers[0] != answers[1]  # the same seeded draws differ: the replicas sample from the new weights
     assert (tmp_path / "03_g" / "grpo-state" / "learner" / "optimizer.safetensors").is_file()

@@ -32,6 +32,9 @@ def test_completion_becomes_response():
     resp = client.to_response(Completion("m", ("text",), ("length",), 5, 2))
     assert resp.text == "text" and resp.finish_reason == "length"
     assert (resp.usage.input_tokens, resp.usage.output_tokens) == (5, 2)
+    assert resp.provider_data is None  # an engine that gave no token ids
+    sampled = client.to_response(Completion("m", ("text",), ("stop",), 5, 2, 0, ((7, 8),)))
+    assert sampled.provider_data == {client.TOKEN_IDS_KEY: [[7, 8]]}  # kept in the LM's history for a g step
 
 
 @pytest.mark.parametrize("ours, theirs", [

@@ -50,6 +50,25 @@ def test_a_step_moves_probability_to_the_rewarded_completion(tiny):
     assert metrics["stale"] == 0 and metrics["ratio_dev"] == 0.0 and metrics["clipped"] == 0.0
 
 
+def test_the_tokens_the_replica_sampled_are_trained_not_a_retokenization_of_their_text(tiny):
+    """A sampler may emit a word in pieces that tokenizing its text again would merge: the learner trains on
+    the sampled ids (and counts the rollouts whose text would re-tokenize otherwise)."""
+    learner = Learner(tiny, GRPOConfig(lr=5e-3, rank=8, alpha=16))
+    tok = learner.tokenizer
+    canonical = tok.encode("blue", add_special_tokens=False)
+    pieces = [i for ch in "blue" for i in tok.encode(ch, add_special_tokens=False)]  # one token per letter
+    assert pieces != canonical
+    ids, prompt = learner.encode(PROMPT, GOOD, pieces + [tok.eos_token_id])
+    assert ids[prompt:] == pieces + [tok.eos_token_id]
+    assert ids[:prompt] == tok.apply_chat_template(PROMPT, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert learner.retokenizes_differently(GOOD, pieces + [tok.eos_token_id])
+    assert not learner.retokenizes_differently(GOOD, canonical + [tok.eos_token_id])
+    group = _group([(GOOD, 1.0), (BAD, 0.0)])
+    group["group"][0]["completion_ids"] = pieces + [tok.eos_token_id]
+    metrics = learner.step([group])
+    assert metrics["sampled_ids"] == 1 and metrics["retokenized_differ"] == 1
+
+
 def test_rollouts_of_an_older_version_are_weighted_by_the_clipped_importance_ratio(tiny):
     """Two updates without a new version on the replicas: the third update's rollouts came from the starting
     policy, so each token is weighted by p_now / p_served (the served weights are the starting ones, exactly),

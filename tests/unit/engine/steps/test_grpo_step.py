@@ -144,3 +144,28 @@ def test_with_a_sync_every_two_updates_the_stale_rollouts_are_weighted_against_t
     assert all(m["ratio_dev"] > 1e-3 for m in history[1::2])
     assert engine.models == [BASE] * 8 + [f"{BASE}:grpo-01-v2"] * 8  # v1 and v3 never served
     assert tuned.lm.model == f"{BASE}:grpo-01-v4"  # the last version is served at the end
+
+
+def test_the_tokens_the_replicas_sampled_reach_the_learner(tiny, tmp_path):
+    """A replica's sampled token ids ride in the response (``provider_data``) into the LM's history; the step
+    hands them to the learner with each rollout, which trains on them (a vLLM replica sends them; this engine
+    sends the canonical tokens of its text, so no re-tokenization would have differed)."""
+    from transformers import AutoTokenizer
+
+    from actors.dspy_side.client import TOKEN_IDS_KEY
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+
+    class Sampled(Rollouts):
+        def complete(self, request):
+            response = super().complete(request)
+            ids = tokenizer.encode(response.text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            return dataclasses.replace(response, provider_data={TOKEN_IDS_KEY: [ids]})
+
+    program, _ = _program(tmp_path, Sampled())
+    trainset = [dspy.Example(question=f"q{i}", answer="a").with_inputs("question") for i in range(4)]
+    step = GRPOStep(metric, dataclasses.replace(CFG, steps=1), num_threads=2,
+                    learner_factory=lambda m, c, cpus, gpus, init, workers: Learner(m, c, init))
+    step.compile(program, trainset=trainset, step_dir=tmp_path / "step", step_index=1)
+    (update,) = step.last_run["grpo"]["history"]
+    assert update["sampled_ids"] == update["rollouts"] == 4 and update["retokenized_differ"] == 0

@@ -386,6 +386,16 @@ class Learner:
         # the chosen token's logit minus the log-partition: no [batch, width, vocab] log-softmax copy is kept
         return logits.gather(-1, ids[:, 1:, None]).squeeze(-1).float() - self.torch.logsumexp(logits.float(), -1)
 
+    def footprint(self) -> dict[str, float]:
+        """This worker's share of the model's weights (1.0; about 1/world under ZeRO-3) and its process's peak
+        resident memory in MiB."""
+        import resource
+
+        from actors.training.optim import weights_held
+
+        return {"weights_held": weights_held(self.model),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
     def progress(self) -> int:
         """Updates done so far (a resumed learner counts those before the resume)."""
         return self.steps

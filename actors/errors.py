@@ -40,11 +40,17 @@ class EngineDeadError(RuntimeError):
     process died); only a new engine in a new replica process can serve again."""
 
 
-def own_message(exc: BaseException) -> str:
-    """``exc``'s own message: a Ray task error's ``str`` is the whole remote traceback, so the message
-    of the exception it wraps (its ``.cause``, duck-typed: no Ray import) is taken instead."""
+def own_exception(exc: BaseException) -> BaseException:
+    """The exception a Ray task error wraps (its ``.cause``, duck-typed: no Ray import), all the way in;
+    ``exc`` itself when it wraps none."""
     seen: set[int] = set()
     while isinstance(exc.__dict__.get("cause"), BaseException) and id(exc) not in seen:
         seen.add(id(exc))
         exc = exc.__dict__["cause"]
-    return str(exc)
+    return exc
+
+
+def own_message(exc: BaseException) -> str:
+    """``exc``'s own message: a Ray task error's ``str`` is the whole remote traceback, so the message
+    of the exception it wraps is taken instead (``own_exception``)."""
+    return str(own_exception(exc))

@@ -30,6 +30,7 @@ import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from actors.dspy_side import usage
+from actors.errors import own_exception
 
 from engine import strategy as strategies
 from engine.evaluate import collect_errors, percent, run_grid
@@ -115,7 +116,8 @@ class BetterTogether(Teleprompter):
                 try:
                     program = self._step(store, index, key, prefix, student, run, valset, threads, candidates)
                 except Exception as exc:
-                    failed, error = True, f"step '{prefix}' failed: {type(exc).__name__}: {exc}"
+                    inner = own_exception(exc)  # a Ray task error's str is the whole remote traceback
+                    failed, error = True, f"step '{prefix}' failed: {type(inner).__name__}: {inner}"
                     logger.error("step %d/%d (%s) failed: %s: %s; returning the best program so far", index,
                                  len(steps), prefix, type(exc).__name__, exc, exc_info=bool(provide_traceback))
                     break

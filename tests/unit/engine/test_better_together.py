@@ -75,6 +75,16 @@ class Boom(Teleprompter):
         raise RuntimeError("training exploded")
 
 
+class RemoteBoom(Teleprompter):
+    """Fails as a step whose actor raised does: a Ray task error (its str the whole remote traceback) that
+    wraps the actor's own exception as ``.cause``."""
+
+    def compile(self, student, *, trainset, **kw):
+        error = RuntimeError("Traceback (most recent call last):\n  File ...\nray::Trainer.fit() ...")
+        error.cause = ValueError("no passing traces")
+        raise error
+
+
 def test_strategy_validation_messages():
     assert strategy.parse("p->w -> p", ["p", "w"]) == ["p", "w", "p"]
     with pytest.raises(ValueError, match="strategy cannot be empty"):
@@ -127,6 +137,10 @@ def test_failed_step_sets_flag_and_returns_best_so_far(program):
         program, trainset=data(12), valset=data(6, 100), strategy="p -> w -> p")
     assert best.flag_compilation_error_occurred is True
     assert [c.strategy for c in best.candidate_programs] == ["p", ""]
+    assert best.compilation_error == "step 'p -> w' failed: RuntimeError: training exploded"
+    remote = BetterTogether(metric, w=RemoteBoom()).compile(program, trainset=data(12), valset=data(6, 100),
+                                                           strategy="w")
+    assert remote.compilation_error == "step 'w' failed: ValueError: no passing traces"  # no remote traceback
 
 
 def test_next_prompt_step_scores_candidates_with_the_tuned_lm(program, tmp_path):

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['s_per_update']:.1f} | {r['first_update_s']:.1f} | "
-              f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | {', '.join(f'{w:.2f}' for w in r['weights_held'])} | "
+              f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | "
+              f"{', '.join(f'{w:.2f}' for w in r['weights_held'])} | "
               f"{[round(h['loss'], 4) for h in r['history']]} | {r['max_abs_delta_vs_first']:.2e} |")
     report.save(args.out, "grpo_learner", args, rows=rows)
 

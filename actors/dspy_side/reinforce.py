@@ -17,13 +17,13 @@ are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, `
 ``actors.training.learner_group.LearnerGroup`` of N ranks, every update's gradient summed over them);
 dspy's own ``num_generations`` is accepted and only recorded.
 
-Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new
-version on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates; the
-learner weighs their tokens by the clipped importance ratio against the version they came from); ``state_dir`` checkpoints the whole learner after every update
-(``Learner.save_state``) with the job's history, and a job built on the same ``state_dir`` resumes from it
-(the learner's adapter, optimizer moments and step count; the version it had is served again); an LM that
-names one of the pool's adapters (a weight step's) is the policy the learner starts from — that adapter is
-never unloaded, only the job's own versions are.
+Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new version
+on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates; the learner
+weighs their tokens by the clipped importance ratio against the version they came from); ``state_dir``
+checkpoints the whole learner after every update (``Learner.save_state``) with the job's history, and a job
+built on the same ``state_dir`` resumes from it (the learner's adapter, optimizer moments and step count; the
+version it had is served again); an LM that names one of the pool's adapters (a weight step's) is the policy the
+learner starts from — that adapter is never unloaded, only the job's own versions are.
 
 Knows dspy's ReinforceJob/GRPO data contract and the pool's adapter calls; does not know programs,
 run dirs or strategies.

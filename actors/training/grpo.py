@@ -1,33 +1,31 @@
 """GRPO's learner: LoRA policy-gradient updates from groups of rollouts, kept in memory across steps.
 
-Knows dspy 3.4.1's GRPO data (``dspy.clients.utils_finetune.GRPOGroup``: ``{"batch_id", "group":
-[{"messages", "completion", "reward"}, ...]}``, one group = one input's rollouts; a rollout may add
-``"completion_ids"``, the tokens the replica sampled — Tandem's ``g`` step passes vLLM's — and is then
-trained on those tokens after the prompt as the replica encoded it, not on its text tokenized again), group-relative
-advantages (a rollout's reward minus its group's mean, divided by the group's std unless
-``scale_rewards`` is off — Dr. GRPO's variant), the policy-gradient loss on the completion's tokens
-where the group's completions differ (``mask_shared``: the tokens all of them start and end with are
-the answer format's scaffolding, forced under constrained decoding; trained on, they teach the
-policy what follows a choice instead of the choice — seen on the tiny model, where the reward did not
-move until they were masked)
-(``loss``: 'grpo' averages each sequence's tokens, then the sequences; 'token' averages every
-completion token of the batch at once, so long answers weigh more), a KL penalty to the base model
-with weight ``beta`` (k3 estimator; the reference is the same model with the adapter disabled, so no
-second copy is held), gradient clipping, and the adapter saved in peft format for the pool to hot-load.
+Knows dspy 3.4.1's GRPO data (``dspy.clients.utils_finetune.GRPOGroup``: ``{"batch_id", "group": [{"messages",
+"completion", "reward"}, ...]}``, one group = one input's rollouts; a rollout may add ``"completion_ids"``, the
+tokens the replica sampled — Tandem's ``g`` step passes vLLM's — and is then trained on those tokens after the
+prompt as the replica encoded it, not on its text tokenized again), group-relative advantages (a rollout's
+reward minus its group's mean, divided by the group's std unless ``scale_rewards`` is off — Dr. GRPO's variant),
+the policy-gradient loss on the completion's tokens where the group's completions differ (``mask_shared``: the
+tokens all of them start and end with are the answer format's scaffolding, forced under constrained decoding;
+trained on, they teach the policy what follows a choice instead of the choice — seen on the tiny model, where
+the reward did not move until they were masked) (``loss``: 'grpo' averages each sequence's tokens, then the
+sequences; 'token' averages every completion token of the batch at once, so long answers weigh more), a KL
+penalty to the base model with weight ``beta`` (k3 estimator; the reference is the same model with the adapter
+disabled, so no second copy is held), gradient clipping, and the adapter saved in peft format for the pool to
+hot-load.
 
-One optimizer step per ``step`` call. The rollouts of a step are taken to come from the version last put on
-the replicas (``mark_served``; at the start, the policy the learner starts from). When that is the policy
-being trained (the pool gets every version), PPO's ratio is 1, its clip never bites and the loss is the plain
-policy gradient. When updates went by since (a caller that syncs every N updates), every token is weighted by
-its importance ratio p_now / p_served, clipped to ``1 ± clip_eps`` as in PPO (the served policy's
-log-probs come from a copy of its LoRA weights swapped in for one no-grad forward pass), so stale rollouts
-neither pull with the wrong weight nor push the policy far from where they were sampled (several updates
-per batch are not implemented). A group
-whose rewards are all equal has no advantage and teaches nothing: it is counted
-(``zero_variance_groups``), not trained on. Plain Python: a Ray actor or a test holds one ``Learner``
-for the whole run, so the model and optimizer state persist between steps (no Ray Train start per step).
-``save_state`` writes the whole learner (adapter, AdamW moments and the served version's weights as
-safetensors, step counts as JSON: no pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
+One optimizer step per ``step`` call. The rollouts of a step are taken to come from the version last put on the
+replicas (``mark_served``; at the start, the policy the learner starts from). When that is the policy being
+trained (the pool gets every version), PPO's ratio is 1, its clip never bites and the loss is the plain policy
+gradient. When updates went by since (a caller that syncs every N updates), every token is weighted by its
+importance ratio p_now / p_served, clipped to ``1 ± clip_eps`` as in PPO (the served policy's log-probs come
+from a copy of its LoRA weights swapped in for one no-grad forward pass), so stale rollouts neither pull with
+the wrong weight nor push the policy far from where they were sampled (several updates per batch are not
+implemented). A group whose rewards are all equal has no advantage and teaches nothing: it is counted
+(``zero_variance_groups``), not trained on. Plain Python: a Ray actor or a test holds one ``Learner`` for the
+whole run, so the model and optimizer state persist between steps (no Ray Train start per step). ``save_state``
+writes the whole learner (adapter, AdamW moments and the served version's weights as safetensors, step counts as
+JSON: no pickle) and ``Learner(..., init=dir)`` resumes from it, bit for bit; ``init`` may also be a plain peft
 adapter (e.g. a weight step's), which the policy then starts from (its own rank and modules).
 Several workers (``rank`` of ``world`` in a ``torch.distributed`` process group that the caller set up,
 ``actors.training.learner_group``): every worker holds the same policy and optimizer (same seed, same

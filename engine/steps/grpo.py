@@ -2,19 +2,19 @@
 
 Each of ``steps`` updates: ``examples_per_step`` training examples (drawn by the run's seed and the update's
 number, so a resumed step draws what the killed one would have), each run ``group_size`` times at
-``temperature`` on the pool's replicas (every rollout its own ``rollout_id``, cache off), all at
-once (``num_threads``); every rollout's metric value is its reward, the winners' and the losers' alike (the
-weight step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at
-``max_tokens``) gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in
-each rollout, the prompt as sent (demos included: the policy is trained on what it saw) and the text the
-replica returned with the token ids it sampled, read from the call's LM history. Then one update of
-``actors.dspy_side.reinforce.TandemReinforceJob`` (a learner in a Ray actor that keeps the LoRA policy and
-its optimizer for the whole step) and the new version hot-loaded into every replica before the next
-rollouts (``sync_every``; between syncs the learner weighs the stale rollouts' tokens by their clipped
-importance ratio). A rollout that broke (an error, not
-a wrong answer) is left out of its group (counted). Per update, ``last_run["grpo"]["history"]``
-holds reward mean/std, groups without variance, loss, KL, tokens, staleness, importance ratio and clipped
-share, rollouts/s, completion tokens/s and the seconds of rollouts, learning and sync; the run stores it in ``step.json``, the report and MLflow show it.
+``temperature`` on the pool's replicas (every rollout its own ``rollout_id``, cache off), all at once
+(``num_threads``); every rollout's metric value is its reward, the winners' and the losers' alike (the weight
+step keeps only the winners), and a rollout whose answer did not parse (e.g. reasoning cut at ``max_tokens``)
+gets ``unparsed_reward``. One group per (example, predictor): the predictor's first call in each rollout, the
+prompt as sent (demos included: the policy is trained on what it saw) and the text the replica returned with the
+token ids it sampled, read from the call's LM history. Then one update of
+``actors.dspy_side.reinforce.TandemReinforceJob`` (a learner in a Ray actor that keeps the LoRA policy and its
+optimizer for the whole step) and the new version hot-loaded into every replica before the next rollouts
+(``sync_every``; between syncs the learner weighs the stale rollouts' tokens by their clipped importance ratio).
+A rollout that broke (an error, not a wrong answer) is left out of its group (counted). Per update,
+``last_run["grpo"]["history"]`` holds reward mean/std, groups without variance, loss, KL, tokens, staleness,
+importance ratio and clipped share, rollouts/s, completion tokens/s and the seconds of rollouts, learning and
+sync; the run stores it in ``step.json``, the report and MLflow show it.
 
 Resume: the learner is checkpointed into the step's state dir after every update (adapter, optimizer
 moments, step count, history); a killed step restarts from the last update done, serving that version.

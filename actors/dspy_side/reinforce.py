@@ -242,7 +242,10 @@ class TandemReinforceJob(ReinforceJob):
         if self.learner is not None and _is_actor(self.learner):
             import ray
 
+            from actors.training.learner_group import gone
+
             ray.kill(self.learner)
+            gone(self.learner)
         elif hasattr(self.learner, "stop"):  # a LearnerGroup's workers
             self.learner.stop()
         self.learner = None

@@ -115,9 +115,34 @@ class LearnerGroup:
         return self._all("logprob", messages, completion, served)[0]
 
     def stop(self) -> None:
-        """Kill every worker (idempotent)."""
+        """Kill every worker and return once they are gone (``ray.kill`` alone returns before: a call sent
+        right after could still be answered); idempotent."""
         import ray
 
-        for w in self.workers:
+        workers, self.workers = self.workers, []
+        for w in workers:
             ray.kill(w)
-        self.workers = []
+        for w in workers:
+            gone(w)
+
+
+def gone(actor, timeout_s: float = 30.0) -> None:
+    """Wait until the killed ``actor`` answers no call (its process is gone).
+
+    Raises:
+        TimeoutError: it still answers after ``timeout_s``.
+    """
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            break
+        time.sleep(0.05)
+    raise TimeoutError(f"actor {actor} still answers {timeout_s:.0f} s after it was killed")

@@ -118,20 +118,28 @@ def test_zero_needs_a_group():
         Learner("unused", dataclasses.replace(CFG, zero_stage=2))
 
 
-def test_a_grpo_job_with_two_learner_workers_updates_serves_checkpoints_and_stops_them(tiny, tmp_path):
+def test_a_grpo_job_on_two_zero3_workers_syncing_every_second_update_serves_checkpoints_and_stops_them(
+        tiny, tmp_path):
+    """The job's calls on a ZeRO-3 group (every one a collective): update 1 (not served: sync every 2), update 2
+    on stale rollouts (weighted through the shards), then version 2 on the pool, the state checkpointed whole."""
     from tests.unit.actors.dspy_side.test_reinforce import BASE, Pool, Rollouts
 
     pool = Pool()
     lm = dspy.LM(BASE, engine=Rollouts(), provider=TandemProvider(pool, adapter_root=tmp_path), cache=False)
-    job = TandemReinforceJob(lm, {"lr": 5e-3, "rank": 8, "alpha": 16, "groups_per_step": 2, "learner_workers": 2,
-                                  "learner_cpus": 0, "threads": 1}, job_id="grpo-01", state_dir=tmp_path / "state")
+    settings = {"lr": 5e-3, "rank": 8, "alpha": 16, "groups_per_step": 2, "learner_workers": 2, "learner_cpus": 0,
+                "threads": 1, "zero_stage": 3, "sync_every": 2}
+    with pytest.raises(ValueError, match="zero_stage 3 shards over learner workers: set learner_workers >= 2"):
+        TandemReinforceJob(lm, {**settings, "learner_workers": 1})
+    job = TandemReinforceJob(lm, settings, job_id="grpo-01", state_dir=tmp_path / "state")
     job.initialize()
     try:
         assert isinstance(job.learner, LearnerGroup)
-        metrics = job.step(BATCH, "grpo_chat")
-        assert metrics["tokens"] > 0 and lm.model == f"{BASE}:grpo-01-v1"
-        assert (tmp_path / "grpo-01-v1" / "adapter_config.json").is_file()  # rank 0 saved what the pool loads
-        assert Learner(tiny, CFG, init=tmp_path / "state" / "learner").progress() == 1
+        first, second = job.step(BATCH, "grpo_chat"), job.step(BATCH, "grpo_chat")
+        assert (first["stale"], second["stale"]) == (0, 1) and second["ratio_dev"] > 0
+        assert second["tokens"] > 0 and lm.model == f"{BASE}:grpo-01-v2"
+        assert [name for name, _ in pool.loaded] == [f"{BASE}:grpo-01-v2"]  # v1 never reached the pool
+        assert (tmp_path / "grpo-01-v2" / "adapter_config.json").is_file()  # rank 0 saved what the pool loads
+        assert Learner(tiny, CFG, init=tmp_path / "state" / "learner").progress() == 2
         workers = job.learner.workers
     finally:
         job.terminate()

@@ -19,7 +19,9 @@ layout beyond the ``step_dir`` and ``adapter_root`` it is given.
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +33,8 @@ from actors.training.config import LoraTrainConfig
 from actors.training.rows import write_rows
 from actors.inference.pool import ReplicaPool
 from actors.dspy_side.provider import TandemProvider
-from engine.steps.bootstrap import bootstrap, chat_rows, labeled, teacher_on
+from engine.steps.bootstrap import (BootstrapResult, as_demo, bootstrap, chat_rows, copy_without_demos, labeled,
+                                   teacher_on)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,11 @@ class WeightStep(Teleprompter):
         teacher_demos: labelled demos per predictor (sampled from the trainset, as dspy's BootstrapFewShot gives
             its teacher ``max_labeled_demos``) the teacher answers with; an example never sees itself among
             them, and the training rows keep the student's own prompt. 0 (default): the teacher as given.
+        teacher_bootstrap: the teacher's demos are its own passing traces instead of labelled examples: it first
+            runs on the trainset with no demos, up to ``teacher_demos`` of its passing traces per predictor
+            (reasoning included: a labelled demo carries only the answer, and the teacher then writes none)
+            become its demos for the traces the student learns, and an example it passed only in that first
+            run keeps that trace. Needs ``teacher_demos`` > 0.
         after_teacher: called once ``teacher_lm``'s traces are in, before training (the run releases the
             teacher's replicas there when no later step uses them).
 
@@ -72,9 +80,12 @@ class WeightStep(Teleprompter):
     def __init__(self, metric: Callable, train: LoraTrainConfig | None = None, lifecycle: str = "relaunch",
                  num_threads: int = 16, multitask: bool = True, exclude_demos: bool = True, max_rounds: int = 1,
                  storage: str | None = None, teacher_lm: dspy.LM | None = None, teacher_demos: int = 0,
-                 after_teacher: Callable[[], None] | None = None):
+                 teacher_bootstrap: bool = False, after_teacher: Callable[[], None] | None = None):
         if teacher_demos < 0:
             raise ValueError(f"teacher_demos must be >= 0, got {teacher_demos}")
+        if teacher_bootstrap and not teacher_demos:
+            raise ValueError("teacher_bootstrap needs teacher_demos > 0: how many of the teacher's own passing traces "
+                             "become its demos")
         if lifecycle not in LIFECYCLES:
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}")
         self.metric = metric
@@ -87,6 +98,7 @@ class WeightStep(Teleprompter):
         self.storage = storage
         self.teacher_lm = teacher_lm
         self.teacher_demos = teacher_demos
+        self.teacher_bootstrap = teacher_bootstrap
         self.after_teacher = after_teacher
         self.last_run: dict = {}  # what the last compile did: rows, traces, adapters, train metrics
 
@@ -114,14 +126,21 @@ class WeightStep(Teleprompter):
             teacher = teacher[0] if teacher else None
         if teacher is None and self.teacher_lm is not None:
             teacher = teacher_on(student, self.teacher_lm)
+        first, shown = None, set()  # the teacher's own first run, when its demos come from it; their examples
         if teacher is not None and self.teacher_demos:
-            teacher = labeled(teacher, trainset, self.teacher_demos, sample=True)
+            if self.teacher_bootstrap:
+                teacher, first, shown = self._self_taught(_check_teacher(teacher, student), trainset)
+            else:
+                teacher = labeled(teacher, trainset, self.teacher_demos, sample=True)
         source = _check_teacher(teacher, student) if teacher is not None else student
         step_dir = Path(step_dir or tempfile.mkdtemp(prefix="tandem-w-"))
         step_dir.mkdir(parents=True, exist_ok=True)
-        result = bootstrap(source, trainset, self.metric, num_threads=self.num_threads, exclude_own_demo=True,
-                           desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""),
-                           max_rounds=self.max_rounds)
+        if first is None:
+            result = bootstrap(source, trainset, self.metric, num_threads=self.num_threads, exclude_own_demo=True,
+                               desc="bootstrap traces" + (" (teacher)" if teacher is not None else ""),
+                               max_rounds=self.max_rounds)
+        else:
+            result = self._with_own_demos(source, trainset, first, shown)
         if self.teacher_lm is not None and self.after_teacher is not None:
             self.after_teacher()
         rows = chat_rows(student, result.traces, with_demos=not self.exclude_demos)
@@ -148,7 +167,8 @@ class WeightStep(Teleprompter):
         self.last_run = {"rows": len(rows), "passing_traces": len(result.traces), "attempted": result.attempted,
                          "lifecycle": self.lifecycle, "teacher": teacher is not None,
                          "teacher_model": _model_of(teacher) if teacher is not None else None,
-                         "teacher_demos": self.teacher_demos,
+                         "teacher_demos": self.teacher_demos, "teacher_bootstrap": self.teacher_bootstrap,
+                         "teacher_first_pass": len(first.traces) if first is not None else None,
                          "exclude_demos": self.exclude_demos, "max_rounds": self.max_rounds,
                          "trained": [{"predictors": tag or "*", "adapter": r.name, "adapter_path": r.path,
                                       "train_metrics": r.metrics} for tag, r in trained.items()]}
@@ -159,6 +179,33 @@ class WeightStep(Teleprompter):
                 pred.demos = []  # the prompt the adapter was trained on
         return tuned
 
+
+    def _self_taught(self, teacher: dspy.Module, trainset: list) -> tuple[dspy.Module, BootstrapResult, set[int]]:
+        """The teacher with up to ``teacher_demos`` of its own passing traces per predictor as demos (drawn with
+        ``random.Random(0)``), the result of its first, demo-less run, and the indices of the examples whose
+        traces became demos."""
+        first = bootstrap(copy_without_demos(teacher), trainset, self.metric, num_threads=self.num_threads,
+                          desc="bootstrap the teacher's own demos (teacher)")
+        taught, rng, shown = copy_without_demos(teacher), random.Random(0), set()
+        for name, pred in taught.named_predictors():
+            demos = [(trace, demo) for trace in first.traces if (demo := as_demo(trace, name)) is not None]
+            chosen = rng.sample(demos, min(self.teacher_demos, len(demos)))
+            pred.demos = [demo for _, demo in chosen]
+            shown |= {trace.example_index for trace, _ in chosen}
+        return taught, first, shown
+
+    def _with_own_demos(self, teacher: dspy.Module, trainset: list, first: BootstrapResult,
+                        shown: set[int]) -> BootstrapResult:
+        """The self-taught teacher's traces: it runs every example but those its demos came from (``shown``: a
+        demo holds the example's answer; run with it, the teacher would copy it), which, like any example it
+        passed only in its first run, keep their first-run trace."""
+        todo = [i for i in range(len(trainset)) if i not in shown]
+        second = bootstrap(teacher, [trainset[i] for i in todo], self.metric, num_threads=self.num_threads,
+                           desc="bootstrap traces (teacher, its own demos)", max_rounds=self.max_rounds)
+        traces = {todo[t.example_index]: replace(t, example_index=todo[t.example_index]) for t in second.traces}
+        for trace in first.traces:
+            traces.setdefault(trace.example_index, trace)
+        return replace(second, traces=[traces[i] for i in sorted(traces)], attempted=len(trainset))
 
     def _train_storage(self, step_dir: Path, step_index: int) -> str | Path:
         if self.storage is None:

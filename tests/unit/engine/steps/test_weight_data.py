@@ -114,3 +114,39 @@ def test_a_teacher_lm_answers_with_labelled_demos_and_the_student_learns_its_own
     assert len(job[""]) == 6 and all(len(chat) == 3 for chat in job[""])  # the student's vanilla prompt
     assert tuned.lm.model == "base:ft-01-all"
     assert step.last_run["teacher_model"] == "teacher" and step.last_run["teacher_demos"] == 2
+
+
+class Demonstrated(Scripted):
+    """Answers the questions in ``knows`` alone, any other only with a demo in its prompt."""
+
+    def __init__(self, knows):
+        super().__init__()
+        self.knows = set(knows)
+
+    def complete(self, request):
+        question = request.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0]
+        demos = sum(m.role == "user" for m in request.messages[:-1])
+        self.garbage = set() if demos or question in self.knows else {question}
+        return super().complete(request)
+
+
+def test_a_self_taught_teacher_answers_with_its_own_passing_traces_as_demos(tmp_path):
+    """teacher_bootstrap: the teacher runs alone first (it knows q0 and q1), those two traces become its demos,
+    and with them it answers the rest; it never runs the examples its demos came from again (it would copy
+    their answers), and every example it passed is a training row."""
+    provider = RecordingProvider()
+    student = _program(Scripted(garbage={f"q{i}" for i in range(6)}), provider)
+    teacher_engine = Demonstrated(knows={"q0", "q1"})
+    step = WeightStep(metric, LoraTrainConfig(), teacher_lm=dspy.LM("teacher", engine=teacher_engine, cache=False,
+                                                                    num_retries=0),
+                      teacher_demos=2, teacher_bootstrap=True)
+    step.compile(student, trainset=data(6), step_dir=tmp_path)
+    asked = [(r.messages[-1].text.split("[[ ## question ## ]]")[-1].split()[0],
+              sum(m.role == "user" for m in r.messages[:-1])) for r in teacher_engine.prompts]
+    assert sorted(asked[:6]) == [(f"q{i}", 0) for i in range(6)]  # alone first: passes q0 and q1
+    assert sorted(asked[6:]) == [(f"q{i}", 2) for i in range(2, 6)]  # then with its two traces as demos
+    (job,) = provider.jobs
+    assert sorted(chat[-1]["content"].split()[5] for chat in job[""]) == [f"a{i}" for i in range(6)]
+    assert step.last_run["teacher_bootstrap"] and step.last_run["teacher_first_pass"] == 2
+    with pytest.raises(ValueError, match="teacher_bootstrap needs teacher_demos > 0"):
+        WeightStep(metric, teacher_bootstrap=True)

@@ -111,7 +111,7 @@ def finetune(pool: ReplicaPool, datasets: Mapping[str, str | Path], train: LoraT
         pool.launch(adapters=served)
     results = {}
     for tag, (staging, metrics) in staged.items():
-        name = f"{pool.model_id}:{staging.name.removeprefix('.staging-')}-{_digest(staging)}"
+        name = f"{pool.model_id}:{staging.name.removeprefix('.staging-')}-{weights_digest(staging)}"
         final = root / adapter_dir_name(name)
         if final.exists():
             shutil.rmtree(final)
@@ -159,8 +159,10 @@ def _slug(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", tag).strip("-").lower() or "x"
 
 
-def _digest(adapter_dir: Path) -> str:
+def weights_digest(adapter_dir: str | Path) -> str:
+    """8 hex digits of the sha256 of an adapter's weight files: in its served name, so two adapters trained to
+    different weights never share a name on a pool (and the same weights get the same one)."""
     digest = hashlib.sha256()
-    for f in sorted(adapter_dir.glob("adapter_model.*")):
+    for f in sorted(Path(adapter_dir).glob("adapter_model.*")):
         digest.update(f.read_bytes())
     return digest.hexdigest()[:8]

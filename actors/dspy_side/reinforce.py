@@ -6,7 +6,7 @@ actor that keeps the LoRA policy and its optimizer for the whole run: no Ray Tra
 ``get_status()`` offers ``groups_per_step`` pending batch ids; GRPO's rollouts run on the pool's
 replicas through the program's own LM (GRPO turns the cache off; the sampling temperature is the
 LM's); ``step(groups)`` runs one learner update, saves the adapter as a new version
-(``<base>:grpo-<job>-v<n>``), hot-loads it into every replica, points the LM (the object the
+(``<base>:grpo-<job>-v<n>-<digest>``, 8 hex digits of its weights), hot-loads it into every replica, points the LM (the object the
 program's predictors hold, as GRPO expects: it updates the LM in place) at it and unloads the
 previous version, so the next batch of rollouts samples from the new policy; ``save_checkpoint``
 writes the adapter under a name; ``terminate()`` stops the learner and leaves the last version served.
@@ -94,7 +94,7 @@ class TandemReinforceJob(ReinforceJob):
         lm: the student's LM (a ``pool_lm`` with this provider); updated in place after each step.
         train_kwargs: ``GRPOConfig`` fields and the job keys (``JOB_KEYS``).
         learner_factory: ``(model_path, cfg, cpus, gpus, init, workers) -> learner``; default ``ray_learner``.
-        job_id: names the versions (``<base>:<job_id>-v<n>``); default ``grpo-NN``, numbered in this process.
+        job_id: names the versions (``<base>:<job_id>-v<n>-<digest>``); default ``grpo-NN``, numbered in this process.
         adapter_root: where the versions are written; default the provider's.
         state_dir: checkpoint the learner here after every update and resume from it (see the module docstring).
 
@@ -209,9 +209,11 @@ class TandemReinforceJob(ReinforceJob):
         the previous version of this job is unloaded. The seconds it took."""
         if self.served == self.version:
             return 0.0
+        from actors.dspy_side.finetune import weights_digest
+
         started = time.perf_counter()
-        name = self._name(self.version)
         path = _call(self.learner, "save", str(self.adapter_root / f"{self.job_id}-v{self.version}"))
+        name = f"{self._name(self.version)}-{weights_digest(path)}"  # several runs on one pool (a table's seeds)
         self.pool.load_adapter(name, path)
         _call(self.learner, "mark_served")  # the next rollouts sample this version: weighted against it if stale
         previous, self.lm.model, self.served = self.lm.model, name, self.version

@@ -12,6 +12,7 @@ bad input is named. (``benchmarks/grpo_step.py`` runs it on a real pool; the ``g
 import collections
 import functools
 import itertools
+import re
 import threading
 from types import SimpleNamespace
 
@@ -26,6 +27,11 @@ from actors.dspy_side.reinforce import TandemReinforceJob
 from actors.training.grpo import GRPOConfig, Learner
 
 BASE = "tiny-llama"
+
+
+def versions(names: list[str]) -> list[str]:
+    """Served names without their weights' digest (``<base>:grpo-NN-vK-<8 hex>`` -> ``<base>:grpo-NN-vK``)."""
+    return [re.sub(r"-[0-9a-f]{8}$", "", name) if ":grpo-" in name else name for name in names]
 
 
 class Rollouts:
@@ -102,8 +108,9 @@ def test_unmodified_dspy_grpo_trains_and_each_version_reaches_the_rollouts(tiny,
     (job,) = jobs
     assert [m["step"] for m in job.history] == [1, 2] and all(m["groups"] == 2 for m in job.history)
     assert all(m["reward_mean"] == 0.5 and m["tokens"] > 0 and m["rollout_s"] > 0 for m in job.history)  # 'a' and 'b' in each group
-    v1, v2 = f"{BASE}:{job.job_id}-v1", f"{BASE}:{job.job_id}-v2"
-    assert [name for name, _ in provider.pool.loaded] == [v1, v2] and provider.pool.unloaded == [v1]
+    (v1, _), (v2, _) = provider.pool.loaded
+    assert versions([v1, v2]) == [f"{BASE}:{job.job_id}-v1", f"{BASE}:{job.job_id}-v2"]
+    assert provider.pool.unloaded == [v1]
     assert all((tmp_path / f"{job.job_id}-v{k}" / "adapter_config.json").is_file() for k in (1, 2))
     assert program.lm.model == v2 and job.state == "terminated"  # the program's LM, updated in place
     assert engine.models[0] == BASE and v1 in engine.models  # step 2's rollouts sampled version 1
@@ -144,6 +151,6 @@ def test_a_job_on_a_weight_steps_adapter_starts_the_policy_from_it_and_never_unl
     for _ in range(2):
         job.step([group], "grpo_chat")
     assert starts == [tuned]
-    assert lm.model == f"{BASE}:grpo-03-v2" and pool.unloaded == [f"{BASE}:grpo-03-v1"]
+    assert versions([lm.model]) == [f"{BASE}:grpo-03-v2"] and versions(pool.unloaded) == [f"{BASE}:grpo-03-v1"]
     with pytest.raises(ValueError, match="one of its adapters"):
         TandemReinforceJob(lm.copy(model=f"{BASE}:nowhere"), {}, factory)

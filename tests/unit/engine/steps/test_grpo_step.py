@@ -14,7 +14,7 @@ from actors import models
 from actors.dspy_side.provider import TandemProvider
 from actors.training.grpo import Learner
 from engine.steps.grpo import GRPOStep, GRPOStepConfig
-from tests.unit.actors.dspy_side.test_reinforce import BASE, Pool, Rollouts
+from tests.unit.actors.dspy_side.test_reinforce import BASE, Pool, Rollouts, versions
 
 CFG = GRPOStepConfig(steps=3, examples_per_step=2, group_size=2, lr=1e-3, rank=8, alpha=16, learner_cpus=0)
 
@@ -58,7 +58,8 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
                      learner_factory=lambda m, c, cpus, gpus, init, workers: DiesOnSecondUpdate(m, c, init))
     with pytest.raises(Killed):
         first.compile(program, trainset=trainset, **dirs)
-    assert engine.models == [BASE] * 4 + [f"{BASE}:grpo-02-v1"] * 4  # update 2's rollouts already on version 1
+    first_v1 = engine.models[-1]
+    assert versions(engine.models) == [BASE] * 4 + [f"{BASE}:grpo-02-v1"] * 4  # update 2's on version 1
 
     engine.models.clear()
     starts = []
@@ -73,10 +74,11 @@ def test_a_killed_g_step_resumes_from_its_last_update_and_every_version_reaches_
     history = second.last_run["grpo"]["history"]
     assert [m["step"] for m in history] == [1, 2, 3] and second.last_run["grpo"]["updates"] == 3
     assert all(m["groups"] == 2 and m["reward_mean"] == 0.5 and m["rollouts_run"] == 4 for m in history)
-    assert engine.models == [f"{BASE}:grpo-02-v1"] * 4 + [f"{BASE}:grpo-02-v2"] * 4  # v1 served again, then v2
-    assert tuned.lm.model == f"{BASE}:grpo-02-v3" and program.lm.model == BASE  # the student is not touched
-    assert [name for name, _ in pool.loaded][-3:] == [f"{BASE}:grpo-02-v{v}" for v in (1, 2, 3)]
-    assert f"{BASE}:grpo-02-v3" not in pool.unloaded and f"{BASE}:grpo-02-v2" in pool.unloaded
+    assert versions(engine.models) == [f"{BASE}:grpo-02-v1"] * 4 + [f"{BASE}:grpo-02-v2"] * 4  # v1 again, then v2
+    assert engine.models[0] == first_v1  # the same weights: the same name, though the step was killed
+    assert versions([tuned.lm.model]) == [f"{BASE}:grpo-02-v3"] and program.lm.model == BASE  # student untouched
+    assert versions([name for name, _ in pool.loaded][-3:]) == [f"{BASE}:grpo-02-v{v}" for v in (1, 2, 3)]
+    assert tuned.lm.model not in pool.unloaded and f"{BASE}:grpo-02-v2" in versions(pool.unloaded)
     assert (tmp_path / "adapters" / "grpo-02-v3" / "adapter_config.json").is_file()
 
 
@@ -142,8 +144,8 @@ def test_with_a_sync_every_two_updates_the_stale_rollouts_are_weighted_against_t
     assert [m["stale"] for m in history] == [0, 1, 0, 1]
     assert [m["ratio_dev"] for m in history[::2]] == [0.0, 0.0]
     assert all(m["ratio_dev"] > 1e-3 for m in history[1::2])
-    assert engine.models == [BASE] * 8 + [f"{BASE}:grpo-01-v2"] * 8  # v1 and v3 never served
-    assert tuned.lm.model == f"{BASE}:grpo-01-v4"  # the last version is served at the end
+    assert versions(engine.models) == [BASE] * 8 + [f"{BASE}:grpo-01-v2"] * 8  # v1 and v3 never served
+    assert versions([tuned.lm.model]) == [f"{BASE}:grpo-01-v4"]  # the last version is served at the end
 
 
 def test_the_tokens_the_replicas_sampled_reach_the_learner(tiny, tmp_path):

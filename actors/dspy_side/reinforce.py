@@ -1,21 +1,19 @@
 """``TandemReinforceJob``: dspy 3.4.1's ``ReinforceJob`` contract on a Tandem pool, for ``dspy.GRPO``.
 
-What ``dspy.GRPO`` calls, and what happens here: ``lm.reinforce(train_kwargs)`` builds the job and
-calls ``initialize()`` (the pool is launched; a ``actors.training.grpo.Learner`` starts in a Ray
-actor that keeps the LoRA policy and its optimizer for the whole run: no Ray Train start per step);
-``get_status()`` offers ``groups_per_step`` pending batch ids; GRPO's rollouts run on the pool's
-replicas through the program's own LM (GRPO turns the cache off; the sampling temperature is the
-LM's); ``step(groups)`` runs one learner update, saves the adapter as a new version
-(``<base>:grpo-<job>-v<n>-<digest>``, 8 hex digits of its weights), hot-loads it into every replica, points the LM (the object the
-program's predictors hold, as GRPO expects: it updates the LM in place) at it and unloads the
-previous version, so the next batch of rollouts samples from the new policy; ``save_checkpoint``
-writes the adapter under a name; ``terminate()`` stops the learner and leaves the last version served.
-Each step's metrics (reward mean/std, zero-variance groups, loss, KL, tokens, rollout, learn and sync
-seconds)
-are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields, ``groups_per_step``,
-``learner_cpus``, ``learner_gpus`` (each worker's), ``learner_workers`` (N > 1: a data-parallel
-``actors.training.learner_group.LearnerGroup`` of N ranks, every update's gradient summed over them);
-dspy's own ``num_generations`` is accepted and only recorded.
+What ``dspy.GRPO`` calls, and what happens here: ``lm.reinforce(train_kwargs)`` builds the job and calls
+``initialize()`` (the pool is launched; a ``actors.training.grpo.Learner`` starts in a Ray actor that keeps the
+LoRA policy and its optimizer for the whole run: no Ray Train start per step); ``get_status()`` offers
+``groups_per_step`` pending batch ids; GRPO's rollouts run on the pool's replicas through the program's own LM
+(GRPO turns the cache off; the sampling temperature is the LM's); ``step(groups)`` runs one learner update,
+saves the adapter as a new version (``<base>:grpo-<job>-v<n>-<digest>``, 8 hex digits of its weights), hot-loads
+it into every replica, points the LM (the object the program's predictors hold, as GRPO expects: it updates the
+LM in place) at it and unloads the previous version, so the next batch of rollouts samples from the new policy;
+``save_checkpoint`` writes the adapter under a name; ``terminate()`` stops the learner and leaves the last
+version served. Each step's metrics (reward mean/std, zero-variance groups, loss, KL, tokens, rollout, learn and
+sync seconds) are kept in ``history`` and logged. ``train_kwargs``: ``GRPOConfig``'s fields,
+``groups_per_step``, ``learner_cpus``, ``learner_gpus`` (each worker's), ``learner_workers`` (N > 1: a
+data-parallel ``actors.training.learner_group.LearnerGroup`` of N ranks, every update's gradient summed over
+them); dspy's own ``num_generations`` is accepted and only recorded.
 
 Beyond dspy's contract (for Tandem's ``g`` step, ``engine.steps.grpo``): ``sync_every`` N > 1 puts a new version
 on the replicas only every N updates (the rollouts between are off-policy by up to N-1 updates; the learner
@@ -94,7 +92,8 @@ class TandemReinforceJob(ReinforceJob):
         lm: the student's LM (a ``pool_lm`` with this provider); updated in place after each step.
         train_kwargs: ``GRPOConfig`` fields and the job keys (``JOB_KEYS``).
         learner_factory: ``(model_path, cfg, cpus, gpus, init, workers) -> learner``; default ``ray_learner``.
-        job_id: names the versions (``<base>:<job_id>-v<n>-<digest>``); default ``grpo-NN``, numbered in this process.
+        job_id: names the versions (``<base>:<job_id>-v<n>-<digest>``); default ``grpo-NN``, numbered in this
+            process.
         adapter_root: where the versions are written; default the provider's.
         state_dir: checkpoint the learner here after every update and resume from it (see the module docstring).
 

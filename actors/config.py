@@ -47,6 +47,9 @@ class ReplicaConfig:
     cpu_bind: str = _help(
         "CPU path: 'auto' gives replica i its own cores (i*num_cpus ...), 'nobind', or a vLLM "
         "VLLM_CPU_OMP_THREADS_BIND value used as is", "auto")
+    cpu_first_core: int = _help(
+        "CPU path, cpu_bind 'auto': the core replica 0's block starts at; pools that share a node start at "
+        "different cores (a run's model groups start after the student's)", 0)
     cpu_worker_process: bool = _help(
         "CPU path: run the model in a worker process of its own, as vLLM does by default; off (the default), "
         "it runs in the EngineCore process under the same core binding: one process (and its start) fewer",
@@ -76,6 +79,8 @@ class ReplicaConfig:
             raise ValueError("num_cpus must be > 0, cpu_kvcache_gib >= 1 and num_gpus >= 0")
         if self.tensor_parallel_size > 1 and self.num_gpus == 0:
             raise ValueError("tensor_parallel_size > 1 needs GPUs (num_gpus > 0); on CPU use more replicas")
+        if self.cpu_first_core < 0:
+            raise ValueError(f"cpu_first_core must be >= 0, got {self.cpu_first_core}")
 
     @property
     def base_id(self) -> str:

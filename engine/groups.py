@@ -7,7 +7,9 @@ before the first step that uses them runs and killed right after the last one (`
 within it once its use is done (``release``: a weight step's teacher, before training), so a teacher
 does not hold CPUs or GPUs through the training or the steps after it; steps an earlier run completed
 launch nothing. The student's lifecycle (relaunch / hotswap, adapters) never touches a group: each
-has its own pool. Does not know steps' internals or the student's pool.
+has its own pool. On CPU a group's replicas pin the cores after the student's and the groups' before
+it (``cpu_first_core``, wrapping around a node's cores), not core 0 again. Does not know steps'
+internals or the student's pool.
 """
 
 from __future__ import annotations
@@ -43,14 +45,17 @@ class ModelGroups:
         self.pools: dict[str, ReplicaPool] = {}
         self.lms: dict[str, dspy.LM] = {}
         self._step: int | None = None  # the step running now (``around``)
+        core = cfg.replicas * max(1, int(cfg.cpus_per_replica))  # on CPU, each group's cores after the student's
         for name in self.first:
             group = cfg.models[name]
             pool = ReplicaPool(PoolConfig(replica=ReplicaConfig(
                 model=group.model, dtype=group.dtype, max_model_len=group.max_model_len, num_cpus=group.cpus_per_replica,
+                cpu_first_core=core,
                 num_gpus=group.gpus_per_replica, tensor_parallel_size=group.tensor_parallel_size,
                 enable_lora=False, engine_kwargs=group.engine_kwargs, resources=group.replica_resources),
                 num_replicas=group.replicas, name=name_of(name)), engine_factory=engine_factory)
             self.pools[name] = pool
+            core += group.replicas * max(1, int(group.cpus_per_replica))
             # by the pool's name: the LM exists before the pool is launched and follows it across launches
             router = Router(pool.cfg.name, retries=pool.cfg.request_retries, timeout_s=pool.cfg.request_timeout_s)
             self.lms[name] = router_lm(router, pool.model_id, max_tokens=group.max_tokens or cfg.max_tokens,

@@ -37,14 +37,14 @@ def dtype(cfg: ReplicaConfig) -> str:
 def cpu_bind(cfg: ReplicaConfig, rank: int, cores: int | None = None) -> str:
     """The VLLM_CPU_OMP_THREADS_BIND value for replica ``rank``.
 
-    'auto' gives each replica its own block of ``num_cpus`` cores, wrapping around the node's
-    cores; two replicas left on vLLM's own 'auto' would both pin to core 0.
+    'auto' gives each replica its own block of ``num_cpus`` cores from ``cpu_first_core`` on, wrapping
+    around the node's cores; two replicas left on vLLM's own 'auto' would both pin to core 0.
     """
     if cfg.cpu_bind != "auto":
         return cfg.cpu_bind
     cores = cores or os.cpu_count() or 1
     width = max(1, min(int(cfg.num_cpus), cores))
-    first = (rank * width) % cores
+    first = (cfg.cpu_first_core + rank * width) % cores
     if first + width > cores:
         first = 0
     return str(first) if width == 1 else f"{first}-{first + width - 1}"

@@ -54,6 +54,11 @@ def test_cpu_binding_gives_each_replica_its_own_cores():
     two = ReplicaConfig(num_cpus=2)
     assert [device.cpu_bind(two, r, cores=4) for r in range(2)] == ["0-1", "2-3"]
     assert device.cpu_bind(ReplicaConfig(cpu_bind="nobind"), 5, cores=2) == "nobind"
+    after = ReplicaConfig(num_cpus=1, cpu_first_core=1)  # a second pool on the node: its own cores, then wrapping
+    assert [device.cpu_bind(after, r, cores=2) for r in range(2)] == ["1", "0"]
+    assert device.cpu_bind(ReplicaConfig(num_cpus=2, cpu_first_core=2), 0, cores=4) == "2-3"
+    with pytest.raises(ValueError, match="cpu_first_core must be >= 0"):
+        ReplicaConfig(cpu_first_core=-1)
     env = device.engine_env(ReplicaConfig(cpu_kvcache_gib=2), 1)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and "VLLM_CPU_OMP_THREADS_BIND" in env
 

@@ -6,6 +6,7 @@ import ray
 
 from actors import connect
 from actors.dspy_side import usage
+from actors.inference import device
 from actors.inference.scripted import scripted_factory
 from engine.cli import _run_config, build_parser
 from engine.config import RunConfig
@@ -75,3 +76,12 @@ def test_a_group_is_up_only_around_the_steps_that_use_it(ray_local, tmp_path):
     with groups.around(3, "p"):
         assert not pool.launched  # no later step uses it: not launched again
     groups.kill()
+
+
+def test_on_cpu_each_group_pins_the_cores_after_the_students_and_the_groups_before_it():
+    cfg = RunConfig(strategy="p -> w", replicas=2, models={"t": {"model": "x", "replicas": 1, "cpus_per_replica": 2},
+                                                          "r": {"model": "y"}},
+                    steps={"w": {"teacher": "t"}, "p": {"teacher": "r"}})
+    groups = ModelGroups(cfg, lambda name: f"cores-test-{name}")
+    binds = {name: device.cpu_bind(pool.cfg.replica, 0, cores=8) for name, pool in groups.pools.items()}
+    assert binds == {"t": "2-3", "r": "4"}  # in the order declared; the student's 2 replicas hold cores 0 and 1

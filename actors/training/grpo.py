@@ -272,8 +272,13 @@ class Learner:
             sums = [0.0, 0.0, 0.0, 0.0]  # loss, KL, ratio, clipped tokens
             if self.engine is None:
                 self.optim.zero_grad(set_to_none=True)
-            for k, part in enumerate(parts):
-                loss, *figures = self._loss(part, len(rows), total_tokens, off_policy=out["stale"] > 0)
+            batches = [self._tensors(part) for part in parts]
+            served = [None] * len(batches)
+            if out["stale"] > 0:  # the served policy's log-probs, in one weight swap, before any pass with gradients
+                with torch.no_grad(), self._served_weights():
+                    served = [self._token_logprobs(b[0], b[2]) for b in batches]
+            for k, (batch, sampled) in enumerate(zip(batches, served)):
+                loss, *figures = self._loss(batch, len(rows), total_tokens, sampled)
                 if self.engine is not None:  # DeepSpeed averages over ranks; the loss is already the batch's share
                     self.engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
                     self.engine.backward(loss * self.world, scale_wrt_gas=False)
@@ -324,9 +329,9 @@ class Learner:
             offset += p.numel()
         return [float(v) for v in flat[offset:]]
 
-    def _loss(self, rows: list[tuple[list[int], int, int, float]], n_rows: int, n_tokens: int, off_policy: bool):
-        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its sums of
-        KL, importance ratio and clipped tokens; a row is (ids, first trained position, end, advantage)."""
+    def _tensors(self, rows: list[tuple[list[int], int, int, float]]):
+        """A micro-batch's ids, trained-token mask, attention mask and advantages; a row is (ids, first trained
+        position, end, advantage)."""
         torch = self.torch
         width = max(len(ids) for ids, _, _, _ in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -336,14 +341,17 @@ class Learner:
             mask[k, start:end] = 1.0  # the completion's tokens the policy chose
         attention = (torch.arange(width, device=self.device)[None, :] < torch.tensor(
             [len(r[0]) for r in rows], device=self.device)[:, None]).long()
-        adv = torch.tensor([r[3] for r in rows], device=self.device)[:, None]
-        if off_policy:  # before the pass with gradients: swapping weights after it would void its graph
-            with torch.no_grad(), self._served_weights():
-                sampled = self._token_logprobs(ids, attention)
+        return ids, mask, attention, torch.tensor([r[3] for r in rows], device=self.device)[:, None]
+
+    def _loss(self, batch, n_rows: int, n_tokens: int, sampled=None):
+        """This micro-batch's share of the batch loss (so the summed gradients are the batch's), and its sums of
+        KL, importance ratio and clipped tokens; ``sampled``: the served policy's token log-probs (off-policy)."""
+        torch = self.torch
+        ids, mask, attention, adv = batch
         logp = self._token_logprobs(ids, attention)
         mask = mask[:, 1:]  # token t is predicted at position t-1
         ratio, clipped = torch.ones_like(logp), torch.zeros_like(logp)
-        if off_policy:  # PPO's clipped surrogate against the policy the rollouts were sampled from
+        if sampled is not None:  # PPO's clipped surrogate against the policy the rollouts were sampled from
             ratio = torch.exp(logp - sampled)
             bounded = ratio.clamp(1.0 - self.cfg.clip_eps, 1.0 + self.cfg.clip_eps)
             per_token = -torch.min(ratio * adv, bounded * adv)

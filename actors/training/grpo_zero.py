@@ -26,8 +26,9 @@ Does not know GRPO's math, Ray or the pool.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
+
+from actors.training.optim import deepspeed_config, gathered_params
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -39,8 +40,6 @@ def zero3_loading(cfg) -> Any:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
-    from actors.training.optim import deepspeed_config
-
     return HfDeepSpeedConfig(deepspeed_config(cfg, 1, False))
 
 
@@ -49,24 +48,14 @@ def engine(model, params: list, cfg) -> Any:
     import deepspeed
     import torch
 
-    from actors.training.optim import deepspeed_config
-
     wrapped, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=cfg.lr),
                                             config=deepspeed_config(cfg, 1, False))
     return wrapped
 
 
-def _whole(params: list, stage: int, modifier: int | None = None):
-    if stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier)
-
-
 def read(params: list, stage: int) -> list:
     """Copies of ``params`` as whole tensors."""
-    with _whole(params, stage):
+    with gathered_params(params, stage):
         return [p.detach().clone() for p in params]
 
 
@@ -74,7 +63,7 @@ def assign(params: list, values: list, stage: int) -> None:
     """Write ``values`` into the weights the forward pass uses (see the module docstring)."""
     import torch
 
-    with _whole(params, stage, modifier=0), torch.no_grad():
+    with gathered_params(params, stage, modifier_rank=0), torch.no_grad():
         for p, v in zip(params, values):
             p.data.copy_(v)
 

@@ -7,7 +7,7 @@ steps of a run (``optimizer_steps``) and the lr over them (``lr_factor``: linear
 cosine, linear or constant, as a torch ``LambdaLR`` from ``scheduler``); clipping the gradient's
 global norm before the step (``clip_and_step``); the per-epoch figures (``TrainLog``); the
 all-reduces the ranks agree through (``sum_on_every_rank``, ``finite_on_every_rank``); and the
-DeepSpeed config and ZeRO-3 helpers (``deepspeed_config``, ``gathered``, ``weights_held``), in
+DeepSpeed config and ZeRO-3 helpers (``deepspeed_config``, ``gathered``, ``gathered_params``, ``weights_held``), in
 which DeepSpeed clips and steps the same schedule itself.
 Does not know tokenizers, data, Ray or the training loop (``actors.training.loop`` does); torch and
 DeepSpeed are imported inside the calls that need them.
@@ -182,8 +182,14 @@ def deepspeed_config(cfg: LoraTrainConfig, accum: int, bf16: bool) -> dict:
 
 def gathered(model, zero_stage: int):
     """Context in which ZeRO-3's partitioned adapter weights are whole (a no-op otherwise)."""
+    return gathered_params([p for p in model.parameters() if p.requires_grad], zero_stage)
+
+
+def gathered_params(params: list, zero_stage: int, modifier_rank: int | None = None):
+    """Context in which ZeRO-3's partitioned ``params`` are whole (a no-op otherwise); with
+    ``modifier_rank``, that rank's writes are re-partitioned to every rank on exit."""
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

@@ -20,14 +20,20 @@ rule). ``proposals: n`` > 1 turns on gepa 0.1.4's parallel proposals (``Independ
 classic GEPA has one parent and one 3-example minibatch in flight): the search explores n branches per
 iteration, so the same metric-call budget runs out in fewer, wider iterations — more rollouts in flight
 for the pool, but a child no longer builds on the children proposed beside it. ``gepa_kwargs`` go to
-``gepa.optimize`` unchanged. Does not know run dirs beyond the ``state_dir`` it is given, or pools.
+``gepa.optimize`` unchanged. gepa 0.1.4 would run an iteration's n reflections one after another under dspy's
+adapter; the step runs them at once (``concurrent_reflections``). Does not know run dirs beyond the
+``state_dir`` it is given, or pools.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
@@ -136,7 +142,8 @@ class GEPAStep(Teleprompter):
         optimizer = dspy.GEPA(metric=feedback_metric(self.metric, self.feedback), reflection_lm=reflection,
                               num_threads=self.num_threads, log_dir=log_dir, seed=self.seed, track_stats=True,
                               **self.budget, **self.gepa_options)
-        result = optimizer.compile(student, trainset=trainset, valset=valset or None)
+        with concurrent_reflections() if self.proposals > 1 else contextlib.nullcontext():
+            result = optimizer.compile(student, trainset=trainset, valset=valset or None)
         details = getattr(result, "detailed_results", None)
         self.last_run = {"gepa": {"metric_calls": getattr(details, "total_metric_calls", None),
                                   "candidates": len(getattr(details, "candidates", []) or []),
@@ -158,3 +165,42 @@ def reflection_of(program: dspy.Module) -> dspy.LM:
 def as_reflection(lm: dspy.LM) -> dspy.LM:
     """``lm`` sampling at ``REFLECTION_TEMPERATURE`` with at least ``INSTRUCTION_MAX_TOKENS``."""
     return with_room(lm, temperature=REFLECTION_TEMPERATURE)
+
+
+_patch_lock, _patch_users = threading.Lock(), [0]
+
+
+@contextlib.contextmanager
+def concurrent_reflections() -> Iterator[None]:
+    """Inside, gepa runs an iteration's reflections at once, each in a copy of the caller's context.
+
+    gepa 0.1.4 (``ReflectiveMutationProposer._propose_texts_batch``) calls the proposer once per proposal task,
+    one after another, whenever the adapter proposes (dspy's ``DspyAdapter`` does): with ``proposals: n`` an
+    iteration's n rollouts ran at once but its n reflection calls in a row. Here they run in n threads (dspy's
+    settings are context variables: each thread gets the caller's LM, adapter and usage meter); results keep the
+    tasks' order and a failed reflection raises as before (gepa then retries the tasks one by one). The patch is
+    on gepa's class while any caller is inside (a stock ``dspy.GEPA`` run beside it would get it too).
+    """
+    from gepa.proposer.reflective_mutation.reflective_mutation import ReflectiveMutationProposer as proposer
+
+    with _patch_lock:
+        if _patch_users[0] == 0:
+            serial = proposer._propose_texts_batch
+
+            def at_once(self, jobs):
+                if len(jobs) < 2 or (self.adapter.propose_new_texts is None and self.custom_candidate_proposer is None):
+                    return serial(self, jobs)  # a single task, or gepa's own batched reflection LM
+                with ThreadPoolExecutor(len(jobs), thread_name_prefix="gepa-reflect") as pool:
+                    futures = [pool.submit(contextvars.copy_context().run, self.propose_new_texts, *job) for job in jobs]
+                    return [f.result() for f in futures]
+
+            at_once.serial = serial
+            proposer._propose_texts_batch = at_once
+        _patch_users[0] += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_users[0] -= 1
+            if _patch_users[0] == 0:
+                proposer._propose_texts_batch = proposer._propose_texts_batch.serial

@@ -3,6 +3,7 @@ the state lives in the step's state dir and a rerun resumes from it; the feedbac
 
 import json
 import threading
+import time
 
 import dspy
 import pytest
@@ -81,6 +82,40 @@ def test_parallel_proposals_reflect_several_parents_per_iteration(program):
     assert program.engine.reflections >= 3  # the first iteration alone proposes three children
     with pytest.raises(ValueError, match="proposals must be >= 1"):
         GEPAStep(metric, proposals=0)
+
+
+class SlowReflections(InstructionEngine):
+    """Each reflection takes 0.3 s; counts how many were in flight at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_flight = self.most_in_flight = 0
+
+    def complete(self, request):
+        reflection = "[[ ## question ## ]]" not in request.messages[-1].text
+        if reflection:
+            with self._lock:
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            time.sleep(0.3)
+        try:
+            return super().complete(request)
+        finally:
+            if reflection:
+                with self._lock:
+                    self.in_flight -= 1
+
+
+def test_an_iterations_reflections_run_at_once_and_stock_gepa_is_left_as_it_was(program):
+    from gepa.proposer.reflective_mutation.reflective_mutation import ReflectiveMutationProposer
+
+    engine, stock = SlowReflections(), ReflectiveMutationProposer._propose_texts_batch
+    program.set_lm(dspy.LM("scripted", engine=engine, cache=False, temperature=0.0))
+    step = GEPAStep(metric, max_metric_calls=40, num_threads=8, proposals=3)
+    tuned = step.compile(program, trainset=data(6), valset=data(6, 100))
+    assert MAGIC in tuned.signature.instructions
+    assert engine.most_in_flight == 3  # gepa alone reflects for one proposal task after the other
+    assert ReflectiveMutationProposer._propose_texts_batch is stock  # restored once the step is done
 
 
 def test_a_killed_gepa_step_resumes_from_its_state_dir(program, tmp_path):

@@ -12,6 +12,8 @@ one; dspy binds ``settings.lm`` at construction) and its prompt model is the pro
   -1 the first passing examples, ``s >= 0`` a shuffled order; each shuffled set uses its own
   ``random.Random`` instead of dspy's one shared generator, so the sets differ from dspy's for the
   same seed; the teacher's answer for an example is the same in every set).
+- The dataset summary the proposals read (a chain of prompt-model calls over the trainset) is written on
+  a thread of its own while step 1 bootstraps (dspy writes it after).
 - Instruction proposal (step 2): dspy asks for one instruction at a time. Here the tips and rollout ids
   are drawn in dspy's order from its generator (the same draws for the same seed), then every proposal
   is asked at once on ``num_threads`` threads. The default prompt model is the program's LM with room
@@ -36,14 +38,18 @@ per-step ``compile_args``. Does not know run dirs or pools.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import functools
 import logging
 import random
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import dspy
 from dspy.propose import GroundedProposer
+from dspy.propose.dataset_summary_generator import create_dataset_summary
 from dspy.propose.grounded_proposer import TIPS
 from dspy.teleprompt import mipro_optimizer_v2 as stock
 from dspy.teleprompt.teleprompt import Teleprompter
@@ -115,6 +121,19 @@ class PoolMIPROv2(dspy.MIPROv2):
     ``trials_at_once`` at a time (module docstring)."""
 
     trials_at_once = 1
+    _summary: tuple[int, Future] | None = None  # (view_data_batch_size, the dataset summary being written)
+
+    def compile(self, student, *, trainset, data_aware_proposer: bool = True, view_data_batch_size: int = 10,
+                **kwargs):
+        """dspy's ``compile``; the dataset summary for the proposals (a chain of prompt-model calls over the
+        trainset) is written beside step 1's bootstrap instead of after it."""
+        self._summary = None
+        if data_aware_proposer and self.prompt_model is not None:
+            self._summary = (view_data_batch_size, _in_background(
+                create_dataset_summary, trainset=trainset, view_data_batch_size=view_data_batch_size,
+                prompt_model=self.prompt_model))
+        return super().compile(student, trainset=trainset, data_aware_proposer=data_aware_proposer,
+                               view_data_batch_size=view_data_batch_size, **kwargs)
 
     def _optimize_prompt_parameters(self, program, instruction_candidates, demo_candidates, evaluate, valset,
                                     num_trials, minibatch, minibatch_size, minibatch_full_eval_steps, seed):
@@ -154,14 +173,17 @@ class PoolMIPROv2(dspy.MIPROv2):
                               view_data_batch_size: int, program_aware_proposer: bool, data_aware_proposer: bool,
                               tip_aware_proposer: bool, fewshot_aware_proposer: bool,
                               num_instruct_candidates: int) -> dict[int, list[str]]:
+        summary = self._summary[1] if self._summary and self._summary[0] == view_data_batch_size else None
         proposer = ConcurrentProposer(
             program=program, trainset=trainset, prompt_model=self.prompt_model,
             view_data_batch_size=view_data_batch_size, program_aware=program_aware_proposer,
-            use_dataset_summary=data_aware_proposer, use_task_demos=fewshot_aware_proposer,
+            use_dataset_summary=data_aware_proposer and summary is None, use_task_demos=fewshot_aware_proposer,
             num_demos_in_context=stock.BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT, use_tip=tip_aware_proposer,
             set_tip_randomly=tip_aware_proposer, use_instruct_history=False, set_history_randomly=False,
             verbose=self.verbose, rng=self.rng, init_temperature=self.init_temperature)
         proposer.num_threads = self.num_threads
+        if data_aware_proposer and summary is not None:
+            proposer.take_summary(summary)
         candidates = proposer.propose_instructions_for_program(trainset=trainset, program=program,
                                                                demo_candidates=demo_candidates,
                                                                N=num_instruct_candidates, trial_logs={})
@@ -213,6 +235,15 @@ def _concurrent_trials(n: int):
         optuna.create_study, stock.eval_candidate_program = create, evaluate
 
 
+def _in_background(fn: Callable, **kwargs: Any) -> Future:
+    """``fn(**kwargs)`` on a thread of its own, in a copy of the caller's context (dspy's settings)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mipro-summary")
+    try:
+        return pool.submit(contextvars.copy_context().run, functools.partial(fn, **kwargs))
+    finally:
+        pool.shutdown(wait=False)
+
+
 UNPARSED = object()  # a proposal whose answer did not parse
 
 
@@ -232,6 +263,15 @@ class ConcurrentProposer(GroundedProposer):
     drawn beforehand in dspy's order from the shared generator, and its own copy of the proposer."""
 
     num_threads = 8
+
+    def take_summary(self, summary: Future) -> None:
+        """Use the dataset summary written in the background (``summary``'s result), as dspy's ``__init__``
+        would have written it; if writing it failed, go on without one, as dspy does."""
+        try:
+            self.data_summary, self.use_dataset_summary = summary.result(), True
+        except Exception as exc:  # noqa: BLE001 -- dspy's own rule: a proposer without the data summary
+            logger.warning("MIPROv2's dataset summary failed (%s); proposing without it, as dspy does", exc)
+            self.data_summary, self.use_dataset_summary = None, False
 
     def propose_instructions_for_program(self, trainset, program, demo_candidates, trial_logs,
                                          N) -> dict[int, list[str]]:  # noqa: N803 (dspy's name)

@@ -87,6 +87,19 @@ def test_demo_sets_come_from_one_concurrent_bootstrap_and_instructions_are_propo
     assert engine.most["task"] >= 4  # and concurrent
 
 
+def test_the_dataset_summary_is_written_while_step_1_bootstraps():
+    """dspy writes it (a chain of prompt-model calls) only after the bootstrap, before any proposal."""
+    engine = ProposalEngine(delay_s=0.05)
+    program = dspy.Predict("question -> answer")
+    program.set_lm(dspy.LM("scripted", engine=engine, cache=False))
+    step = MIPROStep(metric, auto=None, num_candidates=2, num_threads=2, max_bootstrapped_demos=1,
+                     max_labeled_demos=1)
+    tuned = step.compile(program, trainset=data(8), valset=data(6, 100), num_trials=2, minibatch=False,
+                         program_aware_proposer=False)
+    assert engine.task_calls_before_proposals < 8  # the summary's first call came before the bootstrap's last
+    assert MAGIC in tuned.signature.instructions
+
+
 @pytest.mark.parametrize("at_once", [1, 3])
 def test_trials_run_n_at_a_time_and_the_best_full_score_is_kept(at_once):
     """Each trial evaluates the 6-example valset on 2 threads: one trial at a time never has more than 2 task

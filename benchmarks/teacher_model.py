@@ -2,7 +2,8 @@
 
 Before relying on a model as a teacher (``models:`` + ``teacher:``), measure what it costs and what it
 knows: for each dtype, one pool of ``--replicas`` replicas of ``--model`` (``--cpus`` CPUs each) is
-started (seconds to ready, the replicas' resident memory), then the Iris program, zero-shot with the
+started (seconds to ready, the replicas' resident memory), then the Iris program, zero-shot (or with
+``--demos N`` labelled demos, as a weight step's ``teacher_demos: N`` gives its teacher) with the
 run's constrained adapter and max_tokens, answers the held-out test split of each seed: accuracy, the
 answers' diversity, wall seconds, prompt and completion tokens, completion tokens/s per core. The
 same model is then the teacher of ``benchmarks/RESULTS.md``'s quality table.
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--cpus", type=float, default=2.0, help="CPUs per replica")
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--demos", type=int, default=0,
+                    help="labelled demos from the run's trainset (its first --train examples), as a weight step's "
+                         "teacher_demos gives the teacher; 0: zero-shot")
+    ap.add_argument("--train", type=int, default=30, help="the run's train_size (the demos' pool)")
     ap.add_argument("--out", default="benchmarks/out/teacher_model.json")
     args = ap.parse_args(argv)
 
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from engine.adapters.registry import make_adapter, stop_for
     from engine.config import RunConfig
     from engine.held_out import score_held_out
+    from engine.steps.bootstrap import labeled
     from programs import iris
 
     run = RunConfig()
@@ -61,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             rss = sum(_tree_rss_gb(h["pid"]) for h in pool.health())
             for seed in (int(s) for s in args.seeds.split(",")):
-                test = iris.load_splits(seed).test
-                program = iris.Program()
+                splits = iris.load_splits(seed)
+                test, program = splits.test, iris.Program()
+                if args.demos:
+                    program = labeled(program, splits.train[:args.train], args.demos, sample=True)
                 program.set_lm(pool_lm(pool, max_tokens=run.max_tokens, stop=stop_for(run.adapter), cache=False))
                 before = pool.stats()
                 began = time.perf_counter()
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 after = pool.stats()
                 tokens = {k: sum(a[k] - b[k] for a, b in zip(after, before))
                           for k in ("prompt_tokens", "completion_tokens")}
-                row = {"dtype": dtype, "seed": seed, "start_s": round(start_s, 1), "rss_gb": round(rss, 2),
+                row = {"dtype": dtype, "seed": seed, "demos": args.demos, "start_s": round(start_s, 1), "rss_gb": round(rss, 2),
                        "test": asdict(held), "wall_s": round(wall, 1), **tokens,
                        "completion_tok_s_per_core": round(tokens["completion_tokens"] / wall / (args.cpus * args.replicas), 2)}
                 rows.append(row)
@@ -80,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"{tokens['completion_tokens']} completion tokens", flush=True)
         finally:
             pool.kill()
-    print(f"\n{args.model}, {args.replicas} replica(s) x {args.cpus:g} CPU, Iris zero-shot (constrained, "
+    shots = f"{args.demos} labelled demos" if args.demos else "zero-shot"
+    print(f"\n{args.model}, {args.replicas} replica(s) x {args.cpus:g} CPU, Iris {shots} (constrained, "
           f"max_tokens {run.max_tokens})\n")
     print("| dtype | seed | start s | RSS GB | test % | answers | wall s | prompt tok | completion tok | "
           "completion tok/s/core |")

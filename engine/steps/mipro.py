@@ -121,7 +121,7 @@ class PoolMIPROv2(dspy.MIPROv2):
     ``trials_at_once`` at a time (module docstring)."""
 
     trials_at_once = 1
-    _summary: tuple[int, Future] | None = None  # (view_data_batch_size, the dataset summary being written)
+    _summary: Future | None = None  # the dataset summary being written (compile starts it)
 
     def compile(self, student, *, trainset, data_aware_proposer: bool = True, view_data_batch_size: int = 10,
                 **kwargs):
@@ -129,9 +129,8 @@ class PoolMIPROv2(dspy.MIPROv2):
         trainset) is written beside step 1's bootstrap instead of after it."""
         self._summary = None
         if data_aware_proposer and self.prompt_model is not None:
-            self._summary = (view_data_batch_size, _in_background(
-                create_dataset_summary, trainset=trainset, view_data_batch_size=view_data_batch_size,
-                prompt_model=self.prompt_model))
+            self._summary = _in_background(create_dataset_summary, trainset=trainset,
+                                           view_data_batch_size=view_data_batch_size, prompt_model=self.prompt_model)
         return super().compile(student, trainset=trainset, data_aware_proposer=data_aware_proposer,
                                view_data_batch_size=view_data_batch_size, **kwargs)
 
@@ -173,7 +172,7 @@ class PoolMIPROv2(dspy.MIPROv2):
                               view_data_batch_size: int, program_aware_proposer: bool, data_aware_proposer: bool,
                               tip_aware_proposer: bool, fewshot_aware_proposer: bool,
                               num_instruct_candidates: int) -> dict[int, list[str]]:
-        summary = self._summary[1] if self._summary and self._summary[0] == view_data_batch_size else None
+        summary = self._summary
         proposer = ConcurrentProposer(
             program=program, trainset=trainset, prompt_model=self.prompt_model,
             view_data_batch_size=view_data_batch_size, program_aware=program_aware_proposer,
